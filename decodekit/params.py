@@ -1,0 +1,348 @@
+"""Per-request sampling parameters: an immutable, hashable, validated :class:`SamplingParams`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "SamplingParams"]
+
+#: Number of tokens the token generator produces when ``SamplingParams.max_new_tokens`` is None.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+_MAX_SEED = 2**63 - 1
+_MAX_LOGPROBS = 20
+_BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "detokenize", "skip_special_tokens")
+# name -> (check, allowed range in words); NaN always fails.
+_FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: 0 <= v < math.inf, "finite and >= 0 (0 means greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "typical_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+}
+# name -> (check, allowed range in words, None allowed)
+_INT_RULES: dict[str, tuple[Callable[[int], bool], str, bool]] = {
+    "top_k": (lambda v: v >= -1, ">= -1 (0 or -1 disables it)", False),
+    "min_new_tokens": (lambda v: v >= 0, ">= 0", False),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1 or None", True),
+    "seed": (lambda v: 0 <= v <= _MAX_SEED, f"in [0, 2**63 - 1] ({_MAX_SEED}) or None", True),
+    "logprobs": (lambda v: 0 <= v <= _MAX_LOGPROBS, f"in [0, {_MAX_LOGPROBS}] or None", True),
+}
+# SamplingParams field -> HF GenerationConfig attribute
+_HF_FIELDS = {name: name for name in ("temperature", "top_k", "top_p", "min_p", "typical_p",
+                                      "repetition_penalty", "max_new_tokens", "min_new_tokens")}
+_HF_FIELDS.update(bad_words_token_ids="bad_words_ids", stop="stop_strings")
+_HF_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_float(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> float:
+    """Convert ``value`` (int, float, numpy scalar; not bool) to a float and check it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number {requirement}, got {_describe(value)}")
+    value = float(value)
+    if math.isnan(value) or not ok(value):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, ok: Callable[[int], bool], requirement: str) -> int:
+    """Convert ``value`` (int or numpy integer; not bool) to an int and check it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int {requirement}, got {_describe(value)}")
+    value = int(value)
+    if not ok(value):
+        raise ValueError(f"{name} must be an int {requirement}, got {value!r}")
+    return value
+
+
+def _token_id(name: str, value: Any) -> int:
+    return _check_int(name, value, lambda v: v >= 0, "token id >= 0")
+
+
+def _as_items(name: str, value: Any, ordered: bool = False) -> list[Any]:
+    """Materialise a collection argument (list, tuple, range, numpy array, tensor, ...)."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    unordered = ordered and isinstance(value, (set, frozenset))
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) or unordered:
+        raise ValueError(f"{name} must be a sequence, got {_describe(value)}")
+    return list(value)
+
+
+def _id_set(name: str, value: Any) -> tuple[int, ...] | None:
+    """Token-id collection -> sorted tuple without duplicates (None stays None)."""
+    if value is None:
+        return None
+    return tuple(sorted({_token_id(name, t) for t in _as_items(name, value)}))
+
+
+def _logit_bias(bias: Any) -> Mapping[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping {{token_id: bias}} or None, "
+                         f"got {_describe(bias)}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        tid = _token_id("logit_bias keys", key)
+        out[tid] = _check_float(f"logit_bias[{tid}]", value,
+                                lambda v: v == -math.inf or math.isfinite(v),
+                                "finite or -inf (bans the token)")
+    return types.MappingProxyType(out) if out else None
+
+
+def _check_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"stop_pattern must be a regular expression string or None, "
+                         f"got {_describe(pattern)}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"stop_pattern must be a valid regular expression, got "
+                         f"{pattern!r}: {exc}") from None
+    if compiled.search("") is not None:
+        raise ValueError(f"stop_pattern must not match the empty string (it would stop "
+                         f"generation at once), got {pattern!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated, immutable sampling settings for one request.
+
+    Parameters
+    ----------
+    temperature : float
+        Softmax temperature, finite and >= 0; 0 means greedy decoding.
+    top_k : int
+        Keep the ``top_k`` most likely tokens; 0 or -1 disables it (-1 is stored as 0).
+    top_p, typical_p : float
+        Nucleus / locally-typical probability mass in (0, 1]; 1 disables the filter.
+    min_p : float
+        In [0, 1]: drop tokens less likely than ``min_p`` times the most likely one.
+    repetition_penalty : float
+        Multiplicative penalty (finite, > 0) on already-seen tokens; 1 disables it.
+    frequency_penalty, presence_penalty : float
+        Additive penalties in [-2, 2], per occurrence / per distinct seen token.
+    logit_bias : Mapping[int, float] or None
+        Added to the logits of token ids; -inf bans the token. Stored as a read-only
+        ``MappingProxyType``, or None when empty.
+    allowed_token_ids, stop_token_ids : Sequence[int] or None
+        Only these ids may be sampled (must be non-empty) / extra ids that end generation.
+        Stored as sorted tuples without duplicates (an empty ``stop_token_ids`` as None).
+    bad_words_token_ids : Sequence[Sequence[int]] or None
+        Non-empty token sequences that must never be generated; stored as tuple of tuples.
+    min_new_tokens, max_new_tokens : int, int or None
+        Length bounds; EOS/stop tokens are suppressed before ``min_new_tokens``. A None
+        ``max_new_tokens`` means :data:`DEFAULT_MAX_NEW_TOKENS`.
+    stop : Sequence[str] or None
+        Non-empty stop strings; a single string is wrapped into a 1-tuple.
+    stop_pattern : str or None
+        Regex that ends generation when found in the text; it must compile and must not match
+        the empty string.
+    seed : int or None
+        Per-request RNG seed in [0, 2**63 - 1].
+    logprobs : int or None
+        Return the top-n log-probabilities, n in [0, 20]; 0 returns only the chosen token's.
+    ignore_eos, include_stop_str_in_output, detokenize, skip_special_tokens : bool
+        Keep generating past EOS; keep the matched stop string / pattern in the returned text;
+        output text options.
+
+    Raises
+    ------
+    ValueError
+        For any invalid field; the message names the field, the value and the allowed range.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    allowed_token_ids: Sequence[int] | None = None
+    bad_words_token_ids: Sequence[Sequence[int]] | None = None
+    min_new_tokens: int = 0
+    max_new_tokens: int | None = None
+    ignore_eos: bool = False
+    stop: Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
+    stop_pattern: str | None = None
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name, (ok, requirement) in _FLOAT_RULES.items():
+            set_(name, _check_float(name, getattr(self, name), ok, requirement))
+        for name, (ok, requirement, optional) in _INT_RULES.items():
+            if not (optional and getattr(self, name) is None):
+                set_(name, _check_int(name, getattr(self, name), ok, requirement))
+        set_("top_k", max(self.top_k, 0))  # -1 and 0 both mean "off"
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be <= max_new_tokens, got min_new_tokens="
+                             f"{self.min_new_tokens} > max_new_tokens={self.max_new_tokens}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (True or False), "
+                                 f"got {_describe(getattr(self, name))}")
+        set_("logit_bias", _logit_bias(self.logit_bias))
+        set_("allowed_token_ids", _id_set("allowed_token_ids", self.allowed_token_ids))
+        if self.allowed_token_ids == ():
+            raise ValueError("allowed_token_ids must be None or a non-empty sequence of token "
+                             "ids >= 0, got an empty sequence (nothing could be sampled)")
+        set_("stop_token_ids", _id_set("stop_token_ids", self.stop_token_ids) or None)
+        if self.bad_words_token_ids is not None:
+            words = []
+            for word in _as_items("bad_words_token_ids", self.bad_words_token_ids):
+                ids = tuple(_token_id("bad_words_token_ids", t)
+                            for t in _as_items("bad_words_token_ids entries", word, ordered=True))
+                if not ids:
+                    raise ValueError("bad_words_token_ids entries must be non-empty sequences of "
+                                     "token ids >= 0, got an empty sequence")
+                words.append(ids)
+            set_("bad_words_token_ids", tuple(words) or None)
+        if self.stop is not None:
+            stop = [self.stop] if isinstance(self.stop, str) else _as_items("stop", self.stop)
+            for s in stop:
+                if not isinstance(s, str) or not s:
+                    raise ValueError(f"stop must contain non-empty strings, got {_describe(s)}")
+            set_("stop", tuple(stop) or None)
+        if self.stop_pattern is not None:
+            _check_pattern(self.stop_pattern)
+
+    def _plain_fields(self) -> dict[str, Any]:
+        """Field values by name, with ``logit_bias`` as a plain dict."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["logit_bias"] = None if self.logit_bias is None else dict(self.logit_bias)
+        return out
+
+    def __hash__(self) -> int:
+        values = self._plain_fields()
+        if values["logit_bias"] is not None:
+            values["logit_bias"] = tuple(sorted(values["logit_bias"].items()))
+        return hash(tuple(values.values()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy cannot be pickled or deep-copied: rebuild from plain values instead.
+        return (functools.partial(type(self), **self._plain_fields()), ())
+
+    def __repr__(self) -> str:
+        values = self._plain_fields()
+        parts = [f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(self)
+                 if values[f.name] != f.default]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when ``temperature == 0`` (argmax decoding)."""
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when a repetition, frequency or presence penalty is active."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+    @property
+    def uses_filtering(self) -> bool:
+        """True when sampling (not greedy) with top-k, top-p, min-p or typical-p truncation."""
+        return not self.is_greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+                                       or self.typical_p < 1.0)
+
+    def effective_top_k(self, vocab_size: int) -> int:
+        """Return the top-k to apply: 0 when off, else ``min(top_k, vocab_size)``."""
+        vocab_size = _check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
+        return 0 if self.top_k <= 0 else min(self.top_k, vocab_size)
+
+    def validate_for_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError (naming field, id and range) for any token id not in [0, vocab)."""
+        vocab_size = _check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
+        bad_words = (t for word in self.bad_words_token_ids or () for t in word)
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("bad_words_token_ids", bad_words),
+                          ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("stop_token_ids", self.stop_token_ids or ())):
+            for tid in ids:
+                if tid >= vocab_size:
+                    raise ValueError(f"{name} contains token id {tid}, outside the vocabulary "
+                                     f"range [0, {vocab_size})")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """Return a copy with ``changes`` applied, validated again like a new instance."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_generation_config(cls, generation_config: Any, **overrides: Any) -> SamplingParams:
+        """Build params from a ``transformers.GenerationConfig``, a dict or a similar object.
+
+        Parameters
+        ----------
+        generation_config : GenerationConfig, Mapping or object
+            Source of the HF attributes; missing or None attributes use this class's defaults.
+        **overrides
+            Field values applied after the mapping (e.g. ``seed=0``).
+
+        Raises
+        ------
+        TypeError
+            If an override is not a field of :class:`SamplingParams`.
+        ValueError
+            If ``sequence_bias`` biases a multi-token sequence, or a mapped value is invalid.
+
+        Notes
+        -----
+        ``do_sample`` not True (HF's default is False) gives greedy decoding (temperature 0)
+        and the sampling fields are not read. Otherwise ``temperature``, ``top_k``, ``top_p``,
+        ``min_p`` and ``typical_p`` are kept as stated (a None ``top_k`` gives 0, not HF's
+        generate-time default of 50). ``bad_words_ids`` -> ``bad_words_token_ids``,
+        ``stop_strings`` -> ``stop``, single-token ``sequence_bias`` and ``suppress_tokens``
+        (as -inf) -> ``logit_bias``. Other fields (``max_length``, beams, ``eos_token_id``,
+        ``num_logprobs``, ``output_logits``, ...) are ignored.
+        """
+        get: Callable[[str], Any] = (
+            generation_config.get if isinstance(generation_config, Mapping)
+            else lambda name: getattr(generation_config, name, None))
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            raise TypeError(f"from_generation_config() got unknown override(s) "
+                            f"{', '.join(map(repr, unknown))}; valid fields are {', '.join(names)}")
+        sampling = get("do_sample") is True
+        kwargs: dict[str, Any] = {} if sampling else {"temperature": 0.0}
+        for name, hf_name in _HF_FIELDS.items():
+            if (sampling or name not in _HF_SAMPLING_ONLY) and get(hf_name) is not None:
+                kwargs[name] = get(hf_name)
+        bias: dict[Any, float] = {}
+        seq_bias = get("sequence_bias") or {}
+        for seq, value in seq_bias.items() if isinstance(seq_bias, Mapping) else seq_bias:
+            seq = [seq] if isinstance(seq, numbers.Integral) else _as_items("sequence_bias", seq)
+            if len(seq) != 1:
+                raise ValueError(f"sequence_bias entry {tuple(seq)!r} has {len(seq)} tokens; only "
+                                 f"single-token sequence biases are supported (as logit_bias)")
+            bias[seq[0]] = value
+        for tid in _as_items("suppress_tokens", get("suppress_tokens") or ()):
+            bias[tid] = -math.inf
+        kwargs["logit_bias"] = bias or None
+        kwargs.update(overrides)
+        return cls(**kwargs)

@@ -1,0 +1,281 @@
+"""Torch reference for every fused sampler op: the CPU path and the test oracle.
+
+Every function here is plain, vectorised torch over a batch of rows. The Triton
+kernels in :mod:`decodekit.kernels` compute the same functions; the tests compare
+them element by element (probabilities) and token by token (draws).
+
+The processed distribution of one row, in order (see :class:`~decodekit.SamplingParams`):
+
+1. ``logit_bias``, ``allowed_token_ids`` and single-token bad words (one dense
+   additive ``bias`` row, ``-inf`` for banned tokens), multi-token bad words
+   whose prefix matches the row's recent tokens, and the ``min_new_tokens``
+   suppression of EOS and ``stop_token_ids``;
+2. repetition penalty (Hugging Face: over prompt and output tokens, divide
+   positive logits, multiply negative ones);
+3. frequency and presence penalties (OpenAI: output tokens only,
+   ``logit -= frequency * count + presence * (count > 0)``);
+4. temperature (greedy rows are left unscaled and take the argmax);
+5. top-k, top-p, min-p, typical-p, each on the distribution left by the previous.
+
+Randomness is a counter-based hash of (seed, position, token id): the draw is an
+exponential race ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` built from 32 random
+bits with full relative precision at both ends, so no tail is cut off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FLT_MAX",
+    "RowState",
+    "exponential_noise",
+    "filter_keep",
+    "process_logits",
+    "processed_probs_from_logits",
+    "random_bits",
+    "sample_from_logits",
+]
+
+FLT_MAX = float(torch.finfo(torch.float32).max)
+_M32 = 0xFFFFFFFF
+_TWO_M32 = 2.0**-32
+
+
+# --------------------------------------------------------------------------- randomness
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _row_keys(seed: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys per row from (seed int64 [B], position int64 [B])."""
+    lo = seed & _M32
+    hi = (seed >> 32) & _M32
+    a = _mix32(hi ^ 0x68E31DA4)
+    b = _mix32(lo ^ a)
+    k1 = _mix32(b ^ (position & _M32))
+    k2 = _mix32(k1 ^ 0x1B56C4E9)
+    return k1, k2
+
+
+def random_bits(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """32 random bits per (row, token): int64 ``[B, V]`` in ``[0, 2**32)``.
+
+    A pure function of (seed, position, token id): a request draws the same bits
+    whatever its slot, batch size or batch-mates.
+    """
+    k1, k2 = _row_keys(seed.to(torch.int64), position.to(torch.int64))
+    tok = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
+    h = _mix32(((tok * 0x9E3779B1) & _M32)[None, :] ^ k1[:, None])
+    return _mix32((h + k2[:, None]) & _M32)
+
+
+def exponential_from_bits(r: torch.Tensor) -> torch.Tensor:
+    """Exp(1) variates (fp32) from 32-bit integers, precise at both ends.
+
+    ``u = (r + 1/2) 2^-32`` is uniform on (0, 1). For ``u < 1/2`` we take ``-log u``;
+    above, ``-log1p(-v)`` with ``v = 1 - u`` formed exactly from the integer, so
+    small variates keep full relative precision (no tail bias).
+    """
+    low = r < 2**31
+    u = (r.to(torch.float32) + 0.5) * _TWO_M32
+    v = ((_M32 - r).to(torch.float32) + 0.5) * _TWO_M32
+    w = 1.0 - v
+    # Goldberg's log1p: log1p(-v) = -v * log(w) / (w - 1), exact when w == 1.
+    denom = torch.where(w == 1.0, torch.ones_like(w), w - 1.0)
+    e_high = torch.where(w == 1.0, v, v * torch.log(w) / denom)
+    return torch.where(low, -torch.log(u), e_high)
+
+
+def exponential_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``E[b, i] ~ Exp(1)`` keyed by (seed[b], position[b], i): fp32 ``[B, V]``."""
+    return exponential_from_bits(random_bits(seed, position, vocab_size))
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class RowState:
+    """Per-row sampling state gathered for one batch (all tensors on one device).
+
+    Shapes: ``[B]`` unless noted. ``bias``/``counts`` may be ``None`` when no row uses them.
+    ``counts`` holds ``2 * output_count + in_prompt`` per token (int32 ``[B, V]``).
+    ``suppress`` holds token ids (``-1`` padding) banned while ``n_gen < min_new``
+    (int32 ``[B, NS]``). ``badseq`` ``[B, NB, L]`` / ``badseq_len`` ``[B, NB]`` are
+    multi-token bad words, checked against ``hist`` ``[B, H]`` (a ring of the last
+    ``H`` tokens, ``n_hist`` written so far).
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    typical_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    seed: torch.Tensor
+    n_gen: torch.Tensor
+    min_new: torch.Tensor
+    bias: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    suppress: torch.Tensor | None = None
+    badseq: torch.Tensor | None = None
+    badseq_len: torch.Tensor | None = None
+    hist: torch.Tensor | None = None
+    n_hist: torch.Tensor | None = None
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature == 0
+
+
+def _badseq_bans(state: RowState, vocab_size: int) -> torch.Tensor | None:
+    """Bool ``[B, V]``: last tokens of multi-token bad words whose prefix just occurred."""
+    if state.badseq is None or state.badseq.shape[1] == 0:
+        return None
+    seq, slen, hist, nh = state.badseq.long(), state.badseq_len.long(), state.hist.long(), state.n_hist.long()
+    B, NB, L = seq.shape
+    H = hist.shape[1]
+    j = torch.arange(L - 1, device=seq.device)
+    # prefix token j of sequence s must equal the token written at n_hist - (len-1) + j.
+    pos = nh[:, None, None] - (slen[:, :, None] - 1) + j[None, None, :]  # [B, NB, L-1]
+    tok = hist.gather(1, (pos % max(H, 1)).clamp(min=0).reshape(B, -1)).reshape(B, NB, L - 1)
+    in_prefix = j[None, None, :] < (slen[:, :, None] - 1)
+    ok = (~in_prefix) | ((tok == seq[:, :, : L - 1]) & (pos >= 0))
+    match = ok.all(-1) & (slen >= 2) & (nh[:, None] >= slen - 1)
+    last = seq.gather(2, (slen - 1).clamp(min=0)[:, :, None])[:, :, 0]
+    bans = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=seq.device)
+    idx = torch.where(match, last, torch.full_like(last, vocab_size))
+    bans.scatter_(1, idx, True)
+    return bans[:, :vocab_size]
+
+
+# --------------------------------------------------------------------------- processing
+def process_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
+    """Bias, masks, penalties and temperature: fp32 ``[B, V]`` processed logits.
+
+    NaN inputs count as ``-inf``; infinite values are clamped to ``+-FLT_MAX``
+    after temperature so that a row whose every allowed token is ``-inf`` or NaN
+    stays a valid (uniform over allowed tokens) distribution. Masked tokens are
+    exactly ``-inf``.
+    """
+    B, V = logits.shape
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+    banned = torch.zeros(B, V, dtype=torch.bool, device=x.device)
+    if state.bias is not None:
+        bias = state.bias.float()
+        banned |= bias == -math.inf
+        x = x + torch.where(banned, torch.zeros_like(bias), bias)
+    if state.suppress is not None and state.suppress.shape[1] > 0:
+        active = (state.n_gen < state.min_new)[:, None]
+        ids = state.suppress.long()
+        ids = torch.where((ids >= 0) & active, ids, torch.full_like(ids, V))
+        extra = torch.zeros(B, V + 1, dtype=torch.bool, device=x.device)
+        extra.scatter_(1, ids, True)
+        banned |= extra[:, :V]
+    bad = _badseq_bans(state, V)
+    if bad is not None:
+        banned |= bad
+    if state.counts is not None:
+        c = state.counts.long()
+        seen = c != 0
+        out = (c >> 1).float()
+        rep = state.repetition_penalty[:, None].float()
+        x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
+        x = x - out * state.frequency_penalty[:, None].float()
+        x = x - (out > 0).float() * state.presence_penalty[:, None].float()
+    t = torch.where(state.greedy, torch.ones_like(state.temperature), state.temperature)
+    x = x / t[:, None].float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+    x = x.clamp(-FLT_MAX, FLT_MAX)
+    return torch.where(banned, torch.full_like(x, -math.inf), x)
+
+
+def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
+    """Bool ``[B, V]``: tokens kept by top-k, then top-p, then min-p, then typical-p.
+
+    Sort-based, with the semantics of transformers' warpers: top-k keeps every
+    token >= the k-th largest value; top-p keeps a token when the mass strictly
+    above it is below ``top_p``; min-p keeps ``p >= min_p * p_max``; typical keeps
+    the tokens closest to the entropy until ``typical_p`` of the mass is covered.
+    Greedy rows keep everything (they take the argmax).
+    """
+    B, V = l.shape
+    m = l.max(-1, keepdim=True).values
+    e = torch.exp(l - m)
+    sorted_l, order = l.sort(-1, descending=True)
+    # top-k
+    k = state.top_k.long()
+    k = torch.where(k > 0, k.clamp(max=V), torch.full_like(k, V))
+    kth = sorted_l.gather(1, (k - 1)[:, None])
+    keep = l >= kth
+    # top-p on the top-k set
+    ek = torch.where(keep, e, torch.zeros_like(e))
+    se = ek.gather(1, order)
+    zk = se.sum(-1, keepdim=True)
+    above = se.cumsum(-1) - se
+    topp = state.top_p.float()[:, None]
+    in_p = above < topp * zk
+    n_p = in_p.sum(-1, keepdim=True).clamp(min=1)
+    tp = sorted_l.gather(1, n_p - 1)
+    keep &= (l >= tp) | (topp >= 1.0)
+    # min-p (p / p_max == e, whatever the normalisation)
+    keep &= e >= state.min_p.float()[:, None]
+    # typical-p on what is left
+    typ = state.typical_p.float()[:, None]
+    zK = torch.where(keep, e, torch.zeros_like(e)).sum(-1, keepdim=True)
+    s1 = torch.where(keep, e * (l - m), torch.zeros_like(e)).sum(-1, keepdim=True)
+    ent = torch.log(zK) - s1 / zK
+    c = m + torch.log(zK) - ent
+    d = torch.where(keep, (l - c).abs(), torch.full_like(l, math.inf))
+    sd, dorder = d.sort(-1)
+    q = torch.where(keep, e, torch.zeros_like(e)).gather(1, dorder)
+    cum = q.cumsum(-1)
+    n_t = (cum < typ * zK).sum(-1, keepdim=True).clamp(max=V - 1)
+    dstar = sd.gather(1, n_t)
+    keep &= (d <= dstar) | (typ >= 1.0)
+    return keep | state.greedy[:, None]
+
+
+def _probs(l: torch.Tensor, keep: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    m = l.max(-1, keepdim=True).values
+    e = torch.where(keep, torch.exp(l - m), torch.zeros_like(l))
+    p = e / e.sum(-1, keepdim=True)
+    onehot = torch.zeros_like(p).scatter_(1, l.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, p)
+
+
+def processed_probs_from_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
+    """The processed distribution, fp32 ``[B, V]`` (one-hot at the argmax for greedy rows)."""
+    l = process_logits(logits, state)
+    return _probs(l, filter_keep(l, state), state.greedy)
+
+
+def sample_from_logits(
+    logits: torch.Tensor, state: RowState, position: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row.
+
+    Returns ``(token_ids int64 [B], processed logits fp32 [B, V], keep bool [B, V])``.
+    ``position`` (int64 ``[B]``) keys the randomness; it defaults to ``state.n_gen``.
+    """
+    l = process_logits(logits, state)
+    keep = filter_keep(l, state)
+    B, V = l.shape
+    pos = state.n_gen if position is None else position
+    E = exponential_noise(state.seed, pos, V)
+    m = l.max(-1, keepdim=True).values
+    race = torch.where(keep, torch.exp(l - m) / E, torch.full_like(l, -1.0))
+    # A row with nothing finite (every allowed token was -inf/NaN) is uniform over
+    # its allowed tokens after the clamp in process_logits, so race is still valid.
+    tok = torch.where(state.greedy, l.argmax(-1), race.argmax(-1))
+    return tok, l, keep

@@ -1,0 +1,13 @@
+"""Triton kernels of decodekit (import name ``decodekit.kernels``).
+
+One op per module: ``process`` (launch 1: bias, masks, penalties, temperature,
+row statistics), ``draw`` (launch 2: thresholds, draw, commit; or the processed
+distribution). Kernels import nothing from decodekit; the torch reference of every
+op is decodekit.reference.
+"""
+
+from ._common import launch_shape
+from .process import process_logits
+from .draw import accept, select
+
+__all__ = ["accept", "launch_shape", "process_logits", "select"]

@@ -1,0 +1,328 @@
+"""Launch 2 of a step: one program per row combines the per-chunk statistics of
+launch 1, finds the filtering thresholds of rows that filter, draws the token,
+and commits it to the row's state; or, in probs mode, writes the processed
+distribution.
+
+Thresholds are found without sorting. Every filter keeps an interval of the
+processed logits ``l`` (top-k, top-p and min-p a top interval, typical-p an
+interval around ``c = m + log Z - H``), so each threshold is the largest
+integer key ``u`` (fp32 bits in monotone order) with a monotone predicate
+``pred(u)`` on the count and mass of the tokens whose key is ``>= u``:
+
+* top-k:   ``count(key >= u) >= k``                     -> k-th largest value
+* top-p:   ``mass(key >= u) >= top_p * Z_k``            -> smallest kept value
+* typical: ``mass(dkey >= u) > Z_K (1 - typical_p)``    -> largest kept distance
+
+(transformers' warpers, written as thresholds; see decodekit.reference.filter_keep).
+Each pass over the row tests ``NP`` pivots at once, shrinking the bracket
+``NP + 1``-fold, so 32-bit keys converge in about ``32 / log2(NP + 1)`` passes
+over an L2-resident row. The draw is the exponential race ``argmax e_i / E_i``
+over the kept tokens with the same noise as launch 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    F_BADSEQ,
+    F_FILTER,
+    F_GREEDY,
+    F_MINP,
+    F_PENALTY,
+    F_TOPP,
+    F_TYP,
+    FLT_MAX,
+    I_FLAGS,
+    I_NGEN,
+    I_NHIST,
+    I_TOPK,
+    NF,
+    NI,
+    exponential,
+    float_key,
+    row_keys,
+)
+
+KEY_NEG_INF = tl.constexpr(-2139095041)  # float_key(-inf)
+KEY_POS_INF = tl.constexpr(2139095040)  # float_key(+inf)
+
+
+@triton.jit
+def _stats_ge(work_row, V, piv, m, floor_key, min_e, c, dmode: tl.constexpr,
+              BLOCK: tl.constexpr, NP: tl.constexpr):
+    """Count and mass (sum of exp(l - m)) of eligible tokens whose key is >= each pivot.
+
+    Eligible: ``key(l) >= floor_key`` and ``exp(l - m) >= min_e``. With ``dmode`` the key
+    is that of ``|l - c|`` instead of ``l``.
+    """
+    cnt = tl.zeros([NP], dtype=tl.int32)
+    mass = tl.zeros([NP], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        l = tl.load(work_row + offs, mask=inb, other=-float("inf"))
+        e = tl.exp(l - m)
+        k = float_key(l).to(tl.int64)
+        ok = inb & (k >= floor_key) & (e >= min_e)
+        if dmode:
+            k = float_key(tl.abs(l - c)).to(tl.int64)
+        ge = ok[:, None] & (k[:, None] >= piv[None, :])
+        cnt += tl.sum(ge.to(tl.int32), axis=0)
+        mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+    return cnt, mass
+
+
+@triton.jit
+def _search(work_row, V, lo, hi, m, floor_key, min_e, c, dmode: tl.constexpr, kk, thr,
+            strict: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+    """Largest key ``u`` in ``[lo, hi)`` with ``count(>= u) >= kk`` and ``mass(>= u) >=/> thr``.
+
+    ``pred(lo)`` must hold and ``pred(hi)`` must not; the predicate is monotone.
+    """
+    j = tl.arange(0, NP).to(tl.int64)
+    while hi - lo > 1:
+        piv = lo + ((hi - lo) * (j + 1)) // (NP + 1)
+        cnt, mass = _stats_ge(work_row, V, piv, m, floor_key, min_e, c, dmode, BLOCK, NP)
+        if strict:
+            pred = (cnt >= kk) & (mass > thr)
+        else:
+            pred = (cnt >= kk) & (mass >= thr)
+        lo = tl.maximum(lo, tl.max(tl.where(pred, piv, lo), axis=0))
+        hi = tl.minimum(hi, tl.min(tl.where(pred, hi, piv), axis=0))
+    return lo
+
+
+@triton.jit
+def _select_kernel(
+    logits_ptr, stride_l,                # [B, V] raw logits (for raw logprobs)
+    slots_ptr,                           # [B] int32
+    fparams_ptr, iparams_ptr, seed_ptr,  # [S, NF] f32, [S, NI] i32, [S] i64
+    counts_ptr, hist_ptr,                # [S, V] i32, [S, H] i32
+    work_ptr,                            # [B, V] f32 processed logits
+    part_f_ptr, part_i_ptr,              # [B, C, 6] f32, [B, C] i32
+    out_tok_ptr, out_lp_ptr,             # [B] int64, [B] f32
+    probs_ptr,                           # [B, V] f32 (PROBS mode)
+    V, n_chunks, H,
+    HAS_FILTER: tl.constexpr, HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr,
+    LOGPROB: tl.constexpr, PROBS: tl.constexpr, COMMIT: tl.constexpr,
+    BLOCK: tl.constexpr, NP: tl.constexpr,
+):
+    row = tl.program_id(0)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    flags = tl.load(iparams_ptr + slot * NI + I_FLAGS)
+    greedy = (flags & F_GREEDY) != 0
+
+    # Combine launch 1's chunks: max, sum of exp, race winner (or argmax), raw stats.
+    cidx = tl.arange(0, 64)
+    cm = cidx < n_chunks
+    pf = part_f_ptr + (row * n_chunks + cidx) * 6
+    m_c = tl.load(pf + 0, mask=cm, other=-float("inf"))
+    s_c = tl.load(pf + 1, mask=cm, other=0.0)
+    b_c = tl.load(pf + 2, mask=cm, other=-float("inf"))
+    i_c = tl.load(part_i_ptr + row * n_chunks + cidx, mask=cm, other=0)
+    m = tl.max(m_c, axis=0)
+    scale = tl.exp(m_c - m)
+    s = tl.sum(tl.where(cm, s_c * scale, 0.0), axis=0)
+    if not greedy:
+        b_c = tl.where(b_c > 0, b_c * scale, b_c)
+    tok = tl.sum(tl.where(cidx == tl.argmax(b_c, axis=0), i_c, 0), axis=0).to(tl.int64)
+    zk = s
+    filtered = ((flags & F_FILTER) != 0) & (~greedy)
+    work_row = work_ptr + row * V
+
+    tkey = tl.full([], KEY_NEG_INF, tl.int64)
+    dkey = tl.full([], KEY_POS_INF, tl.int64)
+    min_e = 0.0
+    c = 0.0
+    if HAS_FILTER:
+        if filtered:
+            top_k = tl.load(iparams_ptr + slot * NI + I_TOPK)
+            top_p = tl.load(fparams_ptr + slot * NF + F_TOPP)
+            min_e = tl.load(fparams_ptr + slot * NF + F_MINP)
+            typ = tl.load(fparams_ptr + slot * NF + F_TYP)
+            hi0 = float_key(m).to(tl.int64) + 1
+            if top_k > 0:
+                kk = tl.minimum(top_k, V)
+                tkey = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
+                               kk, -1.0, False, BLOCK, NP)
+            if top_p < 1.0:
+                one = tl.full([1], 0, tl.int64) + tkey
+                _, zk1 = _stats_ge(work_row, V, one, m, tkey, 0.0, 0.0, False, BLOCK, 1)
+                pk = top_p * tl.sum(zk1, axis=0)
+                tkey = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
+                               0, pk, False, BLOCK, NP)
+            if typ < 1.0:
+                zsum = 0.0
+                s1 = 0.0
+                for start in range(0, V, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    l = tl.load(work_row + offs, mask=offs < V, other=-float("inf"))
+                    e = tl.exp(l - m)
+                    ok = (float_key(l).to(tl.int64) >= tkey) & (e >= min_e) & (offs < V)
+                    zsum += tl.sum(tl.where(ok, e, 0.0), axis=0)
+                    s1 += tl.sum(tl.where(ok, e * (l - m), 0.0), axis=0)
+                ent = tl.log(zsum) - s1 / zsum
+                c = m + tl.log(zsum) - ent
+                dkey = _search(work_row, V, tl.full([], -1, tl.int64), dkey + 1, m, tkey, min_e,
+                               c, True, 0, zsum * (1.0 - typ), True, BLOCK, NP)
+            # Final pass: the exponential race over the kept tokens.
+            k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
+            best = -1.0
+            best_i = 0
+            zk = 0.0
+            for start in range(0, V, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                inb = offs < V
+                l = tl.load(work_row + offs, mask=inb, other=-float("inf"))
+                e = tl.exp(l - m)
+                kept = inb & (float_key(l).to(tl.int64) >= tkey) & (e >= min_e)
+                kept = kept & (float_key(tl.abs(l - c)).to(tl.int64) <= dkey)
+                zk += tl.sum(tl.where(kept, e, 0.0), axis=0)
+                if LOGPROB == 2:
+                    # processed logprobs: the alternatives come from this row of `work`
+                    tl.store(work_row + offs, tl.where(kept, l, -float("inf")), mask=inb)
+                if not PROBS:
+                    key = tl.where(kept, e / exponential(offs, k1, k2), -1.0)
+                    kb = tl.max(key, axis=0)
+                    take = kb > best
+                    best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
+                    best = tl.where(take, kb, best)
+            tok = best_i.to(tl.int64)
+
+    if PROBS:
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < V
+            l = tl.load(work_row + offs, mask=inb, other=-float("inf"))
+            e = tl.exp(l - m)
+            kept = (float_key(l).to(tl.int64) >= tkey) & (e >= min_e)
+            kept = kept & (float_key(tl.abs(l - c)).to(tl.int64) <= dkey)
+            p = tl.where(kept, e / zk, 0.0)
+            p = tl.where(greedy, tl.where(offs == tok, 1.0, 0.0), p)
+            tl.store(probs_ptr + row * V + offs, p, mask=inb)
+    else:
+        tl.store(out_tok_ptr + row, tok)
+        if LOGPROB == 1:
+            x = tl.load(logits_ptr + row * stride_l + tok).to(tl.float32)
+            x = tl.where(x != x, -float("inf"), x)
+            raw_m_c = tl.load(pf + 3, mask=cm, other=-float("inf"))
+            raw_s_c = tl.load(pf + 4, mask=cm, other=0.0)
+            raw_m = tl.max(raw_m_c, axis=0)
+            safe = tl.where(raw_m == -float("inf"), 0.0, raw_m)
+            raw_s = tl.sum(tl.where(cm, raw_s_c * tl.exp(raw_m_c - safe), 0.0), axis=0)
+            tl.store(out_lp_ptr + row, x - safe - tl.log(raw_s))
+        if LOGPROB == 2:
+            lt = tl.load(work_row + tok)
+            tl.store(out_lp_ptr + row, lt - m - tl.log(zk))
+        if COMMIT:
+            _commit(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
+                    HAS_PENALTY, HAS_HIST)
+
+
+@triton.jit
+def _commit(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
+            HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr):
+    """Append one token to a slot's state: step counter, penalty counts, bad-word history."""
+    gp = iparams_ptr + slot * NI + I_NGEN
+    tl.store(gp, tl.load(gp) + 1)
+    if HAS_PENALTY:
+        if (flags & F_PENALTY) != 0:
+            cp = counts_ptr + slot * V + tok
+            tl.store(cp, tl.load(cp) + 2)
+    if HAS_HIST:
+        if (flags & F_BADSEQ) != 0:
+            hp = iparams_ptr + slot * NI + I_NHIST
+            nh = tl.load(hp)
+            tl.store(hist_ptr + slot * H + nh % H, tok.to(tl.int32))
+            tl.store(hp, nh + 1)
+
+
+@triton.jit
+def _accept_kernel(tok_ptr, stride_t, n_tok, slots_ptr, iparams_ptr, counts_ptr, hist_ptr, V, H,
+                   HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr):
+    """Commit up to ``n_tok`` tokens per row (negative ids are skipped)."""
+    row = tl.program_id(0)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    flags = tl.load(iparams_ptr + slot * NI + I_FLAGS)
+    for j in range(0, n_tok):
+        tok = tl.load(tok_ptr + row * stride_t + j).to(tl.int64)
+        if tok >= 0:
+            _commit(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
+                    HAS_PENALTY, HAS_HIST)
+
+
+MAX_PARTIAL_CHUNKS = 64
+NUM_PIVOTS = 16
+
+
+def select(
+    logits: torch.Tensor,
+    slots: torch.Tensor,
+    fparams: torch.Tensor,
+    iparams: torch.Tensor,
+    seed: torch.Tensor,
+    counts: torch.Tensor | None,
+    hist: torch.Tensor | None,
+    work: torch.Tensor | None,
+    part_f: torch.Tensor,
+    part_i: torch.Tensor,
+    out_tok: torch.Tensor | None,
+    out_lp: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    *,
+    chunks: int,
+    has_filter: bool,
+    logprob_mode: int,
+    commit: bool,
+    block: int,
+) -> None:
+    """Launch :func:`_select_kernel` (grid ``[B]``) after :func:`process_logits`.
+
+    ``probs`` given: write the processed distribution ``[B, V]`` and draw nothing.
+    Otherwise write ``out_tok [B]`` (and ``out_lp [B]`` when ``logprob_mode`` is 1 raw /
+    2 processed) and, with ``commit``, append the tokens to the slots' state.
+    """
+    B, V = logits.shape
+    if chunks > MAX_PARTIAL_CHUNKS:
+        raise ValueError(f"at most {MAX_PARTIAL_CHUNKS} chunks per row, got {chunks}")
+    if (has_filter or probs is not None or logprob_mode == 2) and work is None:
+        raise ValueError("filtering, probs and processed logprobs need the work buffer")
+    H = hist.shape[1] if hist is not None else 1
+    dummy = iparams
+    _select_kernel[(B,)](
+        logits, logits.stride(0), slots, fparams, iparams, seed,
+        counts if counts is not None else dummy,
+        hist if hist is not None else dummy,
+        work if work is not None else fparams,
+        part_f, part_i,
+        out_tok if out_tok is not None else seed,
+        out_lp if out_lp is not None else fparams,
+        probs if probs is not None else fparams,
+        V, chunks, H,
+        HAS_FILTER=has_filter, HAS_PENALTY=counts is not None, HAS_HIST=hist is not None,
+        LOGPROB=logprob_mode, PROBS=probs is not None, COMMIT=commit,
+        BLOCK=block, NP=NUM_PIVOTS,
+    )
+
+
+def accept(
+    token_ids: torch.Tensor,
+    slots: torch.Tensor,
+    iparams: torch.Tensor,
+    counts: torch.Tensor | None,
+    hist: torch.Tensor | None,
+    vocab_size: int,
+) -> None:
+    """Commit ``token_ids [B, n]`` (negative = none) to slots ``[B]``: grid ``[B]``."""
+    B, n = token_ids.shape
+    H = hist.shape[1] if hist is not None else 1
+    _accept_kernel[(B,)](
+        token_ids, token_ids.stride(0), n, slots, iparams,
+        counts if counts is not None else iparams,
+        hist if hist is not None else iparams,
+        vocab_size, H,
+        HAS_PENALTY=counts is not None, HAS_HIST=hist is not None,
+    )
