@@ -1,0 +1,23 @@
+"""Test configuration: without a GPU the Triton kernels run in the interpreter.
+
+TRITON_INTERPRET must be set before any kernel module is imported (it is read when
+``@triton.jit`` decorates), so it is set here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+# The interpreter evaluates the uint32 hash in numpy, which warns on the (intended)
+# wrap-around of 32-bit multiplication.
+warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
+warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

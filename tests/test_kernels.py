@@ -1,0 +1,192 @@
+"""Kernel parity: the Triton path (interpreter on CPU, real kernels on CUDA) against
+the torch reference, feature by feature, over several steps, plus the sm_80/sm_90
+ahead-of-time compile of every kernel configuration the sampler launches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import KERNEL_DEVICE
+
+from decodekit import Sampler, SamplingParams
+from decodekit import reference as ref
+from decodekit.kernels import _common as KC
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FEATURES = {
+    "greedy": dict(temperature=0.0),
+    "temperature": dict(temperature=0.7),
+    "top_k": dict(top_k=7),
+    "top_p": dict(top_p=0.8),
+    "min_p": dict(min_p=0.1),
+    "typical": dict(typical_p=0.7),
+    "penalties": dict(repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=0.4),
+    "bias": dict(logit_bias={3: 4.0, 10: -2.0, 11: float("-inf")}),
+    "allowed": dict(allowed_token_ids=list(range(0, 200, 3))),
+    "bad_words": dict(bad_words_token_ids=[[5], [6, 7], [1, 2, 9]]),
+    "min_new": dict(min_new_tokens=3, stop_token_ids=[4, 8]),
+    "logprobs": dict(logprobs=3),
+    "all": dict(
+        temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, typical_p=0.95,
+        repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
+        logit_bias={1: 2.0, 2: -1.0}, bad_words_token_ids=[[12], [13, 14]],
+        min_new_tokens=2, stop_token_ids=[15], logprobs=2,
+    ),
+}
+
+
+def _pair(V: int, max_batch: int, **kw) -> tuple[Sampler, Sampler]:
+    kern = Sampler(V, max_batch, KERNEL_DEVICE, backend="triton", eos_token_ids=[0], **kw)
+    tref = Sampler(V, max_batch, "cpu", backend="torch", eos_token_ids=[0], **kw)
+    return kern, tref
+
+
+def _logits(B: int, V: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, generator=g) * 2.5
+    x[:, :20] += 2.0  # make the penalised/biased head matter
+    return x.to(dtype)
+
+
+def _same_state(a: Sampler, b: Sampler) -> None:
+    torch.testing.assert_close(a.iparams.cpu(), b.iparams.cpu(), rtol=0, atol=0)
+    for name in ("counts", "hist"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert (ta is None) == (tb is None)
+        if ta is not None:
+            torch.testing.assert_close(ta.cpu(), tb.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_kernel_matches_reference_over_steps(feature):
+    V, B, steps = 300, 3, 4
+    kern, tref = _pair(V, 4)
+    prompts = [[1, 2, 6, 7], [20, 21, 3], [5, 5, 1, 2]]
+    for b in range(B):
+        p = SamplingParams(seed=100 + b, **FEATURES[feature])
+        kern.add(b, p, prompts[b])
+        tref.add(b, p, prompts[b])
+    slots = [2, 0, 1]  # batch order differs from slot order
+    for step in range(steps):
+        x = _logits(B, V, seed=step)
+        pk = kern.probs(x.to(KERNEL_DEVICE), slots).cpu()
+        pr = tref.probs(x, slots)
+        torch.testing.assert_close(pk, pr, atol=2e-6, rtol=1e-5)
+        ok = kern.sample(x.to(KERNEL_DEVICE), slots)
+        orf = tref.sample(x, slots)
+        assert ok.token_ids.cpu().tolist() == orf.token_ids.tolist()
+        assert (pr.gather(1, orf.token_ids[:, None]) > 0).all()
+        if orf.logprobs is not None:
+            torch.testing.assert_close(ok.logprobs.cpu(), orf.logprobs, atol=1e-4, rtol=1e-5)
+        if orf.top_logprobs is not None:
+            torch.testing.assert_close(ok.top_logprobs.cpu(), orf.top_logprobs, atol=1e-4, rtol=1e-5)
+            assert ok.top_token_ids.cpu().tolist() == orf.top_token_ids.tolist()
+        _same_state(kern, tref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 111, 1000, 2049])
+def test_kernel_dtypes_and_odd_vocab(dtype, V):
+    B = 5
+    kern, tref = _pair(V, B)
+    settings = [FEATURES["greedy"], FEATURES["temperature"], dict(top_k=3, top_p=0.9),
+                dict(min_p=0.2, typical_p=0.8), dict(top_p=0.5, repetition_penalty=1.3)]
+    for b, s in enumerate(settings):
+        p = SamplingParams(seed=7 * b, **s)
+        kern.add(b, p, [0])
+        tref.add(b, p, [0])
+    x = _logits(B, V, dtype, seed=V)
+    slots = list(range(B))
+    torch.testing.assert_close(kern.probs(x.to(KERNEL_DEVICE), slots).cpu(),
+                               tref.probs(x, slots), atol=2e-6, rtol=1e-5)
+    assert kern.sample(x.to(KERNEL_DEVICE), slots).token_ids.cpu().tolist() == \
+        tref.sample(x, slots).token_ids.tolist()
+
+
+def test_kernel_processed_logprobs_mode():
+    V, B = 257, 2
+    kern, tref = _pair(V, B, logprobs_mode="processed")
+    for b in range(B):
+        p = SamplingParams(seed=b, top_k=10, top_p=0.8, logprobs=4)
+        kern.add(b, p)
+        tref.add(b, p)
+    x = _logits(B, V, seed=3)
+    ok, orf = kern.sample(x.to(KERNEL_DEVICE), [0, 1]), tref.sample(x, [0, 1])
+    assert ok.token_ids.cpu().tolist() == orf.token_ids.tolist()
+    torch.testing.assert_close(ok.logprobs.cpu(), orf.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ok.top_logprobs.cpu(), orf.top_logprobs, atol=1e-5, rtol=1e-5)
+    # processed logprobs of the alternatives sum to at most 1 and exclude filtered tokens
+    assert (orf.top_logprobs.exp().sum(-1) <= 1 + 1e-5).all()
+
+
+@pytest.mark.parametrize("case", ["all_neg_inf", "nan_row", "some_nan", "pos_inf"])
+def test_kernel_degenerate_rows_stay_in_vocabulary(case):
+    V, B = 64, 3
+    kern, tref = _pair(V, B)
+    settings = [dict(temperature=0.0), dict(top_p=0.9), dict(allowed_token_ids=[5, 9, 40])]
+    for b, s in enumerate(settings):
+        p = SamplingParams(seed=b, **s)
+        kern.add(b, p)
+        tref.add(b, p)
+    x = _logits(B, V, seed=1)
+    if case == "all_neg_inf":
+        x[:] = float("-inf")
+    elif case == "nan_row":
+        x[:] = float("nan")
+    elif case == "some_nan":
+        x[:, ::2] = float("nan")
+    else:
+        x[:, 7] = float("inf")
+    for s in (kern, tref):
+        tok = s.sample(x.to(s.device), [0, 1, 2]).token_ids.cpu()
+        assert ((tok >= 0) & (tok < V)).all()
+        assert tok[2].item() in (5, 9, 40)
+        pr = s.probs(x.to(s.device), [0, 1, 2]).cpu()
+        assert torch.isfinite(pr).all()
+        assert (pr.gather(1, tok[:, None]) > 0).all(), (case, tok)
+        if case == "some_nan":
+            assert (tok % 2 == 1).all()  # NaN tokens are never drawn
+        if case == "pos_inf":
+            assert tok[:2].tolist() == [7, 7]
+
+
+@triton.jit
+def _noise_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    k1, k2 = KC.row_keys(tl.load(seed_ptr + r), tl.load(pos_ptr + r))
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + r * V + offs, KC.exponential(offs, k1, k2), mask=offs < V)
+
+
+def test_rng_matches_reference_bit_for_bit():
+    """The jit hash and Exp(1) variates equal decodekit.reference's."""
+    seeds = torch.tensor([0, 1, 2**40 + 7, 2**63 - 1], dtype=torch.int64)
+    pos = torch.tensor([0, 5, 123456, 2**31 - 1], dtype=torch.int64)
+    V = 500
+    out = torch.empty(4, V, device=KERNEL_DEVICE)
+    _noise_kernel[(4,)](seeds.to(KERNEL_DEVICE), pos.to(KERNEL_DEVICE), out, V, BLOCK=512)
+    expect = ref.exponential_noise(seeds, pos, V)
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-6, atol=0)  # a few ulp of log()
+
+
+def test_aot_compile_all_kernel_configs_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [
+        subprocess.Popen([sys.executable, str(ROOT / "tests" / "aot_compile.py"), arch],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+        for arch in ("80", "90")
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-4000:]
+        assert "compiled" in out and "kernel variants" in out
