@@ -387,8 +387,9 @@ class Sampler:
             p = nh[:, None] - Ho + torch.arange(Ho, device=dev)[None, :]
             ok = p >= 0
             src = self.hist.gather(1, (p % Ho).clamp(min=0))
-            dst = torch.where(ok, p % L, torch.zeros_like(p))
-            hist.scatter_(1, dst, torch.where(ok, src, hist.gather(1, dst)))
+            wide = torch.full((S, L + 1), -1, dtype=torch.int32, device=dev)
+            wide.scatter_(1, torch.where(ok, p % L, torch.full_like(p, L)), src)
+            hist = wide[:, :L].contiguous()
         self.badseq, self.badlen, self.hist = seq, lens, hist
 
     def _slots_tensor(self, slots) -> torch.Tensor:
