@@ -37,6 +37,7 @@ __all__ = [
     "process_logits",
     "processed_probs_from_logits",
     "random_bits",
+    "random_bits_at",
     "sample_from_logits",
 ]
 
@@ -66,16 +67,21 @@ def _row_keys(seed: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor,
     return k1, k2
 
 
+def random_bits_at(seed: torch.Tensor, position: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in ``[0, 2**32)``) for broadcastable (seed, position, token id)."""
+    k1, k2 = _row_keys(seed.to(torch.int64), position.to(torch.int64))
+    h = _mix32(((token.to(torch.int64) * 0x9E3779B1) & _M32) ^ k1)
+    return _mix32((h + k2) & _M32)
+
+
 def random_bits(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """32 random bits per (row, token): int64 ``[B, V]`` in ``[0, 2**32)``.
 
     A pure function of (seed, position, token id): a request draws the same bits
     whatever its slot, batch size or batch-mates.
     """
-    k1, k2 = _row_keys(seed.to(torch.int64), position.to(torch.int64))
     tok = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
-    h = _mix32(((tok * 0x9E3779B1) & _M32)[None, :] ^ k1[:, None])
-    return _mix32((h + k2[:, None]) & _M32)
+    return random_bits_at(seed[:, None], position[:, None], tok[None, :])
 
 
 def exponential_from_bits(r: torch.Tensor) -> torch.Tensor:
@@ -200,49 +206,82 @@ def process_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
     return torch.where(banned, torch.full_like(x, -math.inf), x)
 
 
+CANDIDATES = 1024  # top-p / typical look at this many tokens first, then fall back to all
+
+
+def _kth_largest(l: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row k-th largest value (``k >= 1``), via topk when every k is small."""
+    kmax = int(k.max())
+    if kmax * 4 <= l.shape[1]:
+        vals = l.topk(kmax, dim=-1).values
+    else:
+        vals = l.sort(-1, descending=True).values
+    return vals.gather(1, (k - 1)[:, None])
+
+
+def _first_reaching(v: torch.Tensor, w: torch.Tensor, target: torch.Tensor, descending: bool):
+    """Walk each row's tokens in order of ``v`` and stop once the weight ``w`` seen so far
+    reaches ``target [B, 1]``. Returns ``(sorted_v [B, n], sorted_w, n)`` where the rows are
+    fully covered by the first ``n`` entries (``n`` = CANDIDATES when enough, else all)."""
+    V = v.shape[1]
+    n = min(V, CANDIDATES)
+    if n < V:
+        sv, idx = v.topk(n, dim=-1, largest=descending)
+        sw = w.gather(1, idx)
+        if bool((sw.sum(-1, keepdim=True) >= target).all()):
+            return sv, sw
+    sv, idx = v.sort(-1, descending=descending)
+    return sv, w.gather(1, idx)
+
+
 def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     """Bool ``[B, V]``: tokens kept by top-k, then top-p, then min-p, then typical-p.
 
-    Sort-based, with the semantics of transformers' warpers: top-k keeps every
-    token >= the k-th largest value; top-p keeps a token when the mass strictly
-    above it is below ``top_p``; min-p keeps ``p >= min_p * p_max``; typical keeps
+    The semantics of transformers' warpers: top-k keeps every token >= the k-th
+    largest value; top-p keeps a token when the mass strictly above it (within the
+    top-k set) is below ``top_p``; min-p keeps ``p >= min_p * p_max``; typical keeps
     the tokens closest to the entropy until ``typical_p`` of the mass is covered.
-    Greedy rows keep everything (they take the argmax).
+    Sorting is limited to the first :data:`CANDIDATES` tokens when they already
+    decide the threshold (exact; otherwise the whole row is sorted). Greedy rows
+    keep everything (they take the argmax).
     """
     B, V = l.shape
     m = l.max(-1, keepdim=True).values
     e = torch.exp(l - m)
-    sorted_l, order = l.sort(-1, descending=True)
-    # top-k
+    keep = torch.ones_like(l, dtype=torch.bool)
     k = state.top_k.long()
-    k = torch.where(k > 0, k.clamp(max=V), torch.full_like(k, V))
-    kth = sorted_l.gather(1, (k - 1)[:, None])
-    keep = l >= kth
-    # top-p on the top-k set
-    ek = torch.where(keep, e, torch.zeros_like(e))
-    se = ek.gather(1, order)
-    zk = se.sum(-1, keepdim=True)
-    above = se.cumsum(-1) - se
+    on_k = k > 0
+    if bool(on_k.any()):
+        k = torch.where(on_k, k.clamp(max=V), torch.ones_like(k))
+        kth = torch.where(on_k[:, None], _kth_largest(l, k), torch.full_like(m, -math.inf))
+        keep = l >= kth
     topp = state.top_p.float()[:, None]
-    in_p = above < topp * zk
-    n_p = in_p.sum(-1, keepdim=True).clamp(min=1)
-    tp = sorted_l.gather(1, n_p - 1)
-    keep &= (l >= tp) | (topp >= 1.0)
-    # min-p (p / p_max == e, whatever the normalisation)
-    keep &= e >= state.min_p.float()[:, None]
-    # typical-p on what is left
+    if bool((topp < 1.0).any()):
+        ek = torch.where(keep, e, torch.zeros_like(e))
+        target = torch.where(topp < 1.0, topp * ek.sum(-1, keepdim=True), 0.0)
+        sv, se = _first_reaching(torch.where(keep, l, -math.inf), ek, target, descending=True)
+        above = se.cumsum(-1) - se
+        n_p = (above < target).sum(-1, keepdim=True).clamp(min=1)
+        tp = sv.gather(1, n_p - 1)
+        keep &= (l >= tp) | (topp >= 1.0)
+    minp = state.min_p.float()[:, None]
+    if bool((minp > 0).any()):
+        keep &= e >= minp
     typ = state.typical_p.float()[:, None]
-    zK = torch.where(keep, e, torch.zeros_like(e)).sum(-1, keepdim=True)
-    s1 = torch.where(keep, e * (l - m), torch.zeros_like(e)).sum(-1, keepdim=True)
-    ent = torch.log(zK) - s1 / zK
-    c = m + torch.log(zK) - ent
-    d = torch.where(keep, (l - c).abs(), torch.full_like(l, math.inf))
-    sd, dorder = d.sort(-1)
-    q = torch.where(keep, e, torch.zeros_like(e)).gather(1, dorder)
-    cum = q.cumsum(-1)
-    n_t = (cum < typ * zK).sum(-1, keepdim=True).clamp(max=V - 1)
-    dstar = sd.gather(1, n_t)
-    keep &= (d <= dstar) | (typ >= 1.0)
+    if bool((typ < 1.0).any()):
+        q = torch.where(keep, e, torch.zeros_like(e))
+        zK = q.sum(-1, keepdim=True)
+        s1 = torch.where(keep, e * (l - m), torch.zeros_like(e)).sum(-1, keepdim=True)
+        ent = torch.log(zK) - s1 / zK
+        c = m + torch.log(zK) - ent
+        d = torch.where(keep, (l - c).abs(), torch.full_like(l, math.inf))
+        target = torch.where(typ < 1.0, typ * zK, 0.0)
+        sd, sq = _first_reaching(d, q, target, descending=False)
+        n_t = (sq.cumsum(-1) < target).sum(-1, keepdim=True).clamp(max=sd.shape[1] - 1)
+        dstar = sd.gather(1, n_t)
+        if sd.shape[1] < V:  # rows whose walk ran off the candidates keep everything finite
+            dstar = torch.where(sq.sum(-1, keepdim=True) >= target, dstar, math.inf)
+        keep &= (d <= dstar) | (typ >= 1.0)
     return keep | state.greedy[:, None]
 
 
@@ -267,15 +306,23 @@ def sample_from_logits(
 
     Returns ``(token_ids int64 [B], processed logits fp32 [B, V], keep bool [B, V])``.
     ``position`` (int64 ``[B]``) keys the randomness; it defaults to ``state.n_gen``.
+    The exponential race ``argmax_i exp(l_i - m) / E_i`` runs over the kept tokens
+    only (noise is drawn for those pairs), which is the same function as the dense race.
     """
     l = process_logits(logits, state)
     keep = filter_keep(l, state)
     B, V = l.shape
     pos = state.n_gen if position is None else position
-    E = exponential_noise(state.seed, pos, V)
-    m = l.max(-1, keepdim=True).values
-    race = torch.where(keep, torch.exp(l - m) / E, torch.full_like(l, -1.0))
-    # A row with nothing finite (every allowed token was -inf/NaN) is uniform over
-    # its allowed tokens after the clamp in process_logits, so race is still valid.
-    tok = torch.where(state.greedy, l.argmax(-1), race.argmax(-1))
+    tok = l.argmax(-1)
+    sampled = ~state.greedy
+    if bool(sampled.any()):
+        rows, cols = torch.nonzero(keep & sampled[:, None], as_tuple=True)
+        m = l.max(-1).values
+        E = exponential_from_bits(random_bits_at(state.seed[rows], pos[rows], cols))
+        race = torch.exp(l[rows, cols] - m[rows]) / E
+        best = torch.full((B,), -1.0, device=l.device).scatter_reduce(0, rows, race, "amax")
+        win = race == best[rows]
+        first = torch.full((B,), V, dtype=torch.int64, device=l.device)
+        first = first.scatter_reduce(0, rows[win], cols[win], "amin")
+        tok = torch.where(sampled, first, tok)
     return tok, l, keep
