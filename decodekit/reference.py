@@ -175,22 +175,21 @@ def process_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
     """
     B, V = logits.shape
     x = logits.float()
-    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
-    banned = torch.zeros(B, V, dtype=torch.bool, device=x.device)
+    banned = None
     if state.bias is not None:
         bias = state.bias.float()
-        banned |= bias == -math.inf
-        x = x + torch.where(banned, torch.zeros_like(bias), bias)
+        banned = bias == -math.inf
+        x = x + torch.where(banned, 0.0, bias)
     if state.suppress is not None and state.suppress.shape[1] > 0:
         active = (state.n_gen < state.min_new)[:, None]
         ids = state.suppress.long()
         ids = torch.where((ids >= 0) & active, ids, torch.full_like(ids, V))
         extra = torch.zeros(B, V + 1, dtype=torch.bool, device=x.device)
         extra.scatter_(1, ids, True)
-        banned |= extra[:, :V]
+        banned = extra[:, :V] if banned is None else banned | extra[:, :V]
     bad = _badseq_bans(state, V)
     if bad is not None:
-        banned |= bad
+        banned = bad if banned is None else banned | bad
     if state.counts is not None:
         c = state.counts.long()
         seen = c != 0
@@ -200,10 +199,14 @@ def process_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
         x = x - out * state.frequency_penalty[:, None].float()
         x = x - (out > 0).float() * state.presence_penalty[:, None].float()
     t = torch.where(state.greedy, torch.ones_like(state.temperature), state.temperature)
-    x = x / t[:, None].float()
-    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
-    x = x.clamp(-FLT_MAX, FLT_MAX)
-    return torch.where(banned, torch.full_like(x, -math.inf), x)
+    if bool((t != 1.0).any()):
+        x = x / t[:, None].float()
+    # NaN and -inf count as the lowest finite value, +inf as the highest (a NaN input is
+    # -inf before any arithmetic in the kernel; both end here).
+    x = torch.nan_to_num(x, nan=-FLT_MAX, posinf=FLT_MAX, neginf=-FLT_MAX)
+    if banned is not None:
+        x = x.masked_fill(banned, -math.inf)
+    return x
 
 
 CANDIDATES = 1024  # top-p / typical look at this many tokens first, then fall back to all
@@ -246,11 +249,15 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     keep everything (they take the argmax).
     """
     B, V = l.shape
+    k = state.top_k.long()
+    on_k = k > 0
+    if not bool(
+        on_k.any() | (state.top_p < 1).any() | (state.min_p > 0).any() | (state.typical_p < 1).any()
+    ):
+        return torch.ones_like(l, dtype=torch.bool)
     m = l.max(-1, keepdim=True).values
     e = torch.exp(l - m)
     keep = torch.ones_like(l, dtype=torch.bool)
-    k = state.top_k.long()
-    on_k = k > 0
     if bool(on_k.any()):
         k = torch.where(on_k, k.clamp(max=V), torch.ones_like(k))
         kth = torch.where(on_k[:, None], _kth_largest(l, k), torch.full_like(m, -math.inf))
@@ -315,14 +322,22 @@ def sample_from_logits(
     pos = state.n_gen if position is None else position
     tok = l.argmax(-1)
     sampled = ~state.greedy
-    if bool(sampled.any()):
-        rows, cols = torch.nonzero(keep & sampled[:, None], as_tuple=True)
-        m = l.max(-1).values
+    if not bool(sampled.any()):
+        return tok, l, keep
+    m = l.max(-1).values
+    filtered = sampled & ~keep.all(-1)
+    dense = sampled & ~filtered
+    if bool(dense.any()):  # every token competes: draw noise for the whole row
+        r = torch.nonzero(dense).flatten()
+        E = exponential_noise(state.seed[r], pos[r], V)
+        tok[r] = (torch.exp(l[r] - m[r, None]) / E).argmax(-1)
+    if bool(filtered.any()):  # noise only for the kept (row, token) pairs
+        rows, cols = torch.nonzero(keep & filtered[:, None], as_tuple=True)
         E = exponential_from_bits(random_bits_at(state.seed[rows], pos[rows], cols))
         race = torch.exp(l[rows, cols] - m[rows]) / E
         best = torch.full((B,), -1.0, device=l.device).scatter_reduce(0, rows, race, "amax")
         win = race == best[rows]
         first = torch.full((B,), V, dtype=torch.int64, device=l.device)
         first = first.scatter_reduce(0, rows[win], cols[win], "amin")
-        tok = torch.where(sampled, first, tok)
+        tok = torch.where(filtered, first, tok)
     return tok, l, keep

@@ -262,10 +262,12 @@ class Sampler:
         """Draw one token per row of ``logits [B, V]`` for the requests in ``slots [B]``.
 
         The tokens are committed to each slot's state (penalty counts, step counter,
-        bad-word history). No host synchronisation when ``slots`` is a list or a
-        tensor on the sampler's device.
+        bad-word history). On the Triton backend there is no host synchronisation when
+        ``slots`` is a list or a tensor on the sampler's device (the torch backend is the
+        CPU path and may synchronise).
         """
         idx, flags, nlp = self._prepare(logits, slots)
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
         B, V = logits.shape
         if self.backend == "torch":
             tok, l, keep = ref.sample_from_logits(logits, self._rows(idx))
@@ -301,6 +303,7 @@ class Sampler:
     def probs(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The processed distribution fp32 ``[B, V]`` (one-hot for greedy rows); commits nothing."""
         idx, flags, _ = self._prepare(logits, slots)
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
         B, V = logits.shape
         if self.backend == "torch":
             return ref.processed_probs_from_logits(logits, self._rows(idx))
@@ -446,7 +449,7 @@ class Sampler:
     def _launch_process(self, K, logits, idx, flags, work, chunks, chunk, need_raw) -> None:
         bad = flags & BADSEQ
         K.process_logits(
-            logits if logits.stride(1) == 1 else logits.contiguous(), idx,
+            logits, idx,
             self.fparams, self.iparams, self.seed,
             self.bias if flags & BIAS else None,
             self.counts if flags & PENALTY else None,
