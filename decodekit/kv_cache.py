@@ -1,0 +1,153 @@
+"""A static, slot-based KV cache behind transformers' ``Cache`` API.
+
+Created once: per layer ``keys``/``values`` of shape ``[slots, kv_heads, max_seq_len,
+head_dim]``. Before each forward the generator says which slots the batch rows are
+(a contiguous range, so the returned tensors are views, never copies) and where each
+row writes (its own positions). The model's attention code runs unchanged: it calls
+``update`` and attends over the returned keys/values with the 4D masks that
+:meth:`SlotKVCache.attention_masks` builds (per-row lengths, sliding windows).
+
+Rolling a row back (speculative decoding) is only length bookkeeping in the
+generator: positions past a row's length are masked out and overwritten later.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache
+
+__all__ = ["SlotKVCache", "mask_layout"]
+
+
+def mask_layout(model) -> tuple[str, dict[str, int | None]]:
+    """How ``model`` takes a prepared attention mask.
+
+    Returns ``(kind, windows)``: kind ``"mapping"`` (a dict keyed by layer type) or
+    ``"single"`` (one 4D tensor for every layer); ``windows`` maps each mask key to
+    its sliding window (``None`` = full attention).
+    """
+    cfg = model.config
+    base = getattr(model, "model", model)
+    src = inspect.getsource(type(base).forward)
+    window = getattr(cfg, "sliding_window", None)
+    if "causal_mask_mapping" in src:
+        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        return "mapping", {t: (window if t == "sliding_attention" else None) for t in types}
+    if "create_sliding_window_causal_mask" in src and window is not None:
+        return "single", {"all": window}
+    return "single", {"all": None}
+
+
+class _SlotLayer:
+    """One layer's slot tensors (duck-types transformers' cache layer for ``update``)."""
+
+    is_sliding = False
+    is_compileable = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys  # [slots, kv_heads, max_seq_len, head_dim]
+        self.values = values
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+
+class SlotKVCache(Cache):
+    """Static KV cache with one row (slot) per request.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        Supplies layer count, kv heads and head size.
+    max_slots, max_seq_len : int
+        Rows and positions per row.
+    device, dtype
+        Where and how the tensors live.
+    """
+
+    def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype) -> None:
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_layers = cfg.num_hidden_layers
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (max_slots, kv_heads, max_seq_len, head_dim)
+        layers = [
+            _SlotLayer(torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(n_layers)
+        ]
+        super().__init__(layers=layers)
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.kv_len = max_seq_len
+        self._rows = slice(0, max_slots)
+        self._rows_idx = torch.arange(max_slots, device=device)[:, None]
+        self._write_pos: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ per step
+    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None) -> None:
+        """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
+        attention sees the first ``kv_len`` positions (default: all)."""
+        B = write_pos.shape[0]
+        if first_slot < 0 or first_slot + B > self.max_slots:
+            raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
+        self._rows = slice(first_slot, first_slot + B)
+        self._rows_idx = torch.arange(first_slot, first_slot + B, device=write_pos.device)[:, None]
+        self._write_pos = write_pos
+        self.kv_len = self.max_seq_len if kv_len is None else kv_len
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Write ``key/value_states [B, H, q, D]`` at each row's positions; return the rows'
+        ``[B, H, kv_len, D]`` views."""
+        layer = self.layers[layer_idx]
+        pos = self._write_pos
+        if pos is None:
+            raise RuntimeError("SlotKVCache.update before bind(): use it through TokenGenerator")
+        # keys[slot, :, pos, :] = k[b, :, j, :] for every (b, j)
+        layer.keys[self._rows_idx, :, pos] = key_states.transpose(1, 2).to(layer.keys.dtype)
+        layer.values[self._rows_idx, :, pos] = value_states.transpose(1, 2).to(layer.values.dtype)
+        n = self.kv_len
+        return layer.keys[self._rows, :, :n], layer.values[self._rows, :, :n]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.kv_len, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_seq_len
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ masks
+    @staticmethod
+    def attention_mask(
+        q_pos: torch.Tensor, length: torch.Tensor, kv_len: int, window: int | None, dtype
+    ) -> torch.Tensor:
+        """Additive mask ``[B, 1, q, kv_len]``: query at ``q_pos [B, q]`` sees key ``j`` iff
+        ``j <= q_pos`` and ``j < length [B]`` (and ``j > q_pos - window`` if sliding)."""
+        j = torch.arange(kv_len, device=q_pos.device)
+        ok = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < length[:, None, None])
+        if window is not None:
+            ok &= j[None, None, :] > q_pos[:, :, None] - window
+        # padding rows (length 0) attend to position 0 only, so softmax never sees an empty row
+        ok |= (j[None, None, :] == 0) & (length[:, None, None] == 0)
+        mask = torch.zeros(ok.shape, dtype=dtype, device=q_pos.device)
+        mask.masked_fill_(~ok, torch.finfo(dtype).min)
+        return mask[:, None]
