@@ -278,7 +278,8 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     if bool((typ < 1.0).any()):
         q = torch.where(keep, e, torch.zeros_like(e))
         zK = q.sum(-1, keepdim=True)
-        s1 = torch.where(keep, e * (l - m), torch.zeros_like(e)).sum(-1, keepdim=True)
+        # e > 0: masked tokens (l = -inf) would give 0 * -inf = NaN
+        s1 = torch.where(keep & (e > 0), e * (l - m), 0.0).sum(-1, keepdim=True)
         ent = torch.log(zK) - s1 / zK
         c = m + torch.log(zK) - ent
         d = torch.where(keep, (l - c).abs(), torch.full_like(l, math.inf))

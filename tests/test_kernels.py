@@ -28,6 +28,7 @@ FEATURES = {
     "top_p": dict(top_p=0.8),
     "min_p": dict(min_p=0.1),
     "typical": dict(typical_p=0.7),
+    "typical_masked": dict(typical_p=0.8, logit_bias={0: float("-inf")}, bad_words_token_ids=[[9]]),
     "penalties": dict(repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=0.4),
     "bias": dict(logit_bias={3: 4.0, 10: -2.0, 11: float("-inf")}),
     "allowed": dict(allowed_token_ids=list(range(0, 200, 3))),

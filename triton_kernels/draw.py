@@ -163,7 +163,8 @@ def _select_kernel(
                     e = tl.exp(l - m)
                     ok = (float_key(l).to(tl.int64) >= tkey) & (e >= min_e) & (offs < V)
                     zsum += tl.sum(tl.where(ok, e, 0.0), axis=0)
-                    s1 += tl.sum(tl.where(ok, e * (l - m), 0.0), axis=0)
+                    # e > 0: masked tokens (l = -inf) would give 0 * -inf = NaN
+                    s1 += tl.sum(tl.where(ok & (e > 0), e * (l - m), 0.0), axis=0)
                 ent = tl.log(zsum) - s1 / zsum
                 c = m + tl.log(zsum) - ent
                 dkey = _search(work_row, V, tl.full([], -1, tl.int64), dkey + 1, m, tkey, min_e,
