@@ -1,0 +1,478 @@
+"""The per-step token generator around a Hugging Face causal LM (shaped like MAX's
+``TokenGenerator``): a scheduler creates contexts, calls :meth:`TokenGenerator.next_token`
+with whichever contexts it wants to advance, and releases them when done.
+
+One step: prefill the contexts new to the generator (one forward each, into their
+KV-cache slot), then run decode steps for the whole batch: one forward over the
+contiguous slot range, the fused sampler over the rows that asked, EOS tracking and
+streaming detokenisation on the host. Requests may join and leave between calls;
+nobody else's work is recomputed. Slots are reused lowest-first.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import nvtx
+from .eos import EOSTracker
+from .kv_cache import SlotKVCache, mask_layout
+from .outputs import LogProbabilities
+from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from .sampler import Sampler
+
+__all__ = [
+    "GenerationStatus",
+    "StepStats",
+    "TextGenerationContext",
+    "TextGenerationResponse",
+    "TextResponse",
+    "TokenGenerator",
+]
+
+
+class GenerationStatus(enum.Enum):
+    ACTIVE = "active"
+    END_OF_SEQUENCE = "end_of_sequence"
+    MAXIMUM_LENGTH = "maximum_length"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_done(self) -> bool:
+        return self is not GenerationStatus.ACTIVE
+
+
+@dataclass(frozen=True)
+class TextResponse:
+    """One generated token (MAX's ``TextResponse``)."""
+
+    next_token: int
+    log_probabilities: LogProbabilities | None = None
+
+
+@dataclass
+class TextGenerationResponse:
+    """What one request produced in one :meth:`TokenGenerator.next_token` call."""
+
+    tokens: list[TextResponse]
+    final_status: GenerationStatus
+    text: str = ""
+
+    @property
+    def is_done(self) -> bool:
+        return self.final_status.is_done
+
+
+@dataclass
+class StepStats:
+    """Counters of the last :meth:`TokenGenerator.next_token` call (host wall times)."""
+
+    batch_size: int = 0
+    tokens: int = 0
+    prefill_tokens: int = 0
+    steps: int = 0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(eq=False)
+class TextGenerationContext:
+    """A request's state: its prompt, settings, status and the tokens generated so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos: EOSTracker
+    status: GenerationStatus = GenerationStatus.ACTIVE
+    slot: int | None = None
+    length: int = 0  # tokens in the KV cache
+    last_token: int | None = None  # sampled, not yet in the cache
+    generated_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogProbabilities] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.eos.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.status is GenerationStatus.CANCELLED:
+            return "cancelled"
+        return self.eos.finish_reason
+
+    @property
+    def is_done(self) -> bool:
+        return self.status.is_done
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return sorted(ids)
+
+
+class TokenGenerator:
+    """Drives a Hugging Face causal LM one step at a time for a caller's scheduler.
+
+    Parameters
+    ----------
+    model, tokenizer
+        Any in-memory transformers causal LM (attention through the Cache API) and its
+        tokenizer. An unsupported model raises ``ValueError`` here, never wrong tokens.
+    max_batch_size : int
+        Slots: requests that can be in flight at once.
+    max_seq_len : int
+        Positions per slot (prompt + generated).
+    device, dtype
+        Where the model and cache run (default: the model's).
+    logprobs_mode, seed
+        Passed to :class:`~decodekit.Sampler`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 8,
+        max_seq_len: int = 2048,
+        device=None,
+        dtype=None,
+        logprobs_mode: str = "raw",
+        seed: int | None = None,
+        sampler_backend: str = "auto",
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.vocab_size = self._vocab_size()
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        try:
+            self._mask_kind, self._windows = mask_layout(self.model)
+        except (TypeError, OSError) as e:
+            raise ValueError(f"unsupported model {type(model).__name__}: {e}") from e
+        self.cache = SlotKVCache(self.model.config, max_batch_size, max_seq_len,
+                                 self.device, self.dtype)
+        self.sampler = Sampler(self.vocab_size, max_batch_size, self.device,
+                               eos_token_ids=self.eos_token_ids, logprobs_mode=logprobs_mode,
+                               seed=seed, backend=sampler_backend)
+        self._free = list(range(max_batch_size))
+        self._contexts: dict[str, TextGenerationContext] = {}
+        self._slot_owner: list[TextGenerationContext | None] = [None] * max_batch_size
+        self.stats = StepStats()
+        self._self_test()
+
+    # ------------------------------------------------------------------ requests
+    def new_context(
+        self,
+        prompt: str | Sequence[int] | Sequence[Mapping[str, str]],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+    ) -> TextGenerationContext:
+        """Make a request context; nothing runs until :meth:`next_token`.
+
+        ``prompt`` is text, token ids, or chat messages (rendered with the tokenizer's
+        chat template). A prompt longer than ``max_seq_len - max_new_tokens`` raises
+        ``ValueError`` unless ``truncate_prompt_tokens`` keeps only its last tokens.
+        """
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate_for_vocab(self.vocab_size)
+        ids = self._encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        max_new = params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        room = self.max_seq_len - max_new
+        if truncate_prompt_tokens is not None:
+            if not isinstance(truncate_prompt_tokens, int) or truncate_prompt_tokens < 1:
+                raise ValueError(
+                    f"truncate_prompt_tokens must be an int >= 1, got {truncate_prompt_tokens!r}"
+                )
+            ids = ids[-truncate_prompt_tokens:]
+        if len(ids) > room:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but only {max(room, 0)} fit "
+                f"(max_seq_len {self.max_seq_len} - max_new_tokens {max_new}); shorten it, "
+                "lower max_new_tokens, or set truncate_prompt_tokens"
+            )
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        if rid in self._contexts:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+                         prompt_token_ids=ids, default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+        return TextGenerationContext(rid, ids, params, eos)
+
+    def release(self, context_or_request_id: TextGenerationContext | str) -> None:
+        """Free a request's slot; an active request ends CANCELLED. Unknown ids: ``KeyError``."""
+        rid = (context_or_request_id.request_id
+               if isinstance(context_or_request_id, TextGenerationContext)
+               else context_or_request_id)
+        ctx = self._contexts.pop(rid, None)
+        if ctx is None:
+            if isinstance(context_or_request_id, TextGenerationContext) and \
+                    context_or_request_id.slot is None:
+                context_or_request_id.status = GenerationStatus.CANCELLED
+                return
+            raise KeyError(f"unknown request_id {rid!r}")
+        if ctx.status is GenerationStatus.ACTIVE:
+            ctx.status = GenerationStatus.CANCELLED
+        self._free_slot(ctx)
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def next_token(
+        self, batch: Mapping[str, TextGenerationContext], num_steps: int = 1
+    ) -> dict[str, TextGenerationResponse]:
+        """Advance every context in ``batch`` by up to ``num_steps`` tokens.
+
+        Contexts new to the generator are prefilled first (their first token counts as
+        one step). Returns, per request id, the tokens produced in this call and the
+        status after it. Done requests free their slot at once; call :meth:`release`
+        to forget them.
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        t_start = time.perf_counter()
+        stats = StepStats()
+        out: dict[str, TextGenerationResponse] = {}
+        pending: dict[str, list[int]] = {}
+        with nvtx.nvtx_range("decodekit.step", len(batch)):
+            live: list[TextGenerationContext] = []
+            for rid, ctx in batch.items():
+                if rid != ctx.request_id:
+                    raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
+                out[rid] = TextGenerationResponse([], ctx.status)
+                if ctx.is_done:
+                    continue
+                pending[rid] = []
+                if ctx.slot is None:
+                    self._admit(ctx)
+                    tok = self._prefill(ctx, stats)
+                    pending[rid].append(tok)
+                live.append(ctx)
+            steps_left = {c.request_id: num_steps - len(pending[c.request_id]) for c in live}
+            for _ in range(num_steps):
+                rows = [c for c in live if steps_left[c.request_id] > 0 and
+                        self._room(c, pending[c.request_id])]
+                if not rows:
+                    break
+                toks = self._decode(rows, pending, stats)
+                for c, t in zip(rows, toks):
+                    pending[c.request_id].append(t)
+                    steps_left[c.request_id] -= 1
+            for ctx in live:
+                out[ctx.request_id] = self._finish_commit(ctx, pending[ctx.request_id], stats)
+        stats.batch_size = len(live)
+        stats.total_s = time.perf_counter() - t_start
+        self.stats = stats
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _vocab_size(self) -> int:
+        emb = self.model.get_output_embeddings()
+        if emb is not None and hasattr(emb, "weight"):
+            return int(emb.weight.shape[0])
+        return int(self.model.config.vocab_size)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
+                                                     tokenize=True)
+            if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        ids = [int(t) for t in prompt]
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt token id {t} outside [0, {self.vocab_size})")
+        return ids
+
+    def _admit(self, ctx: TextGenerationContext) -> None:
+        if ctx.request_id in self._contexts:
+            raise ValueError(f"request_id {ctx.request_id!r} is already running")
+        if not self._free:
+            raise RuntimeError(
+                f"all {self.max_batch_size} slots are busy: release finished requests first"
+            )
+        slot = self._free.pop(0)
+        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)
+        ctx.slot = slot
+        self._slot_owner[slot] = ctx
+        self._contexts[ctx.request_id] = ctx
+
+    def _free_slot(self, ctx: TextGenerationContext) -> None:
+        if ctx.slot is None:
+            return
+        self.sampler.remove(ctx.slot)
+        self._slot_owner[ctx.slot] = None
+        self._free.append(ctx.slot)
+        self._free.sort()
+        ctx.slot = None
+
+    def _room(self, ctx: TextGenerationContext, pend: list[int]) -> bool:
+        done = len(ctx.generated_token_ids) + len(pend)
+        limit = ctx.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        return done < limit and ctx.length < self.max_seq_len
+
+    def _masks(self, q_pos: torch.Tensor, length: torch.Tensor, kv_len: int):
+        masks = {k: SlotKVCache.attention_mask(q_pos, length, kv_len, w, self.dtype)
+                 for k, w in self._windows.items()}
+        return masks if self._mask_kind == "mapping" else masks["all"]
+
+    def _forward(self, input_ids, q_pos, length, first_slot: int, kv_len: int):
+        self.cache.bind(first_slot, q_pos, kv_len)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._masks(q_pos, length, kv_len),
+            position_ids=q_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def _kv_len(self, longest: int) -> int:
+        return min(self.max_seq_len, -(-longest // 64) * 64)
+
+    def _prefill(self, ctx: TextGenerationContext, stats: StepStats) -> int:
+        ids = ctx.prompt_token_ids
+        n = len(ids)
+        with nvtx.nvtx_range("decodekit.prefill", n):
+            t0 = time.perf_counter()
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            pos = torch.arange(n, device=self.device)[None]
+            length = torch.tensor([n], device=self.device)
+            with nvtx.nvtx_range("decodekit.forward", n):
+                logits = self._forward(x, pos, length, ctx.slot, self._kv_len(n))
+            t1 = time.perf_counter()
+            with nvtx.nvtx_range("decodekit.sample", 1):
+                res = self.sampler.sample(logits, [ctx.slot])
+            tok = int(res.token_ids[0])
+            self._keep_logprobs(ctx, res, 0)
+            stats.forward_s += t1 - t0
+            stats.sample_s += time.perf_counter() - t1
+        stats.prefill_tokens += n
+        ctx.length = n
+        ctx.last_token = tok
+        return tok
+
+    def _decode(self, rows: list[TextGenerationContext], pending, stats: StepStats) -> list[int]:
+        """One decode step for ``rows``: forward over slots ``0..max_slot`` (other slots in
+        that range are padding whose outputs are ignored), then sample the rows."""
+        n = max(c.slot for c in rows) + 1
+        ids = [0] * n
+        pos = [0] * n
+        length = [0] * n
+        for slot in range(n):  # padding rows write at their own next position (free space)
+            owner = self._slot_owner[slot]
+            if owner is not None:
+                p = min(owner.length, self.max_seq_len - 1)
+                pos[slot], length[slot] = p, p + 1
+        longest = 1
+        for c in rows:  # feed each row's newest token at its next position
+            ids[c.slot], pos[c.slot], length[c.slot] = c.last_token, c.length, c.length + 1
+            longest = max(longest, c.length + 1)
+        with nvtx.nvtx_range("decodekit.decode", len(rows)):
+            t0 = time.perf_counter()
+            x = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
+            q = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]
+            ln = torch.tensor(length, dtype=torch.long, device=self.device)
+            with nvtx.nvtx_range("decodekit.forward", n):
+                logits = self._forward(x, q, ln, 0, self._kv_len(longest))
+            t1 = time.perf_counter()
+            with nvtx.nvtx_range("decodekit.sample", len(rows)):
+                slots = [c.slot for c in rows]
+                sel = logits[torch.tensor(slots, device=self.device)]
+                res = self.sampler.sample(sel, slots)
+                toks = res.token_ids.tolist()
+            for i, c in enumerate(rows):
+                c.length += 1
+                c.last_token = toks[i]
+                self._keep_logprobs(c, res, i)
+            stats.forward_s += t1 - t0
+            stats.sample_s += time.perf_counter() - t1
+        stats.steps += 1
+        return toks
+
+    def _keep_logprobs(self, ctx: TextGenerationContext, res, row: int) -> None:
+        if ctx.params.logprobs is not None and res.logprobs is not None:
+            ctx.logprobs.append(res.log_probabilities(row, ctx.params.logprobs))
+
+    def _finish_commit(self, ctx: TextGenerationContext, toks: list[int], stats: StepStats
+                       ) -> TextGenerationResponse:
+        """Hand the call's tokens to the EOS tracker; keep what precedes the first stop."""
+        commit = ctx.eos.commit(toks)
+        kept = list(commit.token_ids)
+        n_new = len(kept)
+        lps = ctx.logprobs[len(ctx.generated_token_ids):][:n_new]
+        ctx.logprobs = ctx.logprobs[: len(ctx.generated_token_ids)] + lps
+        responses = [TextResponse(t, lp) for t, lp in
+                     itertools.zip_longest(kept, lps) if t is not None]
+        ctx.generated_token_ids.extend(kept)
+        stats.tokens += n_new
+        if commit.finished:
+            ctx.status = (GenerationStatus.MAXIMUM_LENGTH if commit.finish_reason == "length"
+                          else GenerationStatus.END_OF_SEQUENCE)
+        elif ctx.length >= self.max_seq_len:
+            ctx.status = GenerationStatus.MAXIMUM_LENGTH
+        if ctx.status.is_done:
+            self._free_slot(ctx)
+        return TextGenerationResponse(responses, ctx.status, commit.text)
+
+    # ------------------------------------------------------------------ self test
+    @torch.inference_mode()
+    def _self_test(self) -> None:
+        """Prefill + decode through the slot cache must match a cache-free forward;
+        otherwise the model's attention does not go through the Cache API as we use it."""
+        V = self.vocab_size
+        n = min(6, self.max_seq_len - 1)
+        ids = torch.arange(1, n + 2, device=self.device)[None] % V
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
+            slot = self.max_batch_size - 1
+            pos = torch.arange(n, device=self.device)[None]
+            a = self._forward(ids[:, :n], pos, torch.tensor([n], device=self.device), slot,
+                              self._kv_len(n + 1))
+            p2 = torch.tensor([[n]], device=self.device)
+            b = self._forward(ids[:, n:], p2, torch.tensor([n + 1], device=self.device), slot,
+                              self._kv_len(n + 1))
+        except Exception as e:  # noqa: BLE001 - any failure means unsupported
+            raise ValueError(
+                f"unsupported model {type(self.model).__name__}: a forward through decodekit's "
+                f"slot KV cache failed ({type(e).__name__}: {e})"
+            ) from e
+        got = torch.cat([a, b]).float()
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+        if not err <= tol:
+            raise ValueError(
+                f"unsupported model {type(self.model).__name__}: its attention does not follow "
+                f"the Cache API as decodekit drives it (relative error {err:.2e})"
+            )

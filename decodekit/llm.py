@@ -1,0 +1,114 @@
+"""High-level API: ``LLM(...).generate(prompts, params)`` and ``LLM(...).stream(prompt, params)``.
+
+A small continuous-batching scheduler over :class:`~decodekit.TokenGenerator`: requests
+are admitted as slots free up, every running request advances each step, finished
+ones are released at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from .generator import GenerationStatus, TextGenerationContext, TokenGenerator
+from .loading import load
+from .outputs import LogProbabilities
+from .params import SamplingParams
+
+__all__ = ["LLM", "RequestOutput"]
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """The result of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length" or "cancelled"
+    logprobs: list[LogProbabilities] | None = None
+
+
+def _output(ctx: TextGenerationContext) -> RequestOutput:
+    return RequestOutput(
+        request_id=ctx.request_id,
+        prompt_token_ids=list(ctx.prompt_token_ids),
+        text=ctx.text,
+        token_ids=list(ctx.generated_token_ids),
+        finish_reason=ctx.finish_reason,
+        logprobs=list(ctx.logprobs) if ctx.params.logprobs is not None else None,
+    )
+
+
+class LLM:
+    """Load a model (default: the embedded SmolLM2-135M-Instruct) and generate with it.
+
+    ``generator_options`` go to :class:`~decodekit.TokenGenerator` (``max_batch_size``,
+    ``max_seq_len``, ...), except ``device``/``dtype`` which also steer loading, and
+    ``model``/``tokenizer`` to pass objects already in memory.
+    """
+
+    def __init__(self, name_or_path: str | None = None, **generator_options) -> None:
+        model = generator_options.pop("model", None)
+        tokenizer = generator_options.pop("tokenizer", None)
+        if model is None or tokenizer is None:
+            model, tokenizer = load(name_or_path, device=generator_options.get("device"),
+                                    dtype=generator_options.get("dtype"))
+        self.generator = TokenGenerator(model, tokenizer, **generator_options)
+        self.tokenizer = tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids or chat messages); outputs in order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, list))
+            and not (isinstance(prompts[0], Sequence) and not isinstance(prompts[0], Mapping))
+        )
+        plist = [prompts] if single else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            pl = [params or SamplingParams()] * len(plist)
+        else:
+            pl = list(params)
+            if len(pl) != len(plist):
+                raise ValueError(f"{len(pl)} params for {len(plist)} prompts")
+        gen = self.generator
+        contexts = [gen.new_context(p, sp) for p, sp in zip(plist, pl)]
+        waiting = deque(contexts)
+        running: dict[str, TextGenerationContext] = {}
+        try:
+            while waiting or running:
+                while waiting and len(running) < gen.max_batch_size:
+                    ctx = waiting.popleft()
+                    running[ctx.request_id] = ctx
+                res = gen.next_token(running)
+                for rid, r in res.items():
+                    if r.final_status.is_done:
+                        gen.release(running.pop(rid))
+        finally:
+            for ctx in running.values():
+                gen.release(ctx)
+        return [_output(c) for c in contexts]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as they are final (stop strings are never streamed)."""
+        gen = self.generator
+        ctx = gen.new_context(prompt, params or SamplingParams())
+        try:
+            while True:
+                r = gen.next_token({ctx.request_id: ctx})[ctx.request_id]
+                if r.text:
+                    yield r.text
+                if r.final_status.is_done:
+                    break
+        finally:
+            if ctx.status is GenerationStatus.ACTIVE or ctx.slot is not None:
+                gen.release(ctx)
+            elif ctx.request_id in gen._contexts:
+                gen.release(ctx)
