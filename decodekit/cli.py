@@ -1,6 +1,7 @@
 """``decodekit`` command line.
 
-``decodekit demo`` runs the batched sampler on a realistic (Zipf-shaped) next-token
+``decodekit generate "PROMPT"`` streams text from a model (default: the embedded
+SmolLM2-135M-Instruct) and ends with one summary line. ``decodekit demo`` runs the batched sampler on a realistic (Zipf-shaped) next-token
 distribution with one request per setting in a single batch, and checks the draws
 against the processed distribution with a chi-square test.
 """
@@ -111,9 +112,89 @@ def _exactness_check(vocab_size: int, draws: int, dev, backend: str, row: torch.
     return 0 if ok else 1
 
 
+def _unit(name: str, lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (lo < v <= hi if lo_open else lo <= v <= hi) or v != v:
+            rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{name} must be in {rng}, got {text}")
+        return v
+    return parse
+
+
+def _int_at_least(name: str, lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def run_generate(args) -> int:
+    from .generator import TokenGenerator
+    from .loading import load
+
+    t0 = time.perf_counter()
+    try:
+        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        print(f"decodekit generate: error: {e}", file=sys.stderr)
+        return 2
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
+    gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    try:
+        ctx = gen.new_context(prompt, params, truncate_prompt_tokens=None)
+    except ValueError as e:
+        print(f"decodekit generate: error: {e}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    first = None
+    while not ctx.is_done:
+        r = gen.next_token({ctx.request_id: ctx})[ctx.request_id]
+        if first is None:
+            first = time.perf_counter() - t1
+        if r.text and not args.no_stream:
+            print(r.text, end="", flush=True)
+    dt = time.perf_counter() - t1
+    if args.no_stream:
+        print(ctx.text, end="")
+    gen.release(ctx)
+    n = len(ctx.generated_token_ids)
+    print(f"\n[{n} tokens in {dt:.2f} s, {n / dt if dt > 0 else 0.0:.1f} tokens/s; "
+          f"first token {1e3 * (first or 0):.0f} ms; prompt {len(ctx.prompt_token_ids)} tokens; "
+          f"load {load_s:.1f} s; finish={ctx.finish_reason}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decodekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream text from a model (default: embedded SmolLM2)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="local model folder or .gguf file")
+    g.add_argument("--max-new-tokens", type=_int_at_least("--max-new-tokens", 1), default=128)
+    g.add_argument("--temperature", type=_unit("--temperature", 0.0, 100.0), default=0.7)
+    g.add_argument("--top-k", type=_int_at_least("--top-k", -1), default=0)
+    g.add_argument("--top-p", type=_unit("--top-p", 0.0, 1.0, lo_open=True), default=0.9)
+    g.add_argument("--min-p", type=_unit("--min-p", 0.0, 1.0), default=0.0)
+    g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None)
+    g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     demo = sub.add_parser("demo", help="batched sampler demo with an exactness check")
     demo.add_argument("--vocab-size", type=int, default=32000)
     demo.add_argument("--steps", type=int, default=8)
@@ -126,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        return run_generate(args)
     if args.command == "demo":
         if args.vocab_size < 100:
             parser.error("--vocab-size must be >= 100")

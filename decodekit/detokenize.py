@@ -18,8 +18,10 @@ PROMPT_CONTEXT_TOKENS = 5
 
 # A UTF-8 character is at most 4 bytes, so an incomplete one at the end of the text holds at
 # most 3 bytes: its lead byte lies in the last 3 tokens (every token that decodes to bytes
-# holds at least one). When more tokens than this are held back the text before the last 3
-# tokens is invalid UTF-8 that no later token can repair, and it is emitted (as U+FFFD).
+# holds at least one), and the text before that token is complete unless it is invalid UTF-8.
+# When more than _MAX_HELD_TOKENS tokens are held back and no split point before the last 3
+# tokens gives complete text, that text is invalid UTF-8 which no later token can repair, and
+# it is emitted (as U+FFFD).
 _MAX_HELD_TOKENS = 8
 _INCOMPLETE_TAIL_TOKENS = 3
 _REPLACEMENT_CHAR = "\ufffd"
@@ -143,9 +145,17 @@ class IncrementalDetokenizer:
         window_text = self._decode(self._ids[self._prefix_offset:end])
         if not window_text.endswith(_REPLACEMENT_CHAR):
             return self._emit(end, window_text)
+        # The incomplete character starts in one of the last few tokens: emit the complete
+        # text before it (if these tokens bring any).
+        for split in range(end - 1, max(self._read_offset, end - _INCOMPLETE_TAIL_TOKENS - 1),
+                           -1):
+            head = self._decode(self._ids[self._prefix_offset:split])
+            if not head.endswith(_REPLACEMENT_CHAR):
+                return self._emit(split, head)
         if end - self._read_offset <= _MAX_HELD_TOKENS:
             return ""
-        # Too long to be one incomplete character: emit all but the possible incomplete tail.
+        # Too long to be one incomplete character: the text before the last tokens is invalid
+        # UTF-8 that no later token can repair; emit it.
         split = end - _INCOMPLETE_TAIL_TOKENS
         return self._emit(split, self._decode(self._ids[self._prefix_offset:split]))
 

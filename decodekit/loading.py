@@ -131,6 +131,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=No
     """
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _resolve_dtype(dtype, dev)
