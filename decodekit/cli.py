@@ -1,7 +1,8 @@
 """``decodekit`` command line.
 
 ``decodekit generate "PROMPT"`` streams text from a model (default: the embedded
-SmolLM2-135M-Instruct) and ends with one summary line. ``decodekit demo`` runs the batched sampler on a realistic (Zipf-shaped) next-token
+SmolLM2-135M-Instruct) and ends with one summary line. ``decodekit demo`` runs the
+batched sampler on a realistic (Zipf-shaped) next-token
 distribution with one request per setting in a single batch, and checks the draws
 against the processed distribution with a chi-square test.
 """

@@ -91,6 +91,12 @@ class IncrementalDetokenizer:
         self._num_context = len(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
+        # Start the context at a character boundary: some decoders (SentencePiece byte
+        # fallback) turn a whole run of byte tokens into U+FFFD when it begins mid-character.
+        for start in range(len(context)):
+            if not self._decode(context[start:]).startswith(_REPLACEMENT_CHAR):
+                self._prefix_offset = start
+                break
         self._prefix_text: str | None = None  # cached decode of ids[prefix_offset:read_offset]
         self._parts: list[str] = []
         self._text_cache: str | None = ""

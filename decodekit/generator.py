@@ -12,7 +12,6 @@ nobody else's work is recomputed. Slots are reused lowest-first.
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ import torch
 from . import nvtx
 from .eos import EOSTracker
 from .kv_cache import SlotKVCache, mask_layout
-from .outputs import LogProbabilities
+from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .sampler import Sampler
 
@@ -139,6 +138,9 @@ class TokenGenerator:
         Where the model and cache run (default: the model's).
     logprobs_mode, seed
         Passed to :class:`~decodekit.Sampler`.
+    cuda_graphs : bool
+        On CUDA, run decode steps as CUDA graphs captured once per batch-size bucket
+        (1, 2, 4, ... up to ``max_batch_size``), falling back to eager where capture fails.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class TokenGenerator:
         logprobs_mode: str = "raw",
         seed: int | None = None,
         sampler_backend: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -180,7 +183,13 @@ class TokenGenerator:
         self._contexts: dict[str, TextGenerationContext] = {}
         self._slot_owner: list[TextGenerationContext | None] = [None] * max_batch_size
         self.stats = StepStats()
+        self._last_tok = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._self_test()
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self._graphs = _DecodeGraphs(self)
+            with torch.inference_mode():
+                self._graphs.capture_all()
 
     # ------------------------------------------------------------------ requests
     def new_context(
@@ -258,33 +267,36 @@ class TokenGenerator:
         t_start = time.perf_counter()
         stats = StepStats()
         out: dict[str, TextGenerationResponse] = {}
-        pending: dict[str, list[int]] = {}
+        # Tokens sampled in this call stay on the device, (SamplerOutput, row) per step,
+        # until one transfer at the end hands them to the EOS trackers.
+        pending: dict[str, list[tuple[SamplerOutput, int]]] = {}
         with nvtx.nvtx_range("decodekit.step", len(batch)):
             live: list[TextGenerationContext] = []
             for rid, ctx in batch.items():
                 if rid != ctx.request_id:
                     raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
+            for rid, ctx in batch.items():
                 out[rid] = TextGenerationResponse([], ctx.status)
                 if ctx.is_done:
                     continue
                 pending[rid] = []
                 if ctx.slot is None:
                     self._admit(ctx)
-                    tok = self._prefill(ctx, stats)
-                    pending[rid].append(tok)
+                    pending[rid].append(self._prefill(ctx, stats))
                 live.append(ctx)
             steps_left = {c.request_id: num_steps - len(pending[c.request_id]) for c in live}
             for _ in range(num_steps):
                 rows = [c for c in live if steps_left[c.request_id] > 0 and
-                        self._room(c, pending[c.request_id])]
+                        self._room(c, len(pending[c.request_id]))]
                 if not rows:
                     break
-                toks = self._decode(rows, pending, stats)
-                for c, t in zip(rows, toks):
-                    pending[c.request_id].append(t)
+                res = self._decode(rows, stats)
+                for i, c in enumerate(rows):
+                    pending[c.request_id].append((res, i))
                     steps_left[c.request_id] -= 1
+            host = self._to_host(pending)
             for ctx in live:
-                out[ctx.request_id] = self._finish_commit(ctx, pending[ctx.request_id], stats)
+                out[ctx.request_id] = self._finish_commit(ctx, host[ctx.request_id], stats)
         stats.batch_size = len(live)
         stats.total_s = time.perf_counter() - t_start
         self.stats = stats
@@ -336,8 +348,8 @@ class TokenGenerator:
         self._free.sort()
         ctx.slot = None
 
-    def _room(self, ctx: TextGenerationContext, pend: list[int]) -> bool:
-        done = len(ctx.generated_token_ids) + len(pend)
+    def _room(self, ctx: TextGenerationContext, n_pending: int) -> bool:
+        done = len(ctx.generated_token_ids) + n_pending
         limit = ctx.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         return done < limit and ctx.length < self.max_seq_len
 
@@ -361,7 +373,7 @@ class TokenGenerator:
     def _kv_len(self, longest: int) -> int:
         return min(self.max_seq_len, -(-longest // 64) * 64)
 
-    def _prefill(self, ctx: TextGenerationContext, stats: StepStats) -> int:
+    def _prefill(self, ctx: TextGenerationContext, stats: StepStats):
         ids = ctx.prompt_token_ids
         n = len(ids)
         with nvtx.nvtx_range("decodekit.prefill", n):
@@ -374,20 +386,18 @@ class TokenGenerator:
             t1 = time.perf_counter()
             with nvtx.nvtx_range("decodekit.sample", 1):
                 res = self.sampler.sample(logits, [ctx.slot])
-            tok = int(res.token_ids[0])
-            self._keep_logprobs(ctx, res, 0)
+                self._last_tok[ctx.slot: ctx.slot + 1] = res.token_ids
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
         stats.prefill_tokens += n
         ctx.length = n
-        ctx.last_token = tok
-        return tok
+        return res, 0
 
-    def _decode(self, rows: list[TextGenerationContext], pending, stats: StepStats) -> list[int]:
-        """One decode step for ``rows``: forward over slots ``0..max_slot`` (other slots in
-        that range are padding whose outputs are ignored), then sample the rows."""
+    def _decode(self, rows: list[TextGenerationContext], stats: StepStats) -> SamplerOutput:
+        """One decode step for ``rows``: a forward over slots ``0..max_slot`` (other slots in
+        that range are padding whose outputs are ignored), then the sampler over the rows.
+        Each row's input is its newest token, already on the device (``_last_tok``)."""
         n = max(c.slot for c in rows) + 1
-        ids = [0] * n
         pos = [0] * n
         length = [0] * n
         for slot in range(n):  # padding rows write at their own next position (free space)
@@ -396,47 +406,77 @@ class TokenGenerator:
                 p = min(owner.length, self.max_seq_len - 1)
                 pos[slot], length[slot] = p, p + 1
         longest = 1
-        for c in rows:  # feed each row's newest token at its next position
-            ids[c.slot], pos[c.slot], length[c.slot] = c.last_token, c.length, c.length + 1
+        for c in rows:  # each row's newest token goes to its next position
+            pos[c.slot], length[c.slot] = c.length, c.length + 1
             longest = max(longest, c.length + 1)
+        slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             t0 = time.perf_counter()
-            x = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
-            q = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]
-            ln = torch.tensor(length, dtype=torch.long, device=self.device)
             with nvtx.nvtx_range("decodekit.forward", n):
-                logits = self._forward(x, q, ln, 0, self._kv_len(longest))
+                if self._graphs is not None and self._graphs.ready(n):
+                    logits = self._graphs.run(n, pos, length)
+                else:
+                    q = self._upload(pos)[:, None]
+                    ln = self._upload(length)
+                    logits = self._forward(self._last_tok[:n, None], q, ln, 0,
+                                           self._kv_len(longest))
             t1 = time.perf_counter()
             with nvtx.nvtx_range("decodekit.sample", len(rows)):
-                slots = [c.slot for c in rows]
-                sel = logits[torch.tensor(slots, device=self.device)]
-                res = self.sampler.sample(sel, slots)
-                toks = res.token_ids.tolist()
-            for i, c in enumerate(rows):
+                idx = self._upload(slots)
+                res = self.sampler.sample(logits.index_select(0, idx), slots)
+                self._last_tok.index_copy_(0, idx, res.token_ids)
+            for c in rows:
                 c.length += 1
-                c.last_token = toks[i]
-                self._keep_logprobs(c, res, i)
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
         stats.steps += 1
-        return toks
+        return res
+
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _to_host(self, pending) -> dict[str, tuple[list[int], list[LogProbabilities | None]]]:
+        """One device-to-host transfer for every token sampled in this call."""
+        results: dict[int, SamplerOutput] = {}
+        for items in pending.values():
+            for res, _ in items:
+                results[id(res)] = res
+        order = list(results)
+        flat = torch.cat([results[k].token_ids for k in order]).tolist() if order else []
+        base, at = {}, 0
+        for k in order:
+            base[k] = at
+            at += results[k].token_ids.shape[0]
+        host = {}
+        for rid, items in pending.items():
+            ctx = self._contexts.get(rid)
+            want_lp = ctx is not None and ctx.params.logprobs is not None
+            toks = [flat[base[id(res)] + i] for res, i in items]
+            lps = [res.log_probabilities(i, ctx.params.logprobs) if want_lp else None
+                   for res, i in items]
+            host[rid] = (toks, lps)
+        return host
 
     def _keep_logprobs(self, ctx: TextGenerationContext, res, row: int) -> None:
         if ctx.params.logprobs is not None and res.logprobs is not None:
             ctx.logprobs.append(res.log_probabilities(row, ctx.params.logprobs))
 
-    def _finish_commit(self, ctx: TextGenerationContext, toks: list[int], stats: StepStats
+    def _finish_commit(self, ctx: TextGenerationContext, sampled, stats: StepStats
                        ) -> TextGenerationResponse:
         """Hand the call's tokens to the EOS tracker; keep what precedes the first stop."""
+        toks, lps = sampled
         commit = ctx.eos.commit(toks)
         kept = list(commit.token_ids)
-        n_new = len(kept)
-        lps = ctx.logprobs[len(ctx.generated_token_ids):][:n_new]
-        ctx.logprobs = ctx.logprobs[: len(ctx.generated_token_ids)] + lps
-        responses = [TextResponse(t, lp) for t, lp in
-                     itertools.zip_longest(kept, lps) if t is not None]
+        responses = [TextResponse(t, lp) for t, lp in zip(kept, lps[: len(kept)], strict=True)]
+        if ctx.params.logprobs is not None:
+            ctx.logprobs.extend(lp for lp in lps[: len(kept)] if lp is not None)
         ctx.generated_token_ids.extend(kept)
-        stats.tokens += n_new
+        if toks:
+            ctx.last_token = toks[-1]
+        stats.tokens += len(kept)
         if commit.finished:
             ctx.status = (GenerationStatus.MAXIMUM_LENGTH if commit.finish_reason == "length"
                           else GenerationStatus.END_OF_SEQUENCE)
@@ -476,3 +516,71 @@ class TokenGenerator:
                 f"unsupported model {type(self.model).__name__}: its attention does not follow "
                 f"the Cache API as decodekit drives it (relative error {err:.2e})"
             )
+
+
+class _DecodeGraphs:
+    """CUDA graphs of the decode forward, one per batch-size bucket, captured lazily.
+
+    Static inputs: the generator's ``_last_tok`` (token ids), and position / length
+    buffers filled each step; attention always spans ``max_seq_len`` (masks are built
+    inside the graph from the buffers). A bucket whose capture fails falls back to eager.
+    """
+
+    def __init__(self, gen: TokenGenerator) -> None:
+        self.gen = gen
+        S = gen.max_batch_size
+        self.buckets = sorted({min(1 << i, S) for i in range(S.bit_length() + 1)})
+        self.pos = torch.zeros(S, 1, dtype=torch.long, device=gen.device)
+        self.length = torch.zeros(S, dtype=torch.long, device=gen.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: set[int] = set()
+        self.pool = None
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, while the cache holds no request (warm-up forwards
+        write at position 0 of slots ``0..b-1``)."""
+        for b in self.buckets:
+            try:
+                self._capture(b)
+            except Exception as e:  # noqa: BLE001 - any capture failure means eager
+                import warnings
+
+                warnings.warn(f"decodekit: CUDA graph capture failed for batch {b}, running "
+                              f"eagerly ({type(e).__name__}: {e})", stacklevel=3)
+                self.failed.add(b)
+                torch.cuda.synchronize()
+
+    def ready(self, n: int) -> bool:
+        return self.bucket(n) in self.graphs
+
+    def _forward(self, b: int) -> torch.Tensor:
+        g = self.gen
+        return g._forward(g._last_tok[:b, None], self.pos[:b], self.length[:b], 0, g.max_seq_len)
+
+    def _capture(self, b: int) -> None:
+        g = self.gen
+        self.pos[:b].zero_()
+        self.length[:b].zero_()
+        stream = torch.cuda.Stream(g.device)
+        stream.wait_stream(torch.cuda.current_stream(g.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up allocations and lazy initialisation
+                self._forward(b)
+        torch.cuda.current_stream(g.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(b)
+        self.pool = graph.pool()
+        self.graphs[b] = (graph, logits)
+
+    def run(self, n: int, pos: list[int], length: list[int]) -> torch.Tensor:
+        b = self.bucket(n)
+        pad = b - n  # rows past n are empty slots: position 0, length 0
+        self.pos[:b, 0].copy_(self.gen._upload(pos + [0] * pad), non_blocking=True)
+        self.length[:b].copy_(self.gen._upload(length + [0] * pad), non_blocking=True)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:n]

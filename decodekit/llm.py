@@ -79,7 +79,7 @@ class LLM:
             if len(pl) != len(plist):
                 raise ValueError(f"{len(pl)} params for {len(plist)} prompts")
         gen = self.generator
-        contexts = [gen.new_context(p, sp) for p, sp in zip(plist, pl)]
+        contexts = [gen.new_context(p, sp) for p, sp in zip(plist, pl, strict=True)]
         waiting = deque(contexts)
         running: dict[str, TextGenerationContext] = {}
         try:

@@ -51,6 +51,6 @@ class SamplerOutput:
             k = self.top_logprobs.shape[1] if n is None else n
             ids = self.top_token_ids[row, :k].tolist()
             vals = self.top_logprobs[row, :k].tolist()
-            top = dict(zip(ids, vals))
+            top = dict(zip(ids, vals, strict=True))
         top.setdefault(int(self.token_ids[row]), lp)
         return LogProbabilities([lp], [top])

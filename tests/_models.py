@@ -25,7 +25,7 @@ def tiny_config(arch: str, **overrides):
     return AutoConfig.for_model(arch, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
@@ -36,7 +36,7 @@ def tiny_model(arch: str, seed: int = 0):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     """Token i is the word ``w{i}`` (plus a space); 0 pad, 1 bos, 2 eos."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -14,11 +14,11 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
+from decodekit.kernels import draw, process  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from decodekit import sampler as S  # noqa: E402
-from decodekit.kernels import draw, process  # noqa: E402
 
 P, F, I, I64 = "*fp32", "*fp32", "*i32", "*i64"
 
@@ -80,7 +80,7 @@ def main(archs=(80, 90)) -> int:
     n = 0
     for name, fn, sig, cfg in jobs():
         sig = dict(sig)
-        for k, v in cfg.items():
+        for k in cfg:
             sig[k] = "constexpr"
         for cc in archs:
             src = ASTSource(fn=fn, signature=sig, constexprs=cfg)

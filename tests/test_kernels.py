@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 from conftest import KERNEL_DEVICE
+from decodekit.kernels import _common as KC
 
 from decodekit import Sampler, SamplingParams
 from decodekit import reference as ref
-from decodekit.kernels import _common as KC
 
 ROOT = Path(__file__).resolve().parents[1]
 

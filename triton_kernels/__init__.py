@@ -7,7 +7,7 @@ op is decodekit.reference.
 """
 
 from ._common import launch_shape
-from .process import process_logits
 from .draw import accept, select
+from .process import process_logits
 
 __all__ = ["accept", "launch_shape", "process_logits", "select"]

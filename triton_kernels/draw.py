@@ -34,7 +34,6 @@ from ._common import (
     F_PENALTY,
     F_TOPP,
     F_TYP,
-    FLT_MAX,
     I_FLAGS,
     I_NGEN,
     I_NHIST,
