@@ -54,11 +54,12 @@ class IncrementalDetokenizer:
         only its ``decode`` is used. Tokenization-space clean-up is turned off (it rewrites
         text across token boundaries and is not what the model generated).
     prompt_token_ids : list[int] or None
-        The prompt; its last :data:`PROMPT_CONTEXT_TOKENS` tokens are decoded as left context
-        so that the first output token keeps its leading space (SentencePiece ``▁`` and
-        byte-level ``Ġ`` decoders strip or keep it depending on what precedes it). They are not
-        part of :attr:`token_ids` or :attr:`text`. Without a prompt the text equals
-        ``tokenizer.decode(token_ids)``.
+        The prompt; its last :data:`PROMPT_CONTEXT_TOKENS` tokens (from the first one that
+        starts a character) are decoded as left context so that the first output token keeps
+        its leading space (SentencePiece ``▁`` decoders strip it at the start of a text). They
+        are not part of :attr:`token_ids` or :attr:`text`. Without a prompt the text equals
+        ``tokenizer.decode(token_ids)``; with one it equals the part of
+        ``tokenizer.decode(prompt + token_ids)`` after the decoded prompt.
     skip_special_tokens : bool
         Drop special tokens from the text (passed to ``decode``).
 
