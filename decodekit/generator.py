@@ -241,9 +241,10 @@ class TokenGenerator:
                else context_or_request_id)
         ctx = self._contexts.pop(rid, None)
         if ctx is None:
-            if isinstance(context_or_request_id, TextGenerationContext) and \
-                    context_or_request_id.slot is None:
-                context_or_request_id.status = GenerationStatus.CANCELLED
+            given = context_or_request_id
+            if isinstance(given, TextGenerationContext) and given.slot is None:
+                if given.status is GenerationStatus.ACTIVE:  # never started: cancel it
+                    given.status = GenerationStatus.CANCELLED
                 return
             raise KeyError(f"unknown request_id {rid!r}")
         if ctx.status is GenerationStatus.ACTIVE:
@@ -272,9 +273,7 @@ class TokenGenerator:
         pending: dict[str, list[tuple[SamplerOutput, int]]] = {}
         with nvtx.nvtx_range("decodekit.step", len(batch)):
             live: list[TextGenerationContext] = []
-            for rid, ctx in batch.items():
-                if rid != ctx.request_id:
-                    raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
+            self._check_batch(batch)
             for rid, ctx in batch.items():
                 out[rid] = TextGenerationResponse([], ctx.status)
                 if ctx.is_done:
@@ -303,6 +302,27 @@ class TokenGenerator:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _check_batch(self, batch: Mapping[str, TextGenerationContext]) -> None:
+        """Validate the whole batch before touching any state, so an error leaves every
+        context as it was (nothing half-admitted, no sampled token lost)."""
+        new = 0
+        for rid, ctx in batch.items():
+            if rid != ctx.request_id:
+                raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
+            if ctx.is_done:
+                continue
+            if ctx.slot is None:
+                if rid in self._contexts:
+                    raise ValueError(f"request_id {rid!r} is already running")
+                new += 1
+            elif self._contexts.get(rid) is not ctx:
+                raise ValueError(f"context {rid!r} belongs to another generator")
+        if new > len(self._free):
+            raise RuntimeError(
+                f"{new} new requests but only {len(self._free)} of {self.max_batch_size} slots are "
+                "free: release finished requests first"
+            )
+
     def _vocab_size(self) -> int:
         emb = self.model.get_output_embeddings()
         if emb is not None and hasattr(emb, "weight"):
