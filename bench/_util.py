@@ -305,3 +305,38 @@ def write_results(
         f.write("\n")
     md_path.write_text(markdown, encoding="utf-8")
     return json_path, md_path
+
+
+# --------------------------------------------------------------------------- models
+def word_tokenizer(vocab_size: int) -> Any:
+    """A word-level fast tokenizer covering ids ``0 .. vocab_size - 1``, for randomly
+    initialised models: id ``i`` is the word ``w{i}``; 0 is ``<pad>``, 1 ``<s>``, 2 ``</s>``.
+    Decoding joins words with spaces. Built in-process (no files, no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(3, vocab_size)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def random_llama(
+    dtype: torch.dtype, device: torch.device | str, seed: int = 0, **config: Any
+) -> Any:
+    """A randomly initialised ``LlamaForCausalLM`` (``config``: ``LlamaConfig`` fields),
+    built on ``device`` and cast to ``dtype``; pad 0, bos 1, eos 2 (see :func:`word_tokenizer`)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw: dict[str, Any] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**kw))
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = kw["pad_token_id"]
+    model.generation_config.eos_token_id = kw["eos_token_id"]
+    return model
