@@ -274,6 +274,7 @@ class TokenGenerator:
         with nvtx.nvtx_range("decodekit.step", len(batch)):
             live: list[TextGenerationContext] = []
             self._check_batch(batch)
+            fresh: list[TextGenerationContext] = []
             for rid, ctx in batch.items():
                 out[rid] = TextGenerationResponse([], ctx.status)
                 if ctx.is_done:
@@ -281,8 +282,10 @@ class TokenGenerator:
                 pending[rid] = []
                 if ctx.slot is None:
                     self._admit(ctx)
-                    pending[rid].append(self._prefill(ctx, stats))
+                    fresh.append(ctx)
                 live.append(ctx)
+            for ctx, first in self._prefill_all(fresh, stats):
+                pending[ctx.request_id].append(first)
             steps_left = {c.request_id: num_steps - len(pending[c.request_id]) for c in live}
             for _ in range(num_steps):
                 rows = [c for c in live if steps_left[c.request_id] > 0 and
@@ -393,25 +396,52 @@ class TokenGenerator:
     def _kv_len(self, longest: int) -> int:
         return min(self.max_seq_len, -(-longest // 64) * 64)
 
-    def _prefill(self, ctx: TextGenerationContext, stats: StepStats):
-        ids = ctx.prompt_token_ids
-        n = len(ids)
-        with nvtx.nvtx_range("decodekit.prefill", n):
+    def _prefill_all(self, fresh: list[TextGenerationContext], stats: StepStats):
+        """Prefill new requests, one forward per run of contiguous slots (left-padded).
+
+        Padding sits before each shorter prompt, so every row's last prompt token is the
+        last position and one logits row per request is kept. Pad tokens write their KV
+        at positions after their row's prompt (free space, masked out, overwritten later).
+        """
+        fresh = sorted(fresh, key=lambda c: c.slot)
+        runs: list[list[TextGenerationContext]] = []
+        for c in fresh:
+            if runs and runs[-1][-1].slot + 1 == c.slot:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        done = []
+        for run in runs:
+            res = self._prefill(run, stats)
+            done.extend((c, (res, i)) for i, c in enumerate(run))
+        return done
+
+    def _prefill(self, run: list[TextGenerationContext], stats: StepStats) -> SamplerOutput:
+        P = max(len(c.prompt_token_ids) for c in run)
+        ids = torch.zeros(len(run), P, dtype=torch.long)
+        pos = torch.zeros(len(run), P, dtype=torch.long)
+        for r, c in enumerate(run):
+            n = len(c.prompt_token_ids)
+            ids[r, P - n:] = torch.tensor(c.prompt_token_ids)
+            pos[r, P - n:] = torch.arange(n)
+            pos[r, : P - n] = torch.arange(n, P)  # pads: free positions after the prompt
+        lengths = [len(c.prompt_token_ids) for c in run]
+        slots = [c.slot for c in run]
+        with nvtx.nvtx_range("decodekit.prefill", sum(lengths)):
             t0 = time.perf_counter()
-            x = torch.tensor([ids], dtype=torch.long, device=self.device)
-            pos = torch.arange(n, device=self.device)[None]
-            length = torch.tensor([n], device=self.device)
-            with nvtx.nvtx_range("decodekit.forward", n):
-                logits = self._forward(x, pos, length, ctx.slot, self._kv_len(n))
+            x, q = ids.to(self.device), pos.to(self.device)
+            with nvtx.nvtx_range("decodekit.forward", sum(lengths)):
+                logits = self._forward(x, q, self._upload(lengths), slots[0], self._kv_len(P))
             t1 = time.perf_counter()
-            with nvtx.nvtx_range("decodekit.sample", 1):
-                res = self.sampler.sample(logits, [ctx.slot])
-                self._last_tok[ctx.slot: ctx.slot + 1] = res.token_ids
+            with nvtx.nvtx_range("decodekit.sample", len(run)):
+                res = self.sampler.sample(logits, slots)
+                self._last_tok[slots[0]: slots[0] + len(run)] = res.token_ids
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
-        stats.prefill_tokens += n
-        ctx.length = n
-        return res, 0
+        stats.prefill_tokens += sum(lengths)
+        for c, n in zip(run, lengths, strict=True):
+            c.length = n
+        return res
 
     def _decode(self, rows: list[TextGenerationContext], stats: StepStats) -> SamplerOutput:
         """One decode step for ``rows``: a forward over slots ``0..max_slot`` (other slots in

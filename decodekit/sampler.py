@@ -270,6 +270,12 @@ class Sampler:
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         B, V = logits.shape
         if self.backend == "torch":
+            if flags == GREEDY and nlp < 0 and self._all_greedy(slots):
+                # plain greedy batch: the argmax, and count the step
+                x = logits if logits.dtype == torch.float32 else logits.float()
+                tok = torch.nan_to_num(x, nan=-ref.FLT_MAX).argmax(-1)
+                self.iparams[idx.long(), I_NGEN] += 1
+                return SamplerOutput(tok)
             tok, l, keep = ref.sample_from_logits(logits, self._rows(idx))
             lp = None
             if nlp >= 0:
@@ -411,6 +417,10 @@ class Sampler:
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
+
+    def _all_greedy(self, slots) -> bool:
+        rows = range(self.max_batch_size) if isinstance(slots, torch.Tensor) else slots
+        return all(self._flags[s] & GREEDY for s in rows if self._live[s])
 
     def _union_flags(self, slots) -> int:
         rows = range(self.max_batch_size) if isinstance(slots, torch.Tensor) else slots

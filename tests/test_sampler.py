@@ -259,3 +259,20 @@ def test_functional_sample_matches_sampler_and_uses_outputs():
     torch.testing.assert_close(p.sum(-1), torch.ones(2))
     with pytest.raises(ValueError, match="params"):
         decodekit.sample(x, [ps[0]])
+
+
+def test_greedy_fast_path_only_when_every_row_is_greedy(backend):
+    """A batch mixing greedy and plain sampled rows must still sample the sampled rows."""
+    V = 400
+    s = make(backend, V)
+    s.add(0, SamplingParams(temperature=0.0))
+    s.add(1, SamplingParams(temperature=50.0, seed=3))  # nearly uniform: argmax is unlikely
+    x = logits(2, V, 5, s.device)
+    x[:, 7] = float("nan")
+    drawn = {s.sample(x, [0, 1]).token_ids[1].item() for _ in range(8)}
+    assert len(drawn) > 1  # the sampled row is not stuck on the argmax
+    alone = make(backend, V)
+    alone.add(0, SamplingParams(temperature=0.0))
+    for _ in range(3):
+        assert alone.sample(x[:1], [0]).token_ids.item() == torch.nan_to_num(x[0], nan=-1e30).argmax()
+    assert alone.iparams[0, 2].item() == 3  # the step counter still advances
