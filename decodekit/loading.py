@@ -69,9 +69,15 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def _gguf_cache_key(path: Path) -> str:
-    st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
-    return f"{path.stem}-{h[:12]}"
+    """Content-based key (size + first and last MiB), so every install of the same file
+    shares one cache entry."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{path.stem}-{h.hexdigest()[:12]}"
 
 
 def _save_plain(model, tok, folder: Path) -> None:
