@@ -14,7 +14,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from decodekit.kernels import draw, process  # noqa: E402
+from decodekit.kernels import draw, process, verify  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -66,6 +66,11 @@ def accept_sig():
             "counts_ptr": I, "hist_ptr": I, "V": "i32", "H": "i32"}
 
 
+def verify_sig():
+    return {"p_ptr": F, "q_ptr": F, "draft_ptr": I, "n_draft_ptr": I, "seed_ptr": I64,
+            "pos_ptr": I64, "out_ptr": I64, "n_acc_ptr": I, "V": "i32", "K": "i32"}
+
+
 def jobs():
     for ldt, cfg in process_configs():
         yield "process", process._process_kernel, process_sig(ldt), cfg
@@ -74,6 +79,9 @@ def jobs():
             yield "select", draw._select_kernel, select_sig(ldt), cfg
     for pen, hist in itertools.product([False, True], repeat=2):
         yield "accept", draw._accept_kernel, accept_sig(), dict(HAS_PENALTY=pen, HAS_HIST=hist)
+    for has_q in (False, True):
+        yield "verify", verify._verify_kernel, verify_sig(), dict(HAS_Q=has_q,
+                                                                  BLOCK=verify.BLOCK_VERIFY)
 
 
 def main(archs=(80, 90)) -> int:

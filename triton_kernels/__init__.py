@@ -2,7 +2,8 @@
 
 One op per module: ``process`` (launch 1: bias, masks, penalties, temperature,
 row statistics), ``draw`` (launch 2: thresholds, draw, commit; or the processed
-distribution). Kernels import nothing from decodekit; the torch reference of every
+distribution), ``verify`` (speculative decoding's exact batched verification,
+``decodekit.kernels.verify.verify``). Kernels import nothing from decodekit; the torch reference of every
 op is decodekit.reference.
 """
 
