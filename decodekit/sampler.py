@@ -36,6 +36,7 @@ I_TOPK, I_MINNEW, I_NGEN, I_FLAGS, I_NHIST, I_NLOGPROB = range(6)
 BLOCK_PROCESS = 1024
 BLOCK_SELECT = 256
 MAX_VOCAB = 1 << 24
+HIST_SLACK = 64  # tokens that rollback() may undo at once without losing bad-word history
 
 
 def _pow2(n: int) -> int:
@@ -348,6 +349,29 @@ class Sampler:
             self.hist if flags & BADSEQ else None, self.vocab_size,
         )
 
+    def rollback(self, slots: Sequence[int] | torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Undo :meth:`accept` of ``token_ids [B, n]`` (negative ids skipped): step counters,
+        penalty counts and bad-word history go back. Speculative decoding accepts draft
+        tokens tentatively (so penalties see the earlier drafts of the window) and rolls
+        them back before committing what verification emitted. At most ``HIST_SLACK``
+        tokens per row may be rolled back at once. Device ops only."""
+        idx = self._slots_tensor(slots).long()
+        tok = torch.as_tensor(token_ids, device=self.device).long()
+        if tok.dim() == 1:
+            tok = tok[:, None]
+        valid = tok >= 0
+        n = valid.sum(1).to(torch.int32)
+        self.iparams[idx, I_NGEN] -= n
+        flags = self.iparams[idx, I_FLAGS]
+        if self.counts is not None:
+            pen = valid & ((flags & PENALTY) != 0)[:, None]
+            rows = idx[:, None].expand_as(tok)
+            delta = torch.where(pen, -2, 0).to(torch.int32)
+            self.counts.index_put_((rows, tok.clamp(min=0)), delta, accumulate=True)
+        if self.hist is not None:  # the ring keeps stale entries; n_hist says what counts
+            bad = ((flags & BADSEQ) != 0).to(torch.int32)
+            self.iparams[idx, I_NHIST] -= n * bad
+
     # ------------------------------------------------------------------ helpers
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_batch_size:
@@ -385,7 +409,8 @@ class Sampler:
         S, dev = self.max_batch_size, self.device
         seq = torch.full((S, NB, L), -1, dtype=torch.int32, device=dev)
         lens = torch.zeros(S, NB, dtype=torch.int32, device=dev)
-        hist = torch.full((S, L), -1, dtype=torch.int32, device=dev)
+        H = _pow2(L + HIST_SLACK)  # room to roll back a speculative window without losing history
+        hist = torch.full((S, H), -1, dtype=torch.int32, device=dev)
         if self.badseq is not None:
             ob, ol = self.badseq.shape[1:]
             seq[:, :ob, :ol] = self.badseq
@@ -396,9 +421,9 @@ class Sampler:
             p = nh[:, None] - Ho + torch.arange(Ho, device=dev)[None, :]
             ok = p >= 0
             src = self.hist.gather(1, (p % Ho).clamp(min=0))
-            wide = torch.full((S, L + 1), -1, dtype=torch.int32, device=dev)
-            wide.scatter_(1, torch.where(ok, p % L, torch.full_like(p, L)), src)
-            hist = wide[:, :L].contiguous()
+            wide = torch.full((S, H + 1), -1, dtype=torch.int32, device=dev)
+            wide.scatter_(1, torch.where(ok, p % H, torch.full_like(p, H)), src)
+            hist = wide[:, :H].contiguous()
         self.badseq, self.badlen, self.hist = seq, lens, hist
 
     def _slots_tensor(self, slots) -> torch.Tensor:

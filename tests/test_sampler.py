@@ -276,3 +276,20 @@ def test_greedy_fast_path_only_when_every_row_is_greedy(backend):
     for _ in range(3):
         assert alone.sample(x[:1], [0]).token_ids.item() == torch.nan_to_num(x[0], nan=-1e30).argmax()
     assert alone.iparams[0, 2].item() == 3  # the step counter still advances
+
+
+def test_rollback_undoes_accept(backend):
+    V = 60
+    s = make(backend, V)
+    s.add(0, SamplingParams(frequency_penalty=0.5, repetition_penalty=1.2, seed=1,
+                            bad_words_token_ids=[[3, 4]]), [1, 2, 3])
+    s.add(1, SamplingParams(seed=2))
+    before = (s.iparams.clone(), s.counts.clone(), s.hist.clone())
+    x = logits(2, V, 1, s.device)
+    p_before = s.probs(x, [0, 1])
+    toks = torch.tensor([[5, 5, 9], [7, -1, -1]], device=s.device)
+    s.accept([0, 1], toks)
+    assert not torch.equal(s.probs(x, [0, 1]), p_before)
+    s.rollback([0, 1], toks)
+    assert torch.equal(s.iparams, before[0]) and torch.equal(s.counts, before[1])
+    torch.testing.assert_close(s.probs(x, [0, 1]), p_before)
