@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import nvtx
+from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
 from .kv_cache import SlotKVCache, mask_layout
 from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .sampler import Sampler
+from .speculative import verify
 
 __all__ = [
     "GenerationStatus",
@@ -95,6 +97,8 @@ class TextGenerationContext:
     last_token: int | None = None  # sampled, not yet in the cache
     generated_token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogProbabilities] = field(default_factory=list)
+    speculate: bool = True  # use the generator's drafter for this request
+    spec_stats: SpecStats = field(default_factory=SpecStats)
 
     @property
     def text(self) -> str:
@@ -141,6 +145,12 @@ class TokenGenerator:
     cuda_graphs : bool
         On CUDA, run decode steps as CUDA graphs captured once per batch-size bucket
         (1, 2, 4, ... up to ``max_batch_size``), falling back to eager where capture fails.
+    draft, num_speculative_tokens
+        Speculative decoding: a :class:`~decodekit.NGramDraft` proposes up to ``k`` tokens
+        per request and step; the target verifies them in one forward with exact
+        rejection sampling (:mod:`decodekit.speculative`), so outputs keep the target's
+        distribution (greedy: identical tokens). ``ctx.speculate = False`` turns it off
+        per request. Logprobs are not reported for speculative steps.
     """
 
     def __init__(
@@ -156,6 +166,8 @@ class TokenGenerator:
         seed: int | None = None,
         sampler_backend: str = "auto",
         cuda_graphs: bool = True,
+        draft: NGramDraft | None = None,
+        num_speculative_tokens: int | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -170,11 +182,21 @@ class TokenGenerator:
         self.max_seq_len = max_seq_len
         self.vocab_size = self._vocab_size()
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        if draft is not None and not isinstance(draft, NGramDraft):
+            raise TypeError(f"draft must be an NGramDraft, got {type(draft).__name__}")
+        k = num_speculative_tokens if num_speculative_tokens is not None else (
+            draft.k if draft is not None else 0)
+        if not isinstance(k, int) or k < 0 or (draft is not None and k < 1):
+            raise ValueError(f"num_speculative_tokens must be an int >= 1, got {k!r}")
+        self.draft, self.spec_k = draft, (k if draft is not None else 0)
+        self.spec_stats = SpecStats()
         try:
             self._mask_kind, self._windows = mask_layout(self.model)
         except (TypeError, OSError) as e:
             raise ValueError(f"unsupported model {type(model).__name__}: {e}") from e
-        self.cache = SlotKVCache(self.model.config, max_batch_size, max_seq_len,
+        # spec_k + 1 scratch positions: a verification window never writes past the cache
+        self.cache = SlotKVCache(self.model.config, max_batch_size,
+                                 max_seq_len + (self.spec_k + 1 if self.spec_k else 0),
                                  self.device, self.dtype)
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device,
                                eos_token_ids=self.eos_token_ids, logprobs_mode=logprobs_mode,
@@ -292,6 +314,11 @@ class TokenGenerator:
                         self._room(c, len(pending[c.request_id]))]
                 if not rows:
                     break
+                if self.draft is not None:
+                    for c, toks in self._spec_decode(rows, pending, stats).items():
+                        pending[c.request_id].extend(toks)
+                        steps_left[c.request_id] -= 1
+                    continue
                 res = self._decode(rows, stats)
                 for i, c in enumerate(rows):
                     pending[c.request_id].append((res, i))
@@ -381,7 +408,8 @@ class TokenGenerator:
                  for k, w in self._windows.items()}
         return masks if self._mask_kind == "mapping" else masks["all"]
 
-    def _forward(self, input_ids, q_pos, length, first_slot: int, kv_len: int):
+    def _forward(self, input_ids, q_pos, length, first_slot: int, kv_len: int, keep: int = 1):
+        """Logits ``[B, V]`` of each row's last position (``[B, keep, V]`` when keep > 1)."""
         self.cache.bind(first_slot, q_pos, kv_len)
         out = self.model(
             input_ids=input_ids,
@@ -389,12 +417,12 @@ class TokenGenerator:
             position_ids=q_pos,
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]
 
     def _kv_len(self, longest: int) -> int:
-        return min(self.max_seq_len, -(-longest // 64) * 64)
+        return min(self.cache.max_seq_len, -(-longest // 64) * 64)
 
     def _prefill_all(self, fresh: list[TextGenerationContext], stats: StepStats):
         """Prefill new requests, one forward per run of contiguous slots (left-padded).
@@ -482,6 +510,87 @@ class TokenGenerator:
         stats.steps += 1
         return res
 
+    def _spec_decode(self, rows: list[TextGenerationContext], pending, stats: StepStats
+                     ) -> dict[TextGenerationContext, list[int]]:
+        """One speculative step: draft, one target forward over ``1 + K`` positions per row,
+        exact verification, commit of the emitted tokens, rollback of the rest.
+
+        Penalties see the earlier drafts of the window: draft ``j``'s target distribution
+        is computed after tentatively accepting drafts ``0..j-1``; those are rolled back
+        before the emitted tokens are committed, so rejected drafts never reach the
+        penalty counts, the EOS tracker or the output.
+        """
+        host = self._to_host({c.request_id: pending[c.request_id] for c in rows})
+        for c in rows:  # later steps of this call see plain ints
+            pending[c.request_id][:] = host[c.request_id][0]
+        drafts: list[list[int]] = []
+        for c in rows:
+            pend = pending[c.request_id]
+            limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            room = min(self.spec_k, limit - len(c.generated_token_ids) - len(pend) - 1,
+                       self.max_seq_len - c.length - 1)
+            seen = c.prompt_token_ids + c.generated_token_ids + pend
+            drafts.append(self.draft.propose(seen, room) if c.speculate and room > 0 else [])
+        K = max(len(d) for d in drafts)
+        q = K + 1
+        n = max(c.slot for c in rows) + 1
+        ar = torch.arange(q)
+        pos = torch.zeros(n, q, dtype=torch.long)
+        length = torch.zeros(n, dtype=torch.long)
+        for slot in range(n):  # padding rows write after their own length (free space)
+            owner = self._slot_owner[slot]
+            if owner is not None:
+                pos[slot] = owner.length + ar
+                length[slot] = owner.length + 1
+        ids = self._last_tok[:n, None].repeat(1, q)
+        dpad = torch.full((len(rows), K), -1, dtype=torch.long)
+        for r, (c, d) in enumerate(zip(rows, drafts, strict=True)):
+            pos[c.slot] = c.length + ar
+            length[c.slot] = c.length + q
+            dpad[r, : len(d)] = torch.tensor(d, dtype=torch.long)
+        slots = [c.slot for c in rows]
+        idx = self._upload(slots)
+        dpad_dev = dpad.to(self.device)
+        rows_dev = idx[:, None].expand(-1, K)
+        ids[rows_dev, 1 + torch.arange(K, device=self.device)[None, :]] = dpad_dev.clamp(min=0)
+        with nvtx.nvtx_range("decodekit.verify", len(rows)):
+            t0 = time.perf_counter()
+            with nvtx.nvtx_range("decodekit.forward", n * q):
+                longest = int(max(c.length for c in rows)) + q
+                logits = self._forward(ids, pos.to(self.device), length.to(self.device), 0,
+                                       self._kv_len(longest), keep=q)
+                if q == 1:
+                    logits = logits[:, None]
+            t1 = time.perf_counter()
+            with nvtx.nvtx_range("decodekit.sample", len(rows)):
+                sel = logits.index_select(0, idx)
+                sp = self.sampler
+                pos0 = sp.iparams[idx, 2].long()
+                seeds = sp.seed[idx]
+                probs = []
+                for j in range(q):
+                    probs.append(sp.probs(sel[:, j].contiguous(), slots))
+                    if j < K:
+                        sp.accept(slots, dpad_dev[:, j])
+                if K:
+                    sp.rollback(slots, dpad_dev)
+                n_draft = torch.tensor([len(d) for d in drafts], device=self.device)
+                out, n_acc = verify(torch.stack(probs, 1), None, dpad_dev, n_draft, seeds, pos0)
+                sp.accept(slots, out)
+                self._last_tok.index_copy_(0, idx, out.gather(1, n_acc.long()[:, None])[:, 0])
+                out_h, acc_h = out.tolist(), n_acc.tolist()
+            stats.forward_s += t1 - t0
+            stats.sample_s += time.perf_counter() - t1
+        stats.steps += 1
+        result = {}
+        for c, d, o, a in zip(rows, drafts, out_h, acc_h, strict=True):
+            c.length += a + 1
+            result[c] = o[: a + 1]
+            if d:
+                c.spec_stats.add(len(d), a, self.spec_k)
+                self.spec_stats.add(len(d), a, self.spec_k)
+        return result
+
     def _upload(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
@@ -492,8 +601,9 @@ class TokenGenerator:
         """One device-to-host transfer for every token sampled in this call."""
         results: dict[int, SamplerOutput] = {}
         for items in pending.values():
-            for res, _ in items:
-                results[id(res)] = res
+            for item in items:
+                if not isinstance(item, int):
+                    results[id(item[0])] = item[0]
         order = list(results)
         flat = torch.cat([results[k].token_ids for k in order]).tolist() if order else []
         base, at = {}, 0
@@ -504,9 +614,9 @@ class TokenGenerator:
         for rid, items in pending.items():
             ctx = self._contexts.get(rid)
             want_lp = ctx is not None and ctx.params.logprobs is not None
-            toks = [flat[base[id(res)] + i] for res, i in items]
-            lps = [res.log_probabilities(i, ctx.params.logprobs) if want_lp else None
-                   for res, i in items]
+            toks = [it if isinstance(it, int) else flat[base[id(it[0])] + it[1]] for it in items]
+            lps = [it[0].log_probabilities(it[1], ctx.params.logprobs)
+                   if want_lp and not isinstance(it, int) else None for it in items]
             host[rid] = (toks, lps)
         return host
 
