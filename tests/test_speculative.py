@@ -1,0 +1,158 @@
+"""Speculative decoding in the generator (NGramDraft): greedy outputs identical to
+non-speculative greedy (batched, joining requests, penalties over the draft window),
+stops inside an accepted block, metrics, and the embedded model on a copy-heavy prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import hf_greedy, tiny_model, word_tokenizer
+
+from decodekit import SamplingParams, TokenGenerator
+from decodekit.drafters import NGramDraft
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(10, 21)) * 2, [30, 31, 32, 30, 31],
+           [40, 41, 42, 43, 40, 41]]
+
+
+def _run(gen, prompts, params, join_at=1):
+    ctxs = [gen.new_context(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    running = {c.request_id: c for c in ctxs[:2]}
+    waiting = list(ctxs[2:])
+    step = 0
+    while running or waiting:
+        while waiting and step >= join_at and len(running) < gen.max_batch_size:
+            c = waiting.pop(0)
+            running[c.request_id] = c
+        for rid, r in gen.next_token(running, num_steps=1 + step % 2).items():
+            if r.is_done:
+                gen.release(running.pop(rid))
+        step += 1
+    return ctxs
+
+
+def test_ngram_proposals():
+    d = NGramDraft(n=2, k=3)
+    assert d.propose([1, 2, 3, 4, 1, 2]) == [3, 4, 1]
+    assert d.propose([1, 2, 3, 9, 2]) == [3, 9, 2]  # falls back to a 1-token match
+    assert d.propose([1, 2, 3]) == []
+    assert d.propose([7, 7, 7, 7], k=2) == [7]  # the most recent match, even if short
+    assert d.propose([4, 7, 7, 5, 4, 7], k=2) == [7, 5]
+    with pytest.raises(ValueError, match="k"):
+        NGramDraft(k=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
+def test_greedy_identical_to_hf_with_joins(arch):
+    model = tiny_model(arch)
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
+                         draft=NGramDraft(n=2, k=4))
+    news = [12, 9, 14, 10]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in news]
+    ctxs = _run(gen, PROMPTS, params)
+    for c, n in zip(ctxs, news, strict=True):
+        assert c.generated_token_ids == hf_greedy(model, c.prompt_token_ids, n)
+    st = gen.spec_stats
+    assert st.drafted > 0 and 0 <= st.accepted <= st.drafted
+    assert st.mean_accepted_length == pytest.approx(1 + st.accepted / st.steps)
+
+
+def test_penalties_see_the_draft_window():
+    """Greedy with penalties is deterministic: speculation must give the same tokens, which
+    needs each draft position's distribution to count the earlier drafts of its window and
+    never the rejected ones."""
+    model = tiny_model("llama")
+    params = [SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True,
+                             repetition_penalty=1.02, frequency_penalty=0.05, presence_penalty=0.02)
+              for _ in PROMPTS]
+    plain = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64)
+    spec = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
+                          draft=NGramDraft(n=1, k=4))
+    want = [c.generated_token_ids for c in _run(plain, PROMPTS, params)]
+    got = [c.generated_token_ids for c in _run(spec, PROMPTS, params)]
+    assert got == want
+    assert spec.spec_stats.drafted > 0 and spec.spec_stats.accepted > 0
+
+
+def test_stops_inside_an_accepted_block():
+    model = tiny_model("llama")
+    tok = word_tokenizer()
+    base = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    plain = TokenGenerator(model, tok, max_batch_size=2, max_seq_len=64)
+    ref = _run(plain, PROMPTS[:1], [base])[0].generated_token_ids
+    stop_tok = ref[5]
+    cut = ref.index(stop_tok)
+    spec = TokenGenerator(model, tok, max_batch_size=2, max_seq_len=64, draft=NGramDraft(n=1, k=6))
+    c = _run(spec, PROMPTS[:1], [base.replace(stop_token_ids=[stop_tok])])[0]
+    assert c.generated_token_ids == ref[: cut + 1] and c.finish_reason == "stop"
+    c = _run(spec, PROMPTS[:1], [base.replace(max_new_tokens=7)])[0]
+    assert c.generated_token_ids == ref[:7] and c.finish_reason == "length"
+    words = tok.decode(ref[3:5]).strip()
+    c = _run(spec, PROMPTS[:1], [base.replace(stop=[words])])[0]
+    assert words not in c.text and c.finish_reason == "stop"
+    assert len(c.generated_token_ids) <= 5
+
+
+def test_speculation_per_request_switch_and_errors():
+    model = tiny_model("llama")
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64,
+                         draft=NGramDraft(n=2, k=3))
+    ctx = gen.new_context(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=8,
+                                                     ignore_eos=True))
+    ctx.speculate = False
+    while not ctx.is_done:
+        gen.next_token({ctx.request_id: ctx})
+    assert ctx.spec_stats.drafted == 0
+    assert ctx.generated_token_ids == hf_greedy(model, PROMPTS[0], 8)
+    with pytest.raises(TypeError, match="NGramDraft"):
+        TokenGenerator(model, word_tokenizer(), draft="ngram")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        TokenGenerator(model, word_tokenizer(), draft=NGramDraft(), num_speculative_tokens=0)
+
+
+def test_sampled_requests_stay_valid_and_seeded():
+    """Sampling with speculation: tokens in range, reproducible for a seed."""
+    model = tiny_model("llama")
+    runs = []
+    for _ in range(2):
+        gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
+                             draft=NGramDraft(n=1, k=3))
+        params = [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_new_tokens=10,
+                                 ignore_eos=True) for s in range(4)]
+        runs.append([c.generated_token_ids for c in _run(gen, PROMPTS, params)])
+    assert runs[0] == runs[1]
+    assert all(0 <= t < 320 for r in runs[0] for t in r) and all(len(r) == 10 for r in runs[0])
+
+
+def test_embedded_model_copy_prompt(smollm):
+    model, tok = smollm
+    text = ("The quick brown fox jumps over the lazy dog. The dog was not amused, and it barked "
+            "at the fox until the fox ran away into the forest, where it met a family of rabbits "
+            "who invited it for tea.")
+    prompt = [{"role": "user",
+               "content": f"Repeat the following text exactly, word for word:\n\n{text}"}]
+    out = {}
+    for name, draft in (("plain", None), ("ngram", NGramDraft(n=3, k=5))):
+        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=512, draft=draft)
+        ctx = gen.new_context(prompt, SamplingParams(temperature=0, max_new_tokens=60))
+        while not ctx.is_done:
+            gen.next_token({ctx.request_id: ctx})
+        out[name] = (ctx.generated_token_ids, gen.spec_stats)
+    assert out["ngram"][0] == out["plain"][0]
+    assert out["ngram"][1].acceptance_rate > 0.5 and out["ngram"][1].mean_accepted_length > 2
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from decodekit import load
+
+    return load()
