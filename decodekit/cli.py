@@ -153,7 +153,11 @@ def run_generate(args) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
     max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
-    gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len)
+    try:
+        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len)
+    except ValueError as e:
+        print(f"decodekit generate: error: {e}", file=sys.stderr)
+        return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
         ctx = gen.new_context(prompt, params, truncate_prompt_tokens=None)

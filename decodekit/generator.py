@@ -249,6 +249,7 @@ class TokenGenerator:
                 f"(max_seq_len {self.max_seq_len} - max_new_tokens {max_new}); shorten it, "
                 "lower max_new_tokens, or set truncate_prompt_tokens"
             )
+        self.sampler.check(params, ids)  # masks that could leave nothing to sample, etc.
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if rid in self._contexts:
             raise ValueError(f"request_id {rid!r} is already in use")
@@ -297,16 +298,27 @@ class TokenGenerator:
             live: list[TextGenerationContext] = []
             self._check_batch(batch)
             fresh: list[TextGenerationContext] = []
-            for rid, ctx in batch.items():
-                out[rid] = TextGenerationResponse([], ctx.status)
-                if ctx.is_done:
-                    continue
-                pending[rid] = []
-                if ctx.slot is None:
-                    self._admit(ctx)
-                    fresh.append(ctx)
-                live.append(ctx)
-            for ctx, first in self._prefill_all(fresh, stats):
+            try:
+                for rid, ctx in batch.items():
+                    out[rid] = TextGenerationResponse([], ctx.status)
+                    if ctx.is_done:
+                        continue
+                    pending[rid] = []
+                    if ctx.slot is None:
+                        self._admit(ctx)
+                        fresh.append(ctx)
+                    live.append(ctx)
+            except BaseException:
+                for ctx in fresh:
+                    self._unadmit(ctx)
+                raise
+            try:
+                prefilled = self._prefill_all(fresh, stats)
+            except BaseException:
+                for ctx in fresh:  # undo the admissions: the contexts stay as they were
+                    self._unadmit(ctx)
+                raise
+            for ctx, first in prefilled:
                 pending[ctx.request_id].append(first)
             steps_left = {c.request_id: num_steps - len(pending[c.request_id]) for c in live}
             for _ in range(num_steps):
@@ -383,11 +395,18 @@ class TokenGenerator:
             raise RuntimeError(
                 f"all {self.max_batch_size} slots are busy: release finished requests first"
             )
-        slot = self._free.pop(0)
-        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)
+        slot = self._free[0]
+        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)  # may refuse: slot stays free
+        self._free.pop(0)
         ctx.slot = slot
         self._slot_owner[slot] = ctx
         self._contexts[ctx.request_id] = ctx
+
+    def _unadmit(self, ctx: TextGenerationContext) -> None:
+        """Undo :meth:`_admit` for a context whose prefill did not complete."""
+        self._contexts.pop(ctx.request_id, None)
+        self._free_slot(ctx)
+        ctx.length = 0
 
     def _free_slot(self, ctx: TextGenerationContext) -> None:
         if ctx.slot is None:
@@ -476,9 +495,11 @@ class TokenGenerator:
         that range are padding whose outputs are ignored), then the sampler over the rows.
         Each row's input is its newest token, already on the device (``_last_tok``)."""
         n = max(c.slot for c in rows) + 1
-        pos = [0] * n
-        length = [0] * n
-        for slot in range(n):  # padding rows write at their own next position (free space)
+        graphs = self._graphs is not None and self._graphs.ready(n)
+        n_fill = self._graphs.bucket(n) if graphs else n  # a graph runs its whole bucket
+        pos = [0] * n_fill
+        length = [0] * n_fill
+        for slot in range(n_fill):  # padding rows write at their own next position (free space)
             owner = self._slot_owner[slot]
             if owner is not None:
                 p = min(owner.length, self.max_seq_len - 1)
@@ -491,8 +512,8 @@ class TokenGenerator:
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             t0 = time.perf_counter()
             with nvtx.nvtx_range("decodekit.forward", n):
-                if self._graphs is not None and self._graphs.ready(n):
-                    logits = self._graphs.run(n, pos, length)
+                if graphs:
+                    logits = self._graphs.run(n_fill, pos, length)[:n]
                 else:
                     q = self._upload(pos)[:, None]
                     ln = self._upload(length)
@@ -679,7 +700,7 @@ class TokenGenerator:
 
 
 class _DecodeGraphs:
-    """CUDA graphs of the decode forward, one per batch-size bucket, captured lazily.
+    """CUDA graphs of the decode forward, one per batch-size bucket, captured at construction.
 
     Static inputs: the generator's ``_last_tok`` (token ids), and position / length
     buffers filled each step; attention always spans ``max_seq_len`` (masks are built
@@ -736,11 +757,11 @@ class _DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[b] = (graph, logits)
 
-    def run(self, n: int, pos: list[int], length: list[int]) -> torch.Tensor:
-        b = self.bucket(n)
-        pad = b - n  # rows past n are empty slots: position 0, length 0
-        self.pos[:b, 0].copy_(self.gen._upload(pos + [0] * pad), non_blocking=True)
-        self.length[:b].copy_(self.gen._upload(length + [0] * pad), non_blocking=True)
+    def run(self, b: int, pos: list[int], length: list[int]) -> torch.Tensor:
+        """Replay bucket ``b``; ``pos``/``length`` cover all ``b`` rows (live slots that are
+        not decoding write at their own next position, unowned slots at position 0)."""
+        self.pos[:b, 0].copy_(self.gen._upload(pos), non_blocking=True)
+        self.length[:b].copy_(self.gen._upload(length), non_blocking=True)
         graph, logits = self.graphs[b]
         graph.replay()
-        return logits[:n]
+        return logits

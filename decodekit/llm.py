@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from .generator import GenerationStatus, TextGenerationContext, TokenGenerator
 from .loading import load
 from .outputs import LogProbabilities
@@ -67,6 +69,10 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids or chat messages); outputs in order."""
+        if isinstance(prompts, torch.Tensor):  # [T] one prompt of ids, [N, T] N prompts
+            prompts = prompts.tolist()
+            if prompts and isinstance(prompts[0], int):
+                prompts = [prompts]
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, list))
             and not (isinstance(prompts[0], Sequence) and not isinstance(prompts[0], Mapping))

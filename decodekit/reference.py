@@ -340,5 +340,6 @@ def sample_from_logits(
         win = race == best[rows]
         first = torch.full((B,), V, dtype=torch.int64, device=l.device)
         first = first.scatter_reduce(0, rows[win], cols[win], "amin")
-        tok = torch.where(filtered, first, tok)
+        # a row with nothing kept cannot occur for requests the sampler accepted; stay in range
+        tok = torch.where(filtered & (first < V), first, tok)
     return tok, l, keep

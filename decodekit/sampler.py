@@ -137,16 +137,8 @@ class Sampler:
         self._check_slot(slot)
         if self._live[slot]:
             raise ValueError(f"slot {slot} is in use; remove() it first")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt, eos = self.check(params, prompt_token_ids, eos_token_ids=eos_token_ids)
         V = self.vocab_size
-        params.validate_for_vocab(V)
-        prompt = self._token_list(prompt_token_ids, "prompt_token_ids")
-        eos = self.eos_token_ids if eos_token_ids is None else tuple(int(t) for t in eos_token_ids)
-        for t in eos:
-            if not 0 <= t < V:
-                raise ValueError(f"eos_token_ids entry {t} outside [0, {V})")
-
         flags = 0
         if params.is_greedy:
             flags |= GREEDY
@@ -156,16 +148,6 @@ class Sampler:
         multi_bad = [tuple(s) for s in params.bad_words_token_ids or () if len(s) > 1]
         suppress = sorted(set(eos) | set(params.stop_token_ids or ())) if params.min_new_tokens else []
         allowed = set(params.allowed_token_ids) if params.allowed_token_ids is not None else None
-        banned_bias = {t for t, b in (params.logit_bias or {}).items() if b == -math.inf}
-        if allowed is not None:
-            left = allowed - single_bad - banned_bias
-            if not left or (params.min_new_tokens and not left - set(suppress)):
-                raise ValueError(
-                    "allowed_token_ids leaves no token to sample once bad_words_token_ids, "
-                    "-inf logit_bias and the min_new_tokens suppression are applied"
-                )
-        elif len(single_bad | banned_bias) >= V:
-            raise ValueError("bad_words_token_ids and logit_bias ban the whole vocabulary")
         if params.logit_bias or allowed is not None or single_bad:
             flags |= BIAS
             row = torch.zeros(V, dtype=torch.float32)
@@ -235,6 +217,46 @@ class Sampler:
         self._nlogprobs[slot] = -1 if params.logprobs is None else params.logprobs
         self._live[slot] = True
         self._params[slot] = params
+
+    def check(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int] | torch.Tensor | None = None,
+        *,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> tuple[list[int], tuple[int, ...]]:
+        """Validate a request against this sampler without changing any state; the checks
+        :meth:`add` makes. Returns ``(prompt ids, eos ids)``.
+
+        A request is refused when its masks could leave no token to sample: the allowed
+        set (or the whole vocabulary) minus single-token bad words, ``-inf`` biases, the
+        ``min_new_tokens`` suppression and the last tokens of multi-token bad words (which
+        may all be banned at once).
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        V = self.vocab_size
+        params.validate_for_vocab(V)
+        prompt = self._token_list(prompt_token_ids, "prompt_token_ids")
+        eos = self.eos_token_ids if eos_token_ids is None else tuple(int(t) for t in eos_token_ids)
+        for t in eos:
+            if not 0 <= t < V:
+                raise ValueError(f"eos_token_ids entry {t} outside [0, {V})")
+        bad = params.bad_words_token_ids or ()
+        banned = {s[0] for s in bad if len(s) == 1}
+        banned |= {t for t, b in (params.logit_bias or {}).items() if b == -math.inf}
+        maybe = {s[-1] for s in bad if len(s) > 1}
+        suppress = set(eos) | set(params.stop_token_ids or ()) if params.min_new_tokens else set()
+        if params.allowed_token_ids is not None:
+            left = set(params.allowed_token_ids) - banned
+            if not left or not left - suppress or not left - suppress - maybe:
+                raise ValueError(
+                    "allowed_token_ids leaves no token to sample once bad_words_token_ids, "
+                    "-inf logit_bias and the min_new_tokens suppression are applied"
+                )
+        elif len(banned | suppress | maybe) >= V:
+            raise ValueError("bad_words_token_ids and logit_bias ban the whole vocabulary")
+        return prompt, eos
 
     def remove(self, slot: int) -> None:
         """Free ``slot``; its state is overwritten by the next ``add``."""
@@ -332,11 +354,15 @@ class Sampler:
         """Commit tokens chosen outside :meth:`sample`: ``token_ids [B]`` or ``[B, n]``
         (negative ids are skipped), in order, to the slots' state."""
         idx = self._slots_tensor(slots)
+        on_host = not isinstance(token_ids, torch.Tensor) or token_ids.device.type == "cpu"
         tok = torch.as_tensor(token_ids, device=self.device)
         if tok.dim() == 1:
             tok = tok[:, None]
         if tok.dim() != 2 or tok.shape[0] != idx.shape[0]:
             raise ValueError(f"token_ids must be [B] or [B, n] with B={idx.shape[0]}")
+        if on_host and bool((tok >= self.vocab_size).any()):
+            raise ValueError(f"token_ids entry {int(tok.max())} outside [0, {self.vocab_size})")
+        # (device tensors are not read back: the kernel skips ids outside [0, V))
         if self.backend == "torch":
             self._commit_ref(idx, tok.long())
             return
@@ -461,9 +487,11 @@ class Sampler:
             )
         if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"logits dtype must be float32/float16/bfloat16, got {logits.dtype}")
-        if logits.device != self.device and not (
+        same = logits.device == self.device or (
             logits.device.type == self.device.type == "cuda"
-        ):
+            and (self.device.index is None or logits.device.index == self.device.index)
+        )
+        if not same:
             raise ValueError(f"logits are on {logits.device}, the sampler on {self.device}")
         idx = self._slots_tensor(slots)
         if idx.shape[0] != logits.shape[0]:
@@ -529,7 +557,7 @@ class Sampler:
         flags = self.iparams[li, I_FLAGS]
         for j in range(tok.shape[1]):
             t = tok[:, j]
-            ok = t >= 0
+            ok = (t >= 0) & (t < self.vocab_size)
             self.iparams[li, I_NGEN] += ok.to(torch.int32)
             if self.counts is not None:
                 pen = ok & ((flags & PENALTY) != 0)

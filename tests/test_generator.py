@@ -732,3 +732,67 @@ def test_step_stats():
     s = gen.stats
     assert (s.batch_size, s.tokens, s.prefill_tokens, s.steps) == (1, 4, 0, 4)
     assert math.isfinite(s.total_s) and s.total_s >= s.forward_s > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Review regressions: CUDA-graph padding rows, a failing prefill leaves nothing half-admitted
+# ----------------------------------------------------------------------------------------------
+class _FakeGraph:
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def test_graph_bucket_padding_rows_do_not_touch_live_slots():
+    """Decode-graph replay runs the whole bucket: rows past the decoding rows may belong to
+    live requests and must write only at their own next position. Simulated on CPU by
+    replaying the captured forward eagerly on the same static buffers."""
+    from decodekit.generator import _DecodeGraphs
+
+    class SimGraphs(_DecodeGraphs):
+        def _capture(self, b):
+            self.pos[:b].zero_()
+            self.length[:b].zero_()
+            out = self._forward(b).clone()
+            self.graphs[b] = (_FakeGraph(lambda: self._forward(b), out), out)
+
+    model = tiny_model("llama")
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64,
+                         cuda_graphs=False)
+    gen._graphs = SimGraphs(gen)
+    with torch.inference_mode():
+        gen._graphs.capture_all()
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21, 22, 23, 24]]
+    ctxs = [gen.new_context(p, greedy(8), str(i)) for i, p in enumerate(prompts)]
+    batch = {c.request_id: c for c in ctxs[:3]}
+    gen.next_token(batch, num_steps=2)
+    batch["3"] = ctxs[3]  # joins slot 3: the next decode has n=3 rows in bucket 4
+    while batch:
+        for rid, r in gen.next_token(batch).items():
+            if r.is_done:
+                gen.release(batch.pop(rid))
+    for c, p in zip(ctxs, prompts, strict=True):
+        assert c.generated_token_ids == hf_greedy(model, p, 8)
+
+
+def test_failed_prefill_leaves_contexts_unadmitted(monkeypatch):
+    model = tiny_model("llama")
+    gen = make_gen(max_batch_size=3)
+    a = gen.new_context([5, 6, 7], greedy(5), "a")
+    b = gen.new_context([8, 9], greedy(5), "b")
+    real = gen._forward
+    monkeypatch.setattr(gen, "_forward", lambda *a_, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError, match="oom"):
+        gen.next_token({"a": a, "b": b})
+    assert a.slot is None and b.slot is None and sorted(gen._free) == [0, 1, 2]
+    assert not gen._contexts and not any(gen.sampler._live)
+    monkeypatch.setattr(gen, "_forward", real)
+    batch = {"a": a, "b": b}
+    while batch:
+        for rid, r in gen.next_token(batch).items():
+            if r.is_done:
+                gen.release(batch.pop(rid))
+    assert a.generated_token_ids == hf_greedy(model, [5, 6, 7], 5)
+    assert b.generated_token_ids == hf_greedy(model, [8, 9], 5)

@@ -191,3 +191,41 @@ def test_aot_compile_all_kernel_configs_for_sm80_and_sm90():
         out, _ = p.communicate(timeout=900)
         assert p.returncode == 0, out[-4000:]
         assert "compiled" in out and "kernel variants" in out
+
+
+@pytest.mark.parametrize("case", ["neg_zero_threshold", "tiny_typical"])
+def test_kernel_threshold_edge_cases(case):
+    """-0.0 ties +0.0 at a threshold; typical_p so small that 1 - typical_p rounds to 1 still
+    keeps the closest token (as transformers does)."""
+    V = 64
+    kern, tref = _pair(V, 1)
+    if case == "neg_zero_threshold":
+        x = torch.full((1, V), -5.0)
+        x[0, 0], x[0, 1], x[0, 2], x[0, 3] = 1.0, 0.0, -0.0, -0.0
+        p = SamplingParams(top_k=2, seed=0)
+    else:
+        x = _logits(1, V, seed=2)
+        p = SamplingParams(typical_p=1e-8, seed=0)
+    kern.add(0, p)
+    tref.add(0, p)
+    pk, pr = kern.probs(x.to(KERNEL_DEVICE), [0]).cpu(), tref.probs(x, [0])
+    torch.testing.assert_close(pk, pr, atol=2e-6, rtol=1e-5)
+    assert (pr > 0).sum() == (4 if case == "neg_zero_threshold" else 1)
+
+
+def test_kernel_accept_skips_out_of_range_device_ids():
+    V = 32
+    kern = Sampler(V, 2, KERNEL_DEVICE, backend="triton")
+    for s in range(2):
+        kern.add(s, SamplingParams(frequency_penalty=1.0))
+    from decodekit import kernels as K
+
+    # what Sampler.accept does with device tensors (not read back): the kernel's guard
+    tok = torch.tensor([[35, 3], [-1, 4]], dtype=torch.int32, device=KERNEL_DEVICE)
+    slots = torch.tensor([0, 1], dtype=torch.int32, device=KERNEL_DEVICE)
+    K.accept(tok, slots, kern.iparams, kern.counts, None, V)
+    counts = kern.counts.cpu()
+    assert counts[1].nonzero().flatten().tolist() == [4]  # nothing leaked into slot 1
+    assert counts[0].nonzero().flatten().tolist() == [3]
+    with pytest.raises(ValueError, match="outside"):
+        kern.accept([0, 1], [[35], [1]])  # host ids are checked

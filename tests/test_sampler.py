@@ -293,3 +293,10 @@ def test_rollback_undoes_accept(backend):
     s.rollback([0, 1], toks)
     assert torch.equal(s.iparams, before[0]) and torch.equal(s.counts, before[1])
     torch.testing.assert_close(s.probs(x, [0, 1]), p_before)
+
+
+def test_multi_token_bad_words_that_could_ban_every_allowed_token_are_refused():
+    s = Sampler(64, 2, "cpu")
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        s.add(0, SamplingParams(allowed_token_ids=[5, 6], bad_words_token_ids=[[5, 5], [5, 6]]), [5])
+    s.add(0, SamplingParams(allowed_token_ids=[5, 6, 7], bad_words_token_ids=[[5, 5], [5, 6]]), [5])

@@ -74,8 +74,9 @@ def exponential(offs, k1, k2):
 
 @triton.jit
 def float_key(x):
-    """Map fp32 to int32 so that integer order equals float order."""
+    """Map fp32 to int32 so that integer order equals float order (-0.0 and +0.0 equal)."""
     b = x.to(tl.int32, bitcast=True)
+    b = tl.where(b == -2147483648, 0, b)  # -0.0
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
 

@@ -109,7 +109,7 @@ def _select_kernel(
     LOGPROB: tl.constexpr, PROBS: tl.constexpr, COMMIT: tl.constexpr,
     BLOCK: tl.constexpr, NP: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * V can pass 2**31
     slot = tl.load(slots_ptr + row).to(tl.int64)
     flags = tl.load(iparams_ptr + slot * NI + I_FLAGS)
     greedy = (flags & F_GREEDY) != 0
@@ -168,6 +168,15 @@ def _select_kernel(
                 c = m + tl.log(zsum) - ent
                 dkey = _search(work_row, V, tl.full([], -1, tl.int64), dkey + 1, m, tkey, min_e,
                                c, True, 0, zsum * (1.0 - typ), True, BLOCK, NP)
+                if dkey < 0:  # 1 - typical_p rounded to 1: keep the closest token, like HF
+                    dmin = tl.full([], KEY_POS_INF, tl.int64)
+                    for start in range(0, V, BLOCK):
+                        offs = start + tl.arange(0, BLOCK)
+                        l = tl.load(work_row + offs, mask=offs < V, other=-float("inf"))
+                        ok = (float_key(l).to(tl.int64) >= tkey) & (tl.exp(l - m) >= min_e)
+                        dk = float_key(tl.abs(l - c)).to(tl.int64)
+                        dmin = tl.minimum(dmin, tl.min(tl.where(ok, dk, KEY_POS_INF), axis=0))
+                    dkey = dmin
             # Final pass: the exponential race over the kept tokens.
             k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
             best = -1.0
@@ -244,12 +253,12 @@ def _commit(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
 def _accept_kernel(tok_ptr, stride_t, n_tok, slots_ptr, iparams_ptr, counts_ptr, hist_ptr, V, H,
                    HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr):
     """Commit up to ``n_tok`` tokens per row (negative ids are skipped)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + row).to(tl.int64)
     flags = tl.load(iparams_ptr + slot * NI + I_FLAGS)
     for j in range(0, n_tok):
         tok = tl.load(tok_ptr + row * stride_t + j).to(tl.int64)
-        if tok >= 0:
+        if (tok >= 0) & (tok < V):  # out-of-range ids never touch another slot's counts
             _commit(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
                     HAS_PENALTY, HAS_HIST)
 

@@ -77,7 +77,7 @@ def _process_kernel(
     HAS_BADSEQ: tl.constexpr, WRITE_WORK: tl.constexpr, NEED_RAW: tl.constexpr,
     NSP: tl.constexpr, NBP: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     slot = tl.load(slots_ptr + row).to(tl.int64)
