@@ -139,6 +139,7 @@ def _int_at_least(name: str, lo: int):
 
 
 def run_generate(args) -> int:
+    from .drafters import NGramDraft
     from .generator import TokenGenerator
     from .loading import load
 
@@ -153,8 +154,9 @@ def run_generate(args) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
     max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
+    draft = NGramDraft(n=3, k=args.num_speculative_tokens) if args.draft == "ngram" else None
     try:
-        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len)
+        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len, draft=draft)
     except ValueError as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
@@ -178,9 +180,14 @@ def run_generate(args) -> int:
         print(ctx.text, end="")
     gen.release(ctx)
     n = len(ctx.generated_token_ids)
+    spec = ""
+    if draft is not None:
+        st = ctx.spec_stats
+        spec = (f"; draft ngram k={args.num_speculative_tokens}: acceptance {st.acceptance_rate:.2f}, "
+                f"mean accepted length {st.mean_accepted_length:.2f}")
     print(f"\n[{n} tokens in {dt:.2f} s, {n / dt if dt > 0 else 0.0:.1f} tokens/s; "
           f"first token {1e3 * (first or 0):.0f} ms; prompt {len(ctx.prompt_token_ids)} tokens; "
-          f"load {load_s:.1f} s; finish={ctx.finish_reason}]")
+          f"load {load_s:.1f} s; finish={ctx.finish_reason}{spec}]")
     return 0
 
 
@@ -198,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None)
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    g.add_argument("--draft", choices=["ngram"], default=None,
+                   help="speculative decoding with a prompt-lookup (n-gram) drafter")
+    g.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1),
+                   default=4)
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     demo = sub.add_parser("demo", help="batched sampler demo with an exactness check")

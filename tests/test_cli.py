@@ -27,3 +27,31 @@ def test_bad_arguments_are_argparse_errors():
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout)
         assert "usage:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_on_the_embedded_model():
+    r = run("generate", "What is the capital of France?", "--chat", "--temperature", "0",
+            "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text, summary = r.stdout.rsplit("\n", 2)[0], r.stdout.strip().splitlines()[-1]
+    assert "Paris" in text
+    assert summary.startswith("[") and "tokens/s" in summary and "finish=" in summary
+
+
+def test_generate_with_ngram_speculation_reports_acceptance():
+    r = run("generate", "Repeat exactly: the red fox and the blue fox met the green fox.",
+            "--chat", "--temperature", "0", "--max-new-tokens", "24", "--draft", "ngram",
+            "--num-speculative-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "acceptance" in r.stdout and "mean accepted length" in r.stdout
+
+
+def test_generate_bad_arguments():
+    for args in (["generate", "x", "--top-p", "0"], ["generate", "x", "--temperature", "-1"],
+                 ["generate", "x", "--max-new-tokens", "0"], ["generate", "x", "--draft", "eagle"],
+                 ["generate"]):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stdout)
+        assert "usage:" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "x", "--model", "/nonexistent/model")
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
