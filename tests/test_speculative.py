@@ -156,3 +156,102 @@ def smollm():
     from decodekit import load
 
     return load()
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end distribution: the joint law of the first three generated tokens
+# ----------------------------------------------------------------------------------------------
+E2E_V = 7
+E2E_PROMPT = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]  # repetitive: the n-gram drafter always proposes
+
+
+def _e2e_model():
+    from _models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=E2E_V)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(2.0)
+    return model
+
+
+def _exact_joint(model, params) -> torch.Tensor:
+    """P(t1, t2, t3) from cache-free forwards and the sampler's processed distribution."""
+    from decodekit import processed_probs
+
+    V = E2E_V
+    joint = torch.zeros(V, V, V, dtype=torch.float64)
+    with torch.no_grad():
+        def probs(seq):
+            logits = model(torch.tensor([seq])).logits[:, -1].float()
+            return processed_probs(logits, params)[0].double()
+
+        p1 = probs(E2E_PROMPT)
+        for a in range(V):
+            if p1[a] == 0:
+                continue
+            p2 = probs(E2E_PROMPT + [a])
+            for b in range(V):
+                if p2[b] == 0:
+                    continue
+                joint[a, b] = p1[a] * p2[b] * probs(E2E_PROMPT + [a, b])
+    return joint.flatten()
+
+
+def _spec_samples(model, params, n: int) -> torch.Tensor:
+    gen = TokenGenerator(model, word_tokenizer(E2E_V), max_batch_size=32, max_seq_len=32,
+                         draft=NGramDraft(n=2, k=3))
+    out = []
+    seeds = iter(range(n))
+    waiting = n
+    running = {}
+    while waiting or running:
+        while waiting and len(running) < 32:
+            c = gen.new_context(E2E_PROMPT, params.replace(seed=next(seeds)))
+            running[c.request_id] = c
+            waiting -= 1
+        for rid, r in gen.next_token(running).items():
+            if r.is_done:
+                c = running.pop(rid)
+                gen.release(c)
+                out.append(c.generated_token_ids[:3])
+    assert gen.spec_stats.drafted > 0 and 0 < gen.spec_stats.accepted < gen.spec_stats.drafted
+    t = torch.tensor(out)
+    return t[:, 0] * E2E_V * E2E_V + t[:, 1] * E2E_V + t[:, 2]
+
+
+def _joint_pvalue(samples: torch.Tensor, expected: torch.Tensor) -> float:
+    from scipy import stats
+
+    obs = torch.bincount(samples, minlength=expected.numel()).double()
+    if bool((obs[expected == 0] > 0).any()):
+        return 0.0
+    exp = expected * obs.sum()
+    big = exp >= 5
+    o = torch.cat([obs[big], obs[~big].sum(0, keepdim=True)])
+    e = torch.cat([exp[big], exp[~big].sum(0, keepdim=True)])
+    keep = e > 0
+    return float(stats.chisquare(o[keep].numpy(), (e[keep] * o[keep].sum() / e[keep].sum()).numpy())
+                 .pvalue)
+
+
+def _e2e(n: int, broken: bool, monkeypatch) -> float:
+    import decodekit.generator as G
+    from decodekit.speculative import verify_reference
+
+    if broken:  # negative control: resample from p after a rejection
+        monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
+    model = _e2e_model()
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
+    return _joint_pvalue(_spec_samples(model, params, n), _exact_joint(model, params))
+
+
+@pytest.mark.slow
+def test_joint_distribution_of_three_tokens_matches_target(monkeypatch):
+    assert _e2e(40_000, False, monkeypatch) > 1e-4
+
+
+@pytest.mark.slow
+def test_joint_distribution_negative_control_is_rejected(monkeypatch):
+    assert _e2e(40_000, True, monkeypatch) < 1e-6
