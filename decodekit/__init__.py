@@ -6,6 +6,7 @@ device slots, fused Triton kernels on CUDA, torch reference elsewhere), the func
 per-step API for schedulers), :class:`LLM` (generate / stream) and :class:`EOSTracker`.
 """
 
+from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
 from .functional import processed_probs, sample
 from .generator import (
@@ -26,6 +27,8 @@ __all__ = [
     "EOSTracker",
     "GenerationStatus",
     "LLM",
+    "NGramDraft",
+    "SpecStats",
     "RequestOutput",
     "SlotKVCache",
     "TextGenerationContext",
