@@ -98,6 +98,8 @@ class TextGenerationContext:
     generated_token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogProbabilities] = field(default_factory=list)
     speculate: bool = True  # use the generator's drafter for this request
+    spec_k: int | None = None  # current draft length (adaptive k)
+    spec_rest: int = 0
     spec_stats: SpecStats = field(default_factory=SpecStats)
 
     @property
@@ -151,6 +153,9 @@ class TokenGenerator:
         rejection sampling (:mod:`decodekit.speculative`), so outputs keep the target's
         distribution (greedy: identical tokens). ``ctx.speculate = False`` turns it off
         per request. Logprobs are not reported for speculative steps.
+    adaptive_k : bool
+        Per request, lengthen drafts after full acceptances and halve them after full
+        rejections (resting a few steps at 0), so low acceptance costs little.
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class TokenGenerator:
         cuda_graphs: bool = True,
         draft: NGramDraft | None = None,
         num_speculative_tokens: int | None = None,
+        adaptive_k: bool = True,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -189,6 +195,7 @@ class TokenGenerator:
         if not isinstance(k, int) or k < 0 or (draft is not None and k < 1):
             raise ValueError(f"num_speculative_tokens must be an int >= 1, got {k!r}")
         self.draft, self.spec_k = draft, (k if draft is not None else 0)
+        self.adaptive_k = adaptive_k
         self.spec_stats = SpecStats()
         try:
             self._mask_kind, self._windows = mask_layout(self.model)
@@ -327,10 +334,13 @@ class TokenGenerator:
                 if not rows:
                     break
                 if self.draft is not None:
-                    for c, toks in self._spec_decode(rows, pending, stats).items():
-                        pending[c.request_id].extend(toks)
-                        steps_left[c.request_id] -= 1
-                    continue
+                    drafts = self._propose(rows, pending)
+                    if any(drafts):
+                        for c, toks in self._spec_decode(rows, drafts, stats).items():
+                            pending[c.request_id].extend(toks)
+                            steps_left[c.request_id] -= 1
+                        continue
+                    # no row has a draft: a plain step draws the same tokens, cheaper
                 res = self._decode(rows, stats)
                 for i, c in enumerate(rows):
                     pending[c.request_id].append((res, i))
@@ -531,8 +541,46 @@ class TokenGenerator:
         stats.steps += 1
         return res
 
-    def _spec_decode(self, rows: list[TextGenerationContext], pending, stats: StepStats
-                     ) -> dict[TextGenerationContext, list[int]]:
+    def _propose(self, rows: list[TextGenerationContext], pending) -> list[list[int]]:
+        """Drafts per row (host tokens; one transfer of this call's pending tokens)."""
+        host = self._to_host({c.request_id: pending[c.request_id] for c in rows})
+        drafts: list[list[int]] = []
+        for c in rows:  # later steps of this call see plain ints
+            pend = pending[c.request_id]
+            pend[:] = host[c.request_id][0]
+            limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            room = min(self._adaptive_k(c), limit - len(c.generated_token_ids) - len(pend) - 1,
+                       self.max_seq_len - c.length - 1)
+            seen = c.prompt_token_ids + c.generated_token_ids + pend
+            drafts.append(self.draft.propose(seen, room) if c.speculate and room > 0 else [])
+        return drafts
+
+    def _adaptive_k(self, c: TextGenerationContext) -> int:
+        """Draft length for a request: grows after fully accepted drafts, halves after fully
+        rejected ones; at 0 the request rests a few steps, then probes with 1."""
+        if not self.adaptive_k:
+            return self.spec_k
+        if c.spec_k is None:
+            c.spec_k = self.spec_k
+        if c.spec_k == 0:
+            c.spec_rest -= 1
+            if c.spec_rest > 0:
+                return 0
+            c.spec_k = 1
+        return c.spec_k
+
+    def _adapt(self, c: TextGenerationContext, drafted: int, accepted: int) -> None:
+        if not self.adaptive_k or not drafted:
+            return
+        if accepted == drafted:
+            c.spec_k = min(self.spec_k, c.spec_k + 1)
+        elif accepted == 0:
+            c.spec_k //= 2
+            if c.spec_k == 0:
+                c.spec_rest = 8
+
+    def _spec_decode(self, rows: list[TextGenerationContext], drafts: list[list[int]],
+                     stats: StepStats) -> dict[TextGenerationContext, list[int]]:
         """One speculative step: draft, one target forward over ``1 + K`` positions per row,
         exact verification, commit of the emitted tokens, rollback of the rest.
 
@@ -541,17 +589,6 @@ class TokenGenerator:
         before the emitted tokens are committed, so rejected drafts never reach the
         penalty counts, the EOS tracker or the output.
         """
-        host = self._to_host({c.request_id: pending[c.request_id] for c in rows})
-        for c in rows:  # later steps of this call see plain ints
-            pending[c.request_id][:] = host[c.request_id][0]
-        drafts: list[list[int]] = []
-        for c in rows:
-            pend = pending[c.request_id]
-            limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-            room = min(self.spec_k, limit - len(c.generated_token_ids) - len(pend) - 1,
-                       self.max_seq_len - c.length - 1)
-            seen = c.prompt_token_ids + c.generated_token_ids + pend
-            drafts.append(self.draft.propose(seen, room) if c.speculate and room > 0 else [])
         K = max(len(d) for d in drafts)
         q = K + 1
         n = max(c.slot for c in rows) + 1
@@ -610,6 +647,7 @@ class TokenGenerator:
             if d:
                 c.spec_stats.add(len(d), a, self.spec_k)
                 self.spec_stats.add(len(d), a, self.spec_k)
+                self._adapt(c, len(d), a)
         return result
 
     def _upload(self, values: list[int]) -> torch.Tensor:
