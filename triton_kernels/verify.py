@@ -37,8 +37,8 @@ def _uniform(k1, k2):
 
 
 @triton.jit
-def _race(p_row, q_row, V, k1, k2, USE_Q: tl.constexpr, BLOCK: tl.constexpr):
-    """argmax_i max(p_i - q_i, 0) / E_i over the vocabulary (q ignored unless USE_Q)."""
+def _race(p_row, q_row, skip, V, k1, k2, USE_Q: tl.constexpr, BLOCK: tl.constexpr):
+    """argmax_i w_i / E_i over i != skip, with w = max(p - q, 0) (USE_Q) or p."""
     best = -1.0
     best_i = 0
     for start in range(0, V, BLOCK):
@@ -47,7 +47,7 @@ def _race(p_row, q_row, V, k1, k2, USE_Q: tl.constexpr, BLOCK: tl.constexpr):
         w = tl.load(p_row + offs, mask=inb, other=0.0)
         if USE_Q:
             w = tl.maximum(w - tl.load(q_row + offs, mask=inb, other=0.0), 0.0)
-        key = tl.where(inb & (w > 0), w / exponential(offs, k1, k2), -1.0)
+        key = tl.where(inb & (w > 0) & (offs != skip), w / exponential(offs, k1, k2), -1.0)
         kb = tl.max(key, axis=0)
         take = kb > best
         best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
@@ -88,34 +88,17 @@ def _verify_kernel(
                 n_acc += 1
             else:
                 if HAS_Q:
-                    x = _race(p_base + j * V, q_base + j * V, V, k1, k2, True, BLOCK)
+                    x = _race(p_base + j * V, q_base + j * V, -1, V, k1, k2, True, BLOCK)
                 else:
                     # point mass: max(p - q, 0) is p with the draft token removed
-                    x = _race_without(p_base + j * V, d, V, k1, k2, BLOCK)
+                    x = _race(p_base + j * V, q_base, d, V, k1, k2, False, BLOCK)
                 tl.store(out_ptr + row * (K + 1) + j, x)
                 done = 1
     if done == 0:
         k1, k2 = row_keys(seed, pos0 + n)
-        x = _race(p_base + n * V, q_base, V, k1, k2, False, BLOCK)
+        x = _race(p_base + n * V, q_base, -1, V, k1, k2, False, BLOCK)
         tl.store(out_ptr + row * (K + 1) + n, x)
     tl.store(n_acc_ptr + row, n_acc)
-
-
-@triton.jit
-def _race_without(p_row, skip, V, k1, k2, BLOCK: tl.constexpr):
-    """argmax_i p_i / E_i over i != skip."""
-    best = -1.0
-    best_i = 0
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < V
-        w = tl.load(p_row + offs, mask=inb, other=0.0)
-        key = tl.where(inb & (w > 0) & (offs != skip), w / exponential(offs, k1, k2), -1.0)
-        kb = tl.max(key, axis=0)
-        take = kb > best
-        best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
-        best = tl.where(take, kb, best)
-    return best_i
 
 
 BLOCK_VERIFY = 1024
