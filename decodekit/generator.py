@@ -155,7 +155,8 @@ class TokenGenerator:
         per request. Logprobs are not reported for speculative steps.
     adaptive_k : bool
         Per request, lengthen drafts after full acceptances and halve them after full
-        rejections (resting a few steps at 0), so low acceptance costs little.
+        rejections (resting a few steps at 0), so low acceptance costs little; and shorten
+        drafts when the batch is large (see ``_batch_cap``).
     """
 
     def __init__(
@@ -541,15 +542,30 @@ class TokenGenerator:
         stats.steps += 1
         return res
 
+    def _batch_cap(self, n_rows: int) -> int:
+        """Longest draft per row at this batch size. A verification forward costs about
+        ``1 + k`` tokens per row: on a CPU (compute-bound already at small batches) the
+        whole batch shares a budget of ``k`` drafted tokens per step; on a GPU decode is
+        bandwidth-bound, so drafts stay full length up to batch 32 and shrink beyond."""
+        if not self.adaptive_k:
+            return self.spec_k
+        if self.device.type != "cuda":
+            return self.spec_k // n_rows
+        return self.spec_k if n_rows <= 32 else self.spec_k * 32 // n_rows
+
     def _propose(self, rows: list[TextGenerationContext], pending) -> list[list[int]]:
         """Drafts per row (host tokens; one transfer of this call's pending tokens)."""
+        cap = self._batch_cap(len(rows))
+        if cap == 0:
+            return [[] for _ in rows]
         host = self._to_host({c.request_id: pending[c.request_id] for c in rows})
         drafts: list[list[int]] = []
         for c in rows:  # later steps of this call see plain ints
             pend = pending[c.request_id]
             pend[:] = host[c.request_id][0]
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-            room = min(self._adaptive_k(c), limit - len(c.generated_token_ids) - len(pend) - 1,
+            room = min(self._adaptive_k(c), cap,
+                       limit - len(c.generated_token_ids) - len(pend) - 1,
                        self.max_seq_len - c.length - 1)
             seen = c.prompt_token_ids + c.generated_token_ids + pend
             drafts.append(self.draft.propose(seen, room) if c.speculate and room > 0 else [])

@@ -201,7 +201,7 @@ def _exact_joint(model, params) -> torch.Tensor:
 
 def _spec_samples(model, params, n: int) -> torch.Tensor:
     gen = TokenGenerator(model, word_tokenizer(E2E_V), max_batch_size=32, max_seq_len=32,
-                         draft=NGramDraft(n=2, k=3))
+                         draft=NGramDraft(n=2, k=3), adaptive_k=False)  # always speculate
     out = []
     seeds = iter(range(n))
     waiting = n
@@ -255,3 +255,12 @@ def test_joint_distribution_of_three_tokens_matches_target(monkeypatch):
 @pytest.mark.slow
 def test_joint_distribution_negative_control_is_rejected(monkeypatch):
     assert _e2e(40_000, True, monkeypatch) < 1e-6
+
+
+def test_batch_cap_shortens_drafts_on_cpu():
+    gen = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8, max_seq_len=64,
+                         draft=NGramDraft(n=2, k=4))
+    assert [gen._batch_cap(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 0]
+    fixed = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8,
+                           max_seq_len=64, draft=NGramDraft(n=2, k=4), adaptive_k=False)
+    assert fixed._batch_cap(8) == 4
