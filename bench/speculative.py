@@ -376,6 +376,7 @@ def run_point(wl: Workload, kind: str, setting: Setting, batch: int, ks: list[in
         gens = {k: make_generator(wl, batch, max_seq, k, cfg.ngram_n, cfg.ngram_min_n)
                 for k in variants}
         runs: dict[int, list[Run]] = {k: [] for k in variants}
+        per_group: dict[int, list[list[Run]]] = {k: [] for k in variants}  # [group][repeat]
         groups = ([[i] for i in range(len(prompts))] if batch == 1
                   else [list(range(len(prompts)))])
         # warm-up: one short run per side
@@ -385,10 +386,14 @@ def run_point(wl: Workload, kind: str, setting: Setting, batch: int, ks: list[in
         for rep in range(cfg.repeats):
             order = variants if rep % 2 == 0 else variants[::-1]
             totals = {k: Run() for k in variants}
-            for g in groups:
+            for gi, g in enumerate(groups):
                 for k in order:
-                    totals[k].add(run_batch(gens[k], [prompts[i] for i in g],
-                                            [seeds[i] for i in g], setting.temperature, n))
+                    r = run_batch(gens[k], [prompts[i] for i in g], [seeds[i] for i in g],
+                                  setting.temperature, n)
+                    totals[k].add(r)
+                    if rep == 0:
+                        per_group[k].append([])
+                    per_group[k][gi].append(r)
             for k in variants:
                 runs[k].append(totals[k])
         del gens
@@ -449,7 +454,23 @@ def run_point(wl: Workload, kind: str, setting: Setting, batch: int, ks: list[in
         speedup = (spec["tok_s"] / plain["tok_s"]) if spec["tok_s"] and plain["tok_s"] else None
         per_rep = [s.tok_s / p.tok_s for p, s in zip(runs[0], runs[k], strict=True)
                    if s.tok_s and p.tok_s]
+        per_prompt = None
+        if batch == 1:  # each group is one prompt
+            per_prompt = []
+            for gi, (gp, gs) in enumerate(zip(per_group[0], per_group[k], strict=True)):
+                pt = _median([r.tok_s for r in gp if r.tok_s] or [0.0])
+                st = _median([r.tok_s for r in gs if r.tok_s] or [0.0])
+                dr, ac = sum(r.drafted for r in gs), sum(r.accepted for r in gs)
+                per_prompt.append({
+                    "prompt": gi, "plain_tok_s": pt, "spec_tok_s": st,
+                    "speedup": st / pt if pt else None,
+                    "acceptance_rate": ac / dr if dr else 0.0,
+                    "tokens_per_step": (sum(r.decode_tokens for r in gs)
+                                        / max(1, sum(r.row_steps for r in gs))),
+                    "generated_tokens": [r.generated for r in gs],
+                })
         rows.append({**base, "k": k, "status": "ok", "plain": plain, "spec": spec,
+                     "per_prompt": per_prompt,
                      "speedup": speedup, "speedup_per_repeat": per_rep,
                      "greedy_mismatches": mism, "greedy_requests_compared": compared,
                      "greedy_first_diff_at": first_diff,
@@ -512,7 +533,9 @@ def render_markdown(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
         f"- torch {meta['torch']}, transformers {meta['transformers']}, triton "
         f"{meta['triton']}, python {meta['python']}",
         f"- torch threads: {meta['cpu_threads']} ({meta['cpu_count']} cores); 1-minute load "
-        f"average {meta['load_avg_1m']} at the start, {meta['load_avg_1m_end']} at the end",
+        f"average {meta['load_avg_1m']} at the start, {meta['load_avg_1m_end']} at the end, "
+        f"at most {meta['load_avg_1m_max_seen']} at a point's start or end (this process's "
+        f"own threads count; above {meta['cpu_threads']} means other work shared the cores)",
         f"- model: {meta['model']}, {meta['dtype']}; max_new_tokens {meta['max_new_tokens']}, "
         "ignore_eos False (same on both sides)",
         f"- drafter: NGramDraft(n={meta['ngram_n']}, k=k, min_n={meta['ngram_min_n']}); "
@@ -536,6 +559,17 @@ def render_markdown(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str
         "",
     ]
     lines.append(markdown_table(HEADERS, table_rows(rows)))
+    for r in rows:
+        if r.get("per_prompt") and r["kind"] == "copy" and r["setting"] == "greedy" \
+                and r["k"] == meta["k_main"]:
+            texts = meta["prompts"].get("copy") if not meta["smoke"] else None
+            lines += ["", f"Per prompt (copy, greedy, B=1, k={r['k']}; medians over repeats):", ""]
+            lines.append(markdown_table(
+                ["prompt", "plain tok/s", "spec tok/s", "speedup", "accept rate", "tok/step"],
+                [[(texts[p["prompt"]].split(":")[0][:60] if texts else p["prompt"]),
+                  _f(p["plain_tok_s"]), _f(p["spec_tok_s"]), fmt_ratio(p["speedup"]),
+                  _f(p["acceptance_rate"], "{:.0%}"), _f(p["tokens_per_step"], "{:.2f}")]
+                 for p in r["per_prompt"]]))
     lines += ["", "Targets:", ""]
     lines.append(f"- copy, greedy, B=1, k={meta['k_main']}: "
                  f"{fmt_ratio(t['copy_greedy_b1_speedup_k_main'])} (target >= 2x: "
@@ -619,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
 
     print(f"device: {device_name(dev)}, {torch.get_num_threads()} torch thread(s)")
-    load = load_average()
+    load = load_start = load_average()
     if dev.type != "cuda" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: 1-minute load average {load} on {os.cpu_count()} cores; CPU timings "
               "will be noisy", file=sys.stderr)
@@ -645,7 +679,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         k_sweep=cfg.k_sweep, settings={s.name: {"temperature": s.temperature} for s in SETTINGS},
         prompts=wl.prompt_text or {k: v for k, v in wl.prompts.items()},
     )
+    meta["load_avg_1m"] = load_start  # metadata() reads it now, at the end
     meta["load_avg_1m_end"] = load_average()
+    meta["load_avg_1m_max_seen"] = max(
+        [x for r in rows for x in (r.get("load_avg_1m") or {}).values() if x is not None]
+        + [x for x in (load_start, meta["load_avg_1m_end"]) if x is not None], default=None)
     meta["targets"] = evaluate_targets(rows, cfg)
     md = render_markdown(meta, rows)
     stem = f"speculative-{device_slug(dev)}" + ("-smoke" if cfg.smoke else "")
