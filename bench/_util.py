@@ -14,6 +14,7 @@ Everything a benchmark needs besides the thing it measures:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -74,13 +75,10 @@ def synchronize(device: torch.device) -> None:
 
 def _cpu_model() -> str:
     """The CPU model from /proc/cpuinfo, else ``platform.processor()``, else the machine."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
 
 
