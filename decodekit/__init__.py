@@ -6,6 +6,7 @@ device slots, fused Triton kernels on CUDA, torch reference elsewhere), the func
 per-step API for schedulers), :class:`LLM` (generate / stream) and :class:`EOSTracker`.
 """
 
+from .draft_models import DraftModel, LayerSkipDraft
 from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
 from .functional import processed_probs, sample
@@ -24,9 +25,11 @@ from .params import SamplingParams
 from .sampler import Sampler
 
 __all__ = [
+    "DraftModel",
     "EOSTracker",
     "GenerationStatus",
     "LLM",
+    "LayerSkipDraft",
     "NGramDraft",
     "SpecStats",
     "RequestOutput",

@@ -138,8 +138,40 @@ def _int_at_least(name: str, lo: int):
     return parse
 
 
-def run_generate(args) -> int:
+def parse_layers(text: str) -> int | list[int]:
+    """``"12"`` -> 12 (the first 12 layers); ``"0-7,10,12-13"`` -> those layer indices."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"layers must look like 12 or 0-7,10,12-13, got {text!r}") from None
+    if not out:
+        raise ValueError(f"layers must look like 12 or 0-7,10,12-13, got {text!r}")
+    return out
+
+
+def _make_draft(spec: str | None, k: int, device, dtype):
+    """``--draft``: ngram | layerskip:N | layerskip:LIST | PATH (a draft model)."""
+    from .draft_models import DraftModel, LayerSkipDraft
     from .drafters import NGramDraft
+    from .loading import load
+
+    if spec is None:
+        return None
+    if spec == "ngram":
+        return NGramDraft(n=3, k=k)
+    if spec.startswith("layerskip:"):
+        return LayerSkipDraft(parse_layers(spec.split(":", 1)[1]), k=k)
+    model, tok = load(spec, device=device, dtype=dtype)
+    return DraftModel(model, tok, k=k)
+
+
+def run_generate(args) -> int:
     from .generator import TokenGenerator
     from .loading import load
 
@@ -154,10 +186,10 @@ def run_generate(args) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
     max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
-    draft = NGramDraft(n=3, k=args.num_speculative_tokens) if args.draft == "ngram" else None
     try:
+        draft = _make_draft(args.draft, args.num_speculative_tokens, args.device, args.dtype)
         gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len, draft=draft)
-    except ValueError as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
@@ -183,7 +215,7 @@ def run_generate(args) -> int:
     spec = ""
     if draft is not None:
         st = ctx.spec_stats
-        spec = (f"; draft ngram k={args.num_speculative_tokens}: acceptance {st.acceptance_rate:.2f}, "
+        spec = (f"; draft {args.draft} k={args.num_speculative_tokens}: acceptance {st.acceptance_rate:.2f}, "
                 f"mean accepted length {st.mean_accepted_length:.2f}")
     print(f"\n[{n} tokens in {dt:.2f} s, {n / dt if dt > 0 else 0.0:.1f} tokens/s; "
           f"first token {1e3 * (first or 0):.0f} ms; prompt {len(ctx.prompt_token_ids)} tokens; "
@@ -205,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None)
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
-    g.add_argument("--draft", choices=["ngram"], default=None,
-                   help="speculative decoding with a prompt-lookup (n-gram) drafter")
+    g.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH",
+                   help="speculative decoding: prompt lookup (ngram), the model through its first N "
+                        "layers or a layer list like 0-7,12 (layerskip:...), or a draft model folder "
+                        "or .gguf file with the same vocabulary (PATH)")
     g.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1),
                    default=4)
     g.add_argument("--device", default=None)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import nvtx
+from .draft_models import DraftModel, DraftRunner, LayerSkipDraft
 from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
-from .kv_cache import SlotKVCache, mask_layout
+from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .sampler import Sampler
@@ -99,6 +100,7 @@ class TextGenerationContext:
     logprobs: list[LogProbabilities] = field(default_factory=list)
     speculate: bool = True  # use the generator's drafter for this request
     spec_k: int | None = None  # current draft length (adaptive k)
+    draft_length: int = 0  # tokens in the draft model's own KV cache (DraftModel)
     spec_rest: int = 0
     spec_stats: SpecStats = field(default_factory=SpecStats)
 
@@ -148,11 +150,12 @@ class TokenGenerator:
         On CUDA, run decode steps as CUDA graphs captured once per batch-size bucket
         (1, 2, 4, ... up to ``max_batch_size``), falling back to eager where capture fails.
     draft, num_speculative_tokens
-        Speculative decoding: a :class:`~decodekit.NGramDraft` proposes up to ``k`` tokens
-        per request and step; the target verifies them in one forward with exact
-        rejection sampling (:mod:`decodekit.speculative`), so outputs keep the target's
-        distribution (greedy: identical tokens). ``ctx.speculate = False`` turns it off
-        per request. Logprobs are not reported for speculative steps.
+        Speculative decoding: a drafter (:class:`~decodekit.NGramDraft`,
+        :class:`~decodekit.DraftModel` or :class:`~decodekit.LayerSkipDraft`) proposes up
+        to ``k`` tokens per request and step; the target verifies them in one forward with
+        exact rejection sampling (:mod:`decodekit.speculative`), so outputs keep the
+        target's distribution (greedy: identical tokens). ``ctx.speculate = False`` turns
+        it off per request. Logprobs are not reported for speculative steps.
     adaptive_k : bool
         Per request, lengthen drafts after full acceptances and halve them after full
         rejections (resting a few steps at 0), so low acceptance costs little; and shorten
@@ -172,7 +175,7 @@ class TokenGenerator:
         seed: int | None = None,
         sampler_backend: str = "auto",
         cuda_graphs: bool = True,
-        draft: NGramDraft | None = None,
+        draft: NGramDraft | DraftModel | LayerSkipDraft | None = None,
         num_speculative_tokens: int | None = None,
         adaptive_k: bool = True,
     ) -> None:
@@ -189,8 +192,9 @@ class TokenGenerator:
         self.max_seq_len = max_seq_len
         self.vocab_size = self._vocab_size()
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        if draft is not None and not isinstance(draft, NGramDraft):
-            raise TypeError(f"draft must be an NGramDraft, got {type(draft).__name__}")
+        if draft is not None and not isinstance(draft, (NGramDraft, DraftModel, LayerSkipDraft)):
+            raise TypeError("draft must be an NGramDraft, DraftModel or LayerSkipDraft, got "
+                            f"{type(draft).__name__}")
         k = num_speculative_tokens if num_speculative_tokens is not None else (
             draft.k if draft is not None else 0)
         if not isinstance(k, int) or k < 0 or (draft is not None and k < 1):
@@ -215,6 +219,7 @@ class TokenGenerator:
         self.stats = StepStats()
         self._last_tok = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._self_test()
+        self._drafter = None if draft is None or isinstance(draft, NGramDraft) else DraftRunner(self, draft)
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self._graphs = _DecodeGraphs(self)
@@ -336,8 +341,8 @@ class TokenGenerator:
                     break
                 if self.draft is not None:
                     drafts = self._propose(rows, pending)
-                    if any(drafts):
-                        for c, toks in self._spec_decode(rows, drafts, stats).items():
+                    if drafts is not None:
+                        for c, toks in self._spec_decode(rows, *drafts, stats).items():
                             pending[c.request_id].extend(toks)
                             steps_left[c.request_id] -= 1
                         continue
@@ -417,7 +422,7 @@ class TokenGenerator:
         """Undo :meth:`_admit` for a context whose prefill did not complete."""
         self._contexts.pop(ctx.request_id, None)
         self._free_slot(ctx)
-        ctx.length = 0
+        ctx.length = ctx.draft_length = 0
 
     def _free_slot(self, ctx: TextGenerationContext) -> None:
         if ctx.slot is None:
@@ -434,9 +439,7 @@ class TokenGenerator:
         return done < limit and ctx.length < self.max_seq_len
 
     def _masks(self, q_pos: torch.Tensor, length: torch.Tensor, kv_len: int):
-        masks = {k: SlotKVCache.attention_mask(q_pos, length, kv_len, w, self.dtype)
-                 for k, w in self._windows.items()}
-        return masks if self._mask_kind == "mapping" else masks["all"]
+        return attention_masks(self._mask_kind, self._windows, q_pos, length, kv_len, self.dtype)
 
     def _forward(self, input_ids, q_pos, length, first_slot: int, kv_len: int, keep: int = 1):
         """Logits ``[B, V]`` of each row's last position (``[B, keep, V]`` when keep > 1)."""
@@ -489,7 +492,10 @@ class TokenGenerator:
             t0 = time.perf_counter()
             x, q = ids.to(self.device), pos.to(self.device)
             with nvtx.nvtx_range("decodekit.forward", sum(lengths)):
-                logits = self._forward(x, q, self._upload(lengths), slots[0], self._kv_len(P))
+                lengths_dev = self._upload(lengths)
+                logits = self._forward(x, q, lengths_dev, slots[0], self._kv_len(P))
+                if self._drafter is not None:
+                    self._drafter.prefill(x, q, lengths_dev, slots[0], self._kv_len(P), run)
             t1 = time.perf_counter()
             with nvtx.nvtx_range("decodekit.sample", len(run)):
                 res = self.sampler.sample(logits, slots)
@@ -553,13 +559,15 @@ class TokenGenerator:
             return self.spec_k // n_rows
         return self.spec_k if n_rows <= 32 else self.spec_k * 32 // n_rows
 
-    def _propose(self, rows: list[TextGenerationContext], pending) -> list[list[int]]:
-        """Drafts per row (host tokens; one transfer of this call's pending tokens)."""
+    def _propose(self, rows: list[TextGenerationContext], pending):
+        """Drafts for one speculative step, or None when no row has any: ``(drafts int64
+        [R, K] on the device (-1 past each row's draft), n_draft per row, q [R, K, V] or
+        None for a drafter without a distribution)``."""
         cap = self._batch_cap(len(rows))
         if cap == 0:
-            return [[] for _ in rows]
+            return None
         host = self._to_host({c.request_id: pending[c.request_id] for c in rows})
-        drafts: list[list[int]] = []
+        rooms, seen = [], []
         for c in rows:  # later steps of this call see plain ints
             pend = pending[c.request_id]
             pend[:] = host[c.request_id][0]
@@ -567,9 +575,21 @@ class TokenGenerator:
             room = min(self._adaptive_k(c), cap,
                        limit - len(c.generated_token_ids) - len(pend) - 1,
                        self.max_seq_len - c.length - 1)
-            seen = c.prompt_token_ids + c.generated_token_ids + pend
-            drafts.append(self.draft.propose(seen, room) if c.speculate and room > 0 else [])
-        return drafts
+            rooms.append(max(room, 0) if c.speculate else 0)
+            seen.append(c.prompt_token_ids + c.generated_token_ids + pend)
+        if not any(rooms):
+            return None
+        if self._drafter is not None:
+            dpad, q = self._drafter.propose(rows, seen, rooms)
+            return dpad, rooms, q
+        drafts = [self.draft.propose(s, r) if r > 0 else [] for s, r in zip(seen, rooms, strict=True)]
+        K = max(len(d) for d in drafts)
+        if K == 0:
+            return None
+        dpad = torch.full((len(rows), K), -1, dtype=torch.long)
+        for r, d in enumerate(drafts):
+            dpad[r, : len(d)] = torch.tensor(d, dtype=torch.long)
+        return dpad.to(self.device), [len(d) for d in drafts], None
 
     def _adaptive_k(self, c: TextGenerationContext) -> int:
         """Draft length for a request: grows after fully accepted drafts, halves after fully
@@ -595,17 +615,20 @@ class TokenGenerator:
             if c.spec_k == 0:
                 c.spec_rest = 8
 
-    def _spec_decode(self, rows: list[TextGenerationContext], drafts: list[list[int]],
+    def _spec_decode(self, rows: list[TextGenerationContext], dpad_dev: torch.Tensor,
+                     n_draft: list[int], q_draft: torch.Tensor | None,
                      stats: StepStats) -> dict[TextGenerationContext, list[int]]:
-        """One speculative step: draft, one target forward over ``1 + K`` positions per row,
-        exact verification, commit of the emitted tokens, rollback of the rest.
+        """One speculative step: one target forward over ``1 + K`` positions per row
+        (``dpad_dev [R, K]``: the drafts, -1 past ``n_draft``), exact verification against
+        the draft distributions ``q_draft [R, K, V]`` (None: point masses), commit of the
+        emitted tokens, rollback of the rest.
 
         Penalties see the earlier drafts of the window: draft ``j``'s target distribution
         is computed after tentatively accepting drafts ``0..j-1``; those are rolled back
         before the emitted tokens are committed, so rejected drafts never reach the
         penalty counts, the EOS tracker or the output.
         """
-        K = max(len(d) for d in drafts)
+        K = dpad_dev.shape[1]
         q = K + 1
         n = max(c.slot for c in rows) + 1
         ar = torch.arange(q)
@@ -617,14 +640,11 @@ class TokenGenerator:
                 pos[slot] = owner.length + ar
                 length[slot] = owner.length + 1
         ids = self._last_tok[:n, None].repeat(1, q)
-        dpad = torch.full((len(rows), K), -1, dtype=torch.long)
-        for r, (c, d) in enumerate(zip(rows, drafts, strict=True)):
+        for c in rows:
             pos[c.slot] = c.length + ar
             length[c.slot] = c.length + q
-            dpad[r, : len(d)] = torch.tensor(d, dtype=torch.long)
         slots = [c.slot for c in rows]
         idx = self._upload(slots)
-        dpad_dev = dpad.to(self.device)
         rows_dev = idx[:, None].expand(-1, K)
         ids[rows_dev, 1 + torch.arange(K, device=self.device)[None, :]] = dpad_dev.clamp(min=0)
         with nvtx.nvtx_range("decodekit.verify", len(rows)):
@@ -648,22 +668,24 @@ class TokenGenerator:
                         sp.accept(slots, dpad_dev[:, j])
                 if K:
                     sp.rollback(slots, dpad_dev)
-                n_draft = torch.tensor([len(d) for d in drafts], device=self.device)
-                out, n_acc = verify(torch.stack(probs, 1), None, dpad_dev, n_draft, seeds, pos0)
+                nd = self._upload(n_draft)
+                out, n_acc = verify(torch.stack(probs, 1), q_draft, dpad_dev, nd, seeds, pos0)
                 sp.accept(slots, out)
                 self._last_tok.index_copy_(0, idx, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
         stats.steps += 1
+        if self._drafter is not None:
+            self._drafter.committed(rows, K, acc_h)
         result = {}
-        for c, d, o, a in zip(rows, drafts, out_h, acc_h, strict=True):
+        for c, d, o, a in zip(rows, n_draft, out_h, acc_h, strict=True):
             c.length += a + 1
             result[c] = o[: a + 1]
             if d:
-                c.spec_stats.add(len(d), a, self.spec_k)
-                self.spec_stats.add(len(d), a, self.spec_k)
-                self._adapt(c, len(d), a)
+                c.spec_stats.add(d, a, self.spec_k)
+                self.spec_stats.add(d, a, self.spec_k)
+                self._adapt(c, d, a)
         return result
 
     def _upload(self, values: list[int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["SlotKVCache", "mask_layout"]
+__all__ = ["SlotKVCache", "attention_masks", "mask_layout"]
 
 
 def mask_layout(model) -> tuple[str, dict[str, int | None]]:
@@ -38,6 +38,14 @@ def mask_layout(model) -> tuple[str, dict[str, int | None]]:
     if "create_sliding_window_causal_mask" in src and window is not None:
         return "single", {"all": window}
     return "single", {"all": None}
+
+
+def attention_masks(kind: str, windows: dict[str, int | None], q_pos: torch.Tensor,
+                    length: torch.Tensor, kv_len: int, dtype):
+    """The ``attention_mask`` argument for a model of layout ``(kind, windows)``
+    (:func:`mask_layout`): one 4D mask, or a dict of them keyed by layer type."""
+    masks = {k: SlotKVCache.attention_mask(q_pos, length, kv_len, w, dtype) for k, w in windows.items()}
+    return masks if kind == "mapping" else masks["all"]
 
 
 class _SlotLayer:

@@ -12,7 +12,7 @@ import torch
 
 from . import reference as ref
 
-__all__ = ["ACCEPT_LANE", "verify", "verify_reference"]
+__all__ = ["ACCEPT_LANE", "draw", "verify", "verify_reference"]
 
 ACCEPT_LANE = 0x7FFFFFFF  # hash lane of the acceptance uniforms (never a token id)
 
@@ -27,6 +27,13 @@ def _race(weights: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> 
     E = ref.exponential_noise(seed, position, weights.shape[1])
     key = torch.where(weights > 0, weights / E, torch.full_like(weights, -1.0))
     return key.argmax(-1)
+
+
+def draw(probs: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [N, V]`` (an exponential race keyed by ``seed [N]`` and
+    ``position [N]``; int64 ``[N]``). Drafters pass a salted seed so that their draws are
+    independent of the verification's."""
+    return _race(probs.float(), seed.long(), position.long())
 
 
 def verify_reference(

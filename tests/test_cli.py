@@ -46,12 +46,21 @@ def test_generate_with_ngram_speculation_reports_acceptance():
     assert "acceptance" in r.stdout and "mean accepted length" in r.stdout
 
 
+def test_generate_with_layer_skip_draft():
+    r = run("generate", "Name a fruit.", "--chat", "--temperature", "0", "--max-new-tokens", "12",
+            "--draft", "layerskip:0-9,20-29", "--num-speculative-tokens", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "draft layerskip:0-9,20-29 k=2: acceptance" in r.stdout
+
+
 def test_generate_bad_arguments():
     for args in (["generate", "x", "--top-p", "0"], ["generate", "x", "--temperature", "-1"],
-                 ["generate", "x", "--max-new-tokens", "0"], ["generate", "x", "--draft", "eagle"],
+                 ["generate", "x", "--max-new-tokens", "0"],
                  ["generate"]):
         r = run(*args)
         assert r.returncode == 2, (args, r.stdout)
         assert "usage:" in r.stderr and "Traceback" not in r.stderr
-    r = run("generate", "x", "--model", "/nonexistent/model")
-    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    for args in (["--model", "/nonexistent/model"], ["--draft", "/nonexistent/draft"],
+                 ["--draft", "layerskip:40"], ["--draft", "layerskip:a-b"]):
+        r = run("generate", "x", *args)
+        assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, args

@@ -1,14 +1,17 @@
-"""Speculative decoding in the generator (NGramDraft): greedy outputs identical to
-non-speculative greedy (batched, joining requests, penalties over the draft window),
-stops inside an accepted block, metrics, and the embedded model on a copy-heavy prompt."""
+"""Speculative decoding in the generator, for each drafter (NGramDraft, DraftModel,
+LayerSkipDraft): greedy outputs identical to non-speculative greedy (batched, joining
+requests, penalties over the draft window), stops inside an accepted block, metrics,
+draft = target accepting everything, and the embedded model."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from _models import hf_greedy, tiny_model, word_tokenizer
 
-from decodekit import SamplingParams, TokenGenerator
+from decodekit import DraftModel, LayerSkipDraft, SamplingParams, TokenGenerator
 from decodekit.drafters import NGramDraft
 
 
@@ -22,6 +25,30 @@ def _one_thread():
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(10, 21)) * 2, [30, 31, 32, 30, 31],
            [40, 41, 42, 43, 40, 41]]
+
+
+def near_copy(model, noise: float, seed: int = 0):
+    """A draft that agrees with ``model`` often but not always: its weights plus noise."""
+    torch.manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * p.std() * torch.randn_like(p))
+    return draft
+
+
+def make_draft(kind: str, model, k: int = 4):
+    """One drafter of each kind for ``model`` (a 2-layer tiny model)."""
+    if kind == "ngram":
+        return NGramDraft(n=2, k=k)
+    if kind == "model":
+        return DraftModel(near_copy(model, 0.15), k=k)
+    if kind == "self":
+        return DraftModel(model, k=k)
+    return LayerSkipDraft([1], k=k)
+
+
+DRAFTERS = ["ngram", "model", "layerskip"]
 
 
 def _run(gen, prompts, params, join_at=1):
@@ -51,11 +78,12 @@ def test_ngram_proposals():
         NGramDraft(k=0)
 
 
+@pytest.mark.parametrize("kind", DRAFTERS)
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
-def test_greedy_identical_to_hf_with_joins(arch):
+def test_greedy_identical_to_hf_with_joins(arch, kind):
     model = tiny_model(arch)
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                         draft=NGramDraft(n=2, k=4))
+                         draft=make_draft(kind, model))
     news = [12, 9, 14, 10]
     params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in news]
     ctxs = _run(gen, PROMPTS, params)
@@ -66,7 +94,8 @@ def test_greedy_identical_to_hf_with_joins(arch):
     assert st.mean_accepted_length == pytest.approx(1 + st.accepted / st.steps)
 
 
-def test_penalties_see_the_draft_window():
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_penalties_see_the_draft_window(kind):
     """Greedy with penalties is deterministic: speculation must give the same tokens, which
     needs each draft position's distribution to count the earlier drafts of its window and
     never the rejected ones."""
@@ -76,14 +105,15 @@ def test_penalties_see_the_draft_window():
               for _ in PROMPTS]
     plain = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64)
     spec = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                          draft=NGramDraft(n=1, k=4))
+                          draft=NGramDraft(n=1, k=4) if kind == "ngram" else make_draft(kind, model))
     want = [c.generated_token_ids for c in _run(plain, PROMPTS, params)]
     got = [c.generated_token_ids for c in _run(spec, PROMPTS, params)]
     assert got == want
     assert spec.spec_stats.drafted > 0 and spec.spec_stats.accepted > 0
 
 
-def test_stops_inside_an_accepted_block():
+@pytest.mark.parametrize("kind", ["ngram", "self", "layerskip"])
+def test_stops_inside_an_accepted_block(kind):
     model = tiny_model("llama")
     tok = word_tokenizer()
     base = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
@@ -91,7 +121,8 @@ def test_stops_inside_an_accepted_block():
     ref = _run(plain, PROMPTS[:1], [base])[0].generated_token_ids
     stop_tok = ref[5]
     cut = ref.index(stop_tok)
-    spec = TokenGenerator(model, tok, max_batch_size=2, max_seq_len=64, draft=NGramDraft(n=1, k=6))
+    draft = NGramDraft(n=1, k=6) if kind == "ngram" else make_draft(kind, model, k=6)
+    spec = TokenGenerator(model, tok, max_batch_size=2, max_seq_len=64, draft=draft)
     c = _run(spec, PROMPTS[:1], [base.replace(stop_token_ids=[stop_tok])])[0]
     assert c.generated_token_ids == ref[: cut + 1] and c.finish_reason == "stop"
     c = _run(spec, PROMPTS[:1], [base.replace(max_new_tokens=7)])[0]
@@ -113,19 +144,20 @@ def test_speculation_per_request_switch_and_errors():
         gen.next_token({ctx.request_id: ctx})
     assert ctx.spec_stats.drafted == 0
     assert ctx.generated_token_ids == hf_greedy(model, PROMPTS[0], 8)
-    with pytest.raises(TypeError, match="NGramDraft"):
+    with pytest.raises(TypeError, match="NGramDraft, DraftModel or LayerSkipDraft"):
         TokenGenerator(model, word_tokenizer(), draft="ngram")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         TokenGenerator(model, word_tokenizer(), draft=NGramDraft(), num_speculative_tokens=0)
 
 
-def test_sampled_requests_stay_valid_and_seeded():
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_sampled_requests_stay_valid_and_seeded(kind):
     """Sampling with speculation: tokens in range, reproducible for a seed."""
     model = tiny_model("llama")
     runs = []
     for _ in range(2):
         gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                             draft=NGramDraft(n=1, k=3))
+                             draft=make_draft(kind, model, k=3))
         params = [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_new_tokens=10,
                                  ignore_eos=True) for s in range(4)]
         runs.append([c.generated_token_ids for c in _run(gen, PROMPTS, params)])
