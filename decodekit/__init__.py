@@ -3,7 +3,9 @@
 Public surface: :class:`SamplingParams`, :class:`Sampler` (per-request state in
 device slots, fused Triton kernels on CUDA, torch reference elsewhere), the functional
 :func:`sample` / :func:`processed_probs`, :func:`load`, :class:`TokenGenerator` (the
-per-step API for schedulers), :class:`LLM` (generate / stream) and :class:`EOSTracker`.
+per-step API for schedulers), :class:`LLM` (generate / stream), :class:`EOSTracker`, the drafters
+(:class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`) and steering
+(:class:`SteeringVector`, :class:`Steering`, :func:`steer`, :func:`train_steering_vector`).
 """
 
 from .draft_models import DraftModel, LayerSkipDraft
@@ -23,6 +25,9 @@ from .loading import load
 from .outputs import LogProbabilities, SamplerOutput
 from .params import SamplingParams
 from .sampler import Sampler
+from .steer_hooks import steer
+from .steer_train import train_steering_vector
+from .steering import Steering, SteeringVector
 
 __all__ = [
     "DraftModel",
@@ -43,7 +48,11 @@ __all__ = [
     "Sampler",
     "SamplerOutput",
     "SamplingParams",
+    "Steering",
+    "SteeringVector",
     "processed_probs",
     "sample",
+    "steer",
+    "train_steering_vector",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -171,6 +172,52 @@ def _make_draft(spec: str | None, k: int, device, dtype):
     return DraftModel(model, tok, k=k)
 
 
+def _make_steering(args, model, tok):
+    """``--steer PRESET|PATH --steer-strength S``."""
+    from .steer_presets import PRESETS, preset_steering
+    from .steering import Steering
+
+    if args.steer is None:
+        if args.steer_strength is not None:
+            raise ValueError("--steer-strength needs --steer PRESET|PATH")
+        return None
+    if args.steer in PRESETS:
+        return preset_steering(args.steer, model, tok, args.steer_strength)
+    if not Path(args.steer).is_file():
+        raise FileNotFoundError(f"--steer {args.steer!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                                "nor a steering vector file")
+    return Steering(args.steer, 1.0 if args.steer_strength is None else args.steer_strength)
+
+
+def run_steer_train(args) -> int:
+    """``decodekit steer train --pairs FILE.jsonl --layers 8-16 -o vector.safetensors``."""
+    import json
+
+    from .loading import load
+    from .steer_train import train_steering_vector
+
+    try:
+        lines = Path(args.pairs).read_text("utf-8").splitlines()
+        pairs = []
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    pairs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.pairs}:{n}: not JSON ({e.msg})") from None
+        model, tok = load(args.model, device=args.device)
+        t0 = time.perf_counter()
+        vec = train_steering_vector(model, tok, pairs, args.layers, method=args.method,
+                                    token_index=args.token_index, batch_size=args.batch_size)
+        vec.save(args.output)
+    except (OSError, ImportError, ValueError) as e:
+        print(f"decodekit steer train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {args.method} on {len(pairs)} pairs, layers {list(vec.layers)} "
+          f"(hidden size {vec.hidden_size}) in {time.perf_counter() - t0:.1f} s -> {args.output}")
+    return 0
+
+
 def run_generate(args) -> int:
     from .generator import TokenGenerator
     from .loading import load
@@ -194,8 +241,9 @@ def run_generate(args) -> int:
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
-        ctx = gen.new_context(prompt, params, truncate_prompt_tokens=None)
-    except ValueError as e:
+        steering = _make_steering(args, model, tok)
+        ctx = gen.new_context(prompt, params, truncate_prompt_tokens=None, steering=steering)
+    except (FileNotFoundError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
@@ -243,8 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "or .gguf file with the same vocabulary (PATH)")
     g.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1),
                    default=4)
+    g.add_argument("--steer", default=None, metavar="PRESET|PATH",
+                   help="steer with a preset (brevity, positive, formal) or a vector file "
+                        "(.safetensors, or a .gguf control vector)")
+    g.add_argument("--steer-strength", type=_unit("--steer-strength", -1e3, 1e3), default=None,
+                   help="steering strength (default: the preset's, else 1.0)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    st = sub.add_parser("steer", help="steering vectors")
+    st_sub = st.add_subparsers(dest="steer_command", required=True)
+    tr = st_sub.add_parser("train", help="train a steering vector from contrastive pairs")
+    tr.add_argument("--pairs", required=True, help='JSON Lines of {"positive": ..., "negative": ...}')
+    tr.add_argument("--layers", required=True, help="decoder layers, e.g. 8-16")
+    tr.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf) file")
+    tr.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
+    tr.add_argument("--model", default=None, help="local model folder or .gguf file")
+    tr.add_argument("--token-index", type=int, default=-1)
+    tr.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=16)
+    tr.add_argument("--device", default=None)
     demo = sub.add_parser("demo", help="batched sampler demo with an exactness check")
     demo.add_argument("--vocab-size", type=int, default=32000)
     demo.add_argument("--steps", type=int, default=8)
@@ -259,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "steer":
+        return run_steer_train(args)
     if args.command == "demo":
         if args.vocab_size < 100:
             parser.error("--vocab-size must be >= 100")

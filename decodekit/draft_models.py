@@ -18,12 +18,16 @@ with ``(p, q)`` is exact (:func:`decodekit.speculative.verify`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .speculative import draw
+from .steer_hooks import SteeringHooks, maybe_bound
+from .steering import Steering, SteeringVector
 
 __all__ = ["DraftModel", "DraftRunner", "LayerSkipDraft", "decoder_layer_list"]
 
@@ -179,10 +183,20 @@ class DraftRunner:
                                      gen.device, gen.dtype)
             self.layout = mask_layout(self.model)
             self.keep = None
+            self.hooks = None  # steered like the target where it has the layer (same hidden size)
+            if gen._steer is not None:
+                with contextlib.suppress(ValueError):
+                    hooks = SteeringHooks(self.model, gen.max_batch_size, gen.device)
+                    if hooks.hidden_size == gen._steer.hidden_size:
+                        self.hooks = hooks
+                        weakref.finalize(self, hooks.remove)
+                    else:
+                        hooks.remove()
         else:
             parent, name = decoder_layer_list(gen.model)
             self.keep = draft.resolve(len(getattr(parent, name)))
             self.cache = None
+            self.hooks = None  # the kept layers carry the target's own steering hooks
             self.tuple_out = self._probe_tuple_out(gen.model, getattr(parent, name)[0])
 
     @staticmethod
@@ -209,9 +223,10 @@ class DraftRunner:
             with skip_layers(gen.model, self.keep, self.tuple_out):
                 return gen._forward(ids, pos, length, 0, kv_len)
         self.cache.bind(0, pos, kv_len)
-        out = self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, length, kv_len,
-                                                                      gen.dtype),
-                         position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        with maybe_bound(self.hooks, 0, pos):
+            out = self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, length, kv_len,
+                                                                          gen.dtype),
+                             position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def prefill(self, ids, pos, lengths, first_slot: int, kv_len: int, run) -> None:
@@ -219,11 +234,26 @@ class DraftRunner:
         if self.cache is None:
             return
         self.cache.bind(first_slot, pos, kv_len)
-        self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, lengths, kv_len,
-                                                                 self.gen.dtype),
-                   position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        with maybe_bound(self.hooks, first_slot, pos):
+            self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, lengths, kv_len,
+                                                                     self.gen.dtype),
+                       position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         for c in run:
             c.draft_length = len(c.prompt_token_ids)
+
+    def set_steering(self, slot: int, steering: Steering | None, prompt_len: int) -> None:
+        """Steer a DraftModel's row with the request's vector, on the layers it has (a
+        LayerSkipDraft shares the target's hooks; a draft of another hidden size runs
+        unsteered: verification always uses the steered target, so outputs stay exact)."""
+        if self.hooks is None:
+            return
+        sub = {} if steering is None else {
+            i: v for i, v in steering.vector.items() if i < self.hooks.num_layers}
+        if not sub:
+            self.hooks.clear_row(slot)
+            return
+        vec = SteeringVector(sub, model_name=steering.vector.model_name, method=steering.vector.method)
+        self.hooks.set_row(slot, dataclasses.replace(steering, vector=vec), prompt_len)
 
     def _first_inputs(self, rows, seen, n: int):
         """Inputs of the first draft forward: each row's tokens not yet in the draft cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .sampler import Sampler
 from .speculative import verify
+from .steer_hooks import SteeringHooks, maybe_bound
+from .steering import Steering
 
 __all__ = [
     "GenerationStatus",
@@ -103,6 +106,7 @@ class TextGenerationContext:
     draft_length: int = 0  # tokens in the draft model's own KV cache (DraftModel)
     spec_rest: int = 0
     spec_stats: SpecStats = field(default_factory=SpecStats)
+    steering: Steering | None = None
 
     @property
     def text(self) -> str:
@@ -156,6 +160,11 @@ class TokenGenerator:
         exact rejection sampling (:mod:`decodekit.speculative`), so outputs keep the
         target's distribution (greedy: identical tokens). ``ctx.speculate = False`` turns
         it off per request. Logprobs are not reported for speculative steps.
+    steering : bool
+        Install the steering hooks (once, on every decoder layer) so that requests can
+        carry a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows
+        without one are bit-identical to an unsteered generator. Decode steps of a batch
+        while any request is steered run eagerly (not as CUDA graphs).
     adaptive_k : bool
         Per request, lengthen drafts after full acceptances and halve them after full
         rejections (resting a few steps at 0), so low acceptance costs little; and shorten
@@ -178,6 +187,7 @@ class TokenGenerator:
         draft: NGramDraft | DraftModel | LayerSkipDraft | None = None,
         num_speculative_tokens: int | None = None,
         adaptive_k: bool = True,
+        steering: bool = True,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -218,7 +228,15 @@ class TokenGenerator:
         self._slot_owner: list[TextGenerationContext | None] = [None] * max_batch_size
         self.stats = StepStats()
         self._last_tok = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._steer: SteeringHooks | None = None
         self._self_test()
+        if steering:
+            try:
+                self._steer = SteeringHooks(self.model, max_batch_size, self.device)
+            except ValueError:  # no decoder layer list found: steering requests will say so
+                self._steer = None
+            else:  # the hooks live as long as the generator
+                weakref.finalize(self, self._steer.remove)
         self._drafter = None if draft is None or isinstance(draft, NGramDraft) else DraftRunner(self, draft)
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda":
@@ -234,13 +252,17 @@ class TokenGenerator:
         request_id: str | None = None,
         *,
         truncate_prompt_tokens: int | None = None,
+        steering: Steering | None = None,
     ) -> TextGenerationContext:
         """Make a request context; nothing runs until :meth:`next_token`.
 
         ``prompt`` is text, token ids, or chat messages (rendered with the tokenizer's
         chat template). A prompt longer than ``max_seq_len - max_new_tokens`` raises
         ``ValueError`` unless ``truncate_prompt_tokens`` keeps only its last tokens.
+        ``steering`` steers this request alone (positions are its absolute token positions:
+        the prompt is ``0 .. len(prompt) - 1``).
         """
+        self._check_steering(steering)
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -268,7 +290,19 @@ class TokenGenerator:
             raise ValueError(f"request_id {rid!r} is already in use")
         eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
                          prompt_token_ids=ids, default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-        return TextGenerationContext(rid, ids, params, eos)
+        ctx = TextGenerationContext(rid, ids, params, eos)
+        ctx.steering = steering
+        return ctx
+
+    def _check_steering(self, steering) -> None:
+        if steering is None:
+            return
+        if not isinstance(steering, Steering):
+            raise TypeError(f"steering must be a decodekit.Steering, got {type(steering).__name__}")
+        if self._steer is None:
+            raise ValueError("this generator has no steering hooks (constructed with steering=False, or "
+                             f"the decoder layers of {type(self.model).__name__} were not found)")
+        steering.vector.check_fits(self._steer.num_layers, self._steer.hidden_size)
 
     def release(self, context_or_request_id: TextGenerationContext | str) -> None:
         """Free a request's slot; an active request ends CANCELLED. Unknown ids: ``KeyError``."""
@@ -413,6 +447,15 @@ class TokenGenerator:
             )
         slot = self._free[0]
         self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)  # may refuse: slot stays free
+        if ctx.steering is not None:
+            try:
+                self._steer.set_row(slot, ctx.steering, len(ctx.prompt_token_ids))
+                if self._drafter is not None:
+                    self._drafter.set_steering(slot, ctx.steering, len(ctx.prompt_token_ids))
+            except BaseException:
+                self.sampler.remove(slot)
+                self._clear_steering(slot)
+                raise
         self._free.pop(0)
         ctx.slot = slot
         self._slot_owner[slot] = ctx
@@ -428,10 +471,18 @@ class TokenGenerator:
         if ctx.slot is None:
             return
         self.sampler.remove(ctx.slot)
+        if ctx.steering is not None:
+            self._clear_steering(ctx.slot)
         self._slot_owner[ctx.slot] = None
         self._free.append(ctx.slot)
         self._free.sort()
         ctx.slot = None
+
+    def _clear_steering(self, slot: int) -> None:
+        if self._steer is not None:
+            self._steer.clear_row(slot)
+        if self._drafter is not None:
+            self._drafter.set_steering(slot, None, 0)
 
     def _room(self, ctx: TextGenerationContext, n_pending: int) -> bool:
         done = len(ctx.generated_token_ids) + n_pending
@@ -444,14 +495,15 @@ class TokenGenerator:
     def _forward(self, input_ids, q_pos, length, first_slot: int, kv_len: int, keep: int = 1):
         """Logits ``[B, V]`` of each row's last position (``[B, keep, V]`` when keep > 1)."""
         self.cache.bind(first_slot, q_pos, kv_len)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self._masks(q_pos, length, kv_len),
-            position_ids=q_pos,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
+        with maybe_bound(self._steer, first_slot, q_pos):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=self._masks(q_pos, length, kv_len),
+                position_ids=q_pos,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
         return out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]
 
     def _kv_len(self, longest: int) -> int:
@@ -512,7 +564,8 @@ class TokenGenerator:
         that range are padding whose outputs are ignored), then the sampler over the rows.
         Each row's input is its newest token, already on the device (``_last_tok``)."""
         n = max(c.slot for c in rows) + 1
-        graphs = self._graphs is not None and self._graphs.ready(n)
+        steered = self._steer is not None and self._steer.active  # graphs hold no steering
+        graphs = self._graphs is not None and self._graphs.ready(n) and not steered
         n_fill = self._graphs.bucket(n) if graphs else n  # a graph runs its whole bucket
         pos = [0] * n_fill
         length = [0] * n_fill

@@ -17,6 +17,7 @@ from .generator import GenerationStatus, TextGenerationContext, TokenGenerator
 from .loading import load
 from .outputs import LogProbabilities
 from .params import SamplingParams
+from .steering import Steering, SteeringVector
 
 __all__ = ["LLM", "RequestOutput"]
 
@@ -63,12 +64,52 @@ class LLM:
         self.generator = TokenGenerator(model, tokenizer, **generator_options)
         self.tokenizer = tokenizer
 
+    def steering(
+        self,
+        steering_vector: SteeringVector | Mapping[int, torch.Tensor] | str | None = None,
+        steering_strength: float | None = None,
+        steering_preset: str | None = None,
+        steering_positions="all",
+        steering_op: str = "add",
+    ) -> Steering | None:
+        """The :class:`~decodekit.Steering` for these options (None without a vector or preset).
+
+        ``steering_vector`` is a :class:`~decodekit.SteeringVector`, a ``{layer: tensor}``
+        mapping or a file (safetensors or GGUF control vector); ``steering_preset`` names a
+        preset (:data:`decodekit.steer_presets.PRESETS`, trained on first use and cached).
+        ``steering_strength`` defaults to the preset's documented strength, else 1.0.
+        """
+        if steering_vector is not None and steering_preset is not None:
+            raise ValueError("give steering_vector or steering_preset, not both")
+        if steering_preset is not None:
+            from .steer_presets import preset_steering
+
+            return preset_steering(steering_preset, self.generator.model, self.tokenizer, steering_strength,
+                                   positions=steering_positions, op=steering_op)
+        if steering_vector is None:
+            if steering_strength is not None:
+                raise ValueError("steering_strength needs a steering_vector or a steering_preset")
+            return None
+        return Steering(steering_vector, 1.0 if steering_strength is None else steering_strength,
+                        positions=steering_positions, op=steering_op)
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        steering_vector: SteeringVector | Mapping[int, torch.Tensor] | str | None = None,
+        steering_strength: float | None = None,
+        steering_preset: str | None = None,
+        steering_positions="all",
+        steering_op: str = "add",
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, token ids or chat messages); outputs in order."""
+        """Generate for every prompt (text, token ids or chat messages); outputs in order.
+
+        The ``steering_*`` options steer every prompt of the call (see :meth:`steering`).
+        """
+        steering = self.steering(steering_vector, steering_strength, steering_preset, steering_positions,
+                                 steering_op)
         if isinstance(prompts, torch.Tensor):  # [T] one prompt of ids, [N, T] N prompts
             prompts = prompts.tolist()
             if prompts and isinstance(prompts[0], int):
@@ -85,7 +126,7 @@ class LLM:
             if len(pl) != len(plist):
                 raise ValueError(f"{len(pl)} params for {len(plist)} prompts")
         gen = self.generator
-        contexts = [gen.new_context(p, sp) for p, sp in zip(plist, pl, strict=True)]
+        contexts = [gen.new_context(p, sp, steering=steering) for p, sp in zip(plist, pl, strict=True)]
         waiting = deque(contexts)
         running: dict[str, TextGenerationContext] = {}
         try:
@@ -102,10 +143,13 @@ class LLM:
                 gen.release(ctx)
         return [_output(c) for c in contexts]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas as they are final (stop strings are never streamed)."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **steering_options
+               ) -> Iterator[str]:
+        """Yield text deltas as they are final (stop strings are never streamed).
+        ``steering_options``: the ``steering_*`` keywords of :meth:`generate`."""
         gen = self.generator
-        ctx = gen.new_context(prompt, params or SamplingParams())
+        steering = self.steering(**steering_options)
+        ctx = gen.new_context(prompt, params or SamplingParams(), steering=steering)
         try:
             while True:
                 r = gen.next_token({ctx.request_id: ctx})[ctx.request_id]

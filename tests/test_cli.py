@@ -64,3 +64,41 @@ def test_generate_bad_arguments():
                  ["--draft", "layerskip:40"], ["--draft", "layerskip:a-b"]):
         r = run("generate", "x", *args)
         assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, args
+
+
+def test_steer_train_then_generate_with_the_vector(tmp_path):
+    import json
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"positive": f"Answer briefly. Question {i}? Yes.",
+             "negative": f"Answer at length. Question {i}? Well, there is a great deal to say, starting with"}
+            for i in range(6)]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "v.safetensors"
+    r = run("steer", "train", "--pairs", str(pairs), "--layers", "8-10", "-o", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained mean_diff on 6 pairs, layers [8, 9, 10] (hidden size 576)" in r.stdout
+    from decodekit import SteeringVector
+
+    vec = SteeringVector.load(out)
+    assert vec.layers == (8, 9, 10) and vec.hidden_size == 576
+    args = ("generate", "Name a fruit.", "--chat", "--temperature", "0", "--max-new-tokens", "8",
+            "--no-stream")
+    plain = run(*args)
+    steered = run(*args, "--steer", str(out), "--steer-strength", "0.2")
+    assert plain.returncode == 0 and steered.returncode == 0, steered.stderr[-2000:]
+    assert plain.stdout.splitlines()[0] != steered.stdout.splitlines()[0]
+
+
+def test_steer_bad_arguments(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": "a", "negative": "b"}\nnot json\n')
+    vout = str(tmp_path / "v.safetensors")
+    cases = [("steer", "train", "--pairs", str(bad), "--layers", "1-2", "-o", vout),
+             ("steer", "train", "--pairs", str(tmp_path / "missing.jsonl"), "--layers", "1", "-o", "x"),
+             ("generate", "x", "--steer", "nonexistent-preset"),
+             ("generate", "x", "--steer-strength", "2")]
+    for args in cases:
+        r = run(*args)
+        assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert "bad.jsonl:2: not JSON" in run(*cases[0]).stderr

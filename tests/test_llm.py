@@ -169,3 +169,36 @@ def test_embedded_default_model():
     assert text and text.isprintable() and "\ufffd" not in text
     assert sum(c.isalpha() for c in text) >= 3
     assert "<|im_end|>" not in out.text
+
+
+def test_generate_with_a_steering_vector_equals_the_generator_api():
+    from decodekit import Steering, SteeringVector
+
+    g = torch.Generator().manual_seed(0)
+    vec = SteeringVector({0: 0.5 * torch.randn(64, generator=g), 1: 0.5 * torch.randn(64, generator=g)})
+    llm = tiny_llm()
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    got = llm.generate(prompts, greedy(8), steering_vector=dict(vec), steering_strength=2.0,
+                       steering_positions="generated")
+    gen = tiny_llm().generator
+    for p, out in zip(prompts, got, strict=True):
+        ctx = gen.new_context(p, greedy(8), steering=Steering(vec, 2.0, positions="generated"))
+        while not ctx.is_done:
+            gen.next_token({ctx.request_id: ctx})
+        assert out.token_ids == ctx.generated_token_ids
+    plain = llm.generate(prompts, greedy(8))
+    assert [o.token_ids for o in plain] != [o.token_ids for o in got]
+    assert [o.token_ids for o in plain] == [hf_greedy(tiny_model("llama"), p, 8) for p in prompts]
+
+
+def test_steering_option_errors():
+    llm = tiny_llm()
+    with pytest.raises(ValueError, match="not both"):
+        llm.generate([1, 5], greedy(2), steering_vector={0: torch.ones(64)}, steering_preset="brevity")
+    with pytest.raises(ValueError, match="steering_strength needs"):
+        llm.generate([1, 5], greedy(2), steering_strength=2.0)
+    with pytest.raises(ValueError, match="unknown steering preset 'nope'"):
+        llm.generate([1, 5], greedy(2), steering_preset="nope")
+    with pytest.raises(ValueError, match="hidden size"):
+        llm.generate([1, 5], greedy(2), steering_vector={0: torch.ones(10)})
+    assert llm.generator._free == [0, 1]

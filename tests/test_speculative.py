@@ -30,7 +30,8 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(10, 21)) * 2, [30, 31, 32,
 def near_copy(model, noise: float, seed: int = 0):
     """A draft that agrees with ``model`` often but not always: its weights plus noise."""
     torch.manual_seed(seed)
-    draft = copy.deepcopy(model)
+    draft = type(model)(copy.deepcopy(model.config)).eval()  # (deepcopy would copy hooks too)
+    draft.load_state_dict(model.state_dict())
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(noise * p.std() * torch.randn_like(p))
