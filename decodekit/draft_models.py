@@ -26,7 +26,7 @@ import torch
 
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .speculative import draw
-from .steer_hooks import SteeringHooks, maybe_bound
+from .steer_hooks import SteeringHooks, decoder_layers, maybe_bound
 from .steering import Steering, SteeringVector
 
 __all__ = ["DraftModel", "DraftRunner", "LayerSkipDraft", "decoder_layer_list"]
@@ -128,14 +128,10 @@ class LayerSkipDraft:
 
 def decoder_layer_list(model) -> tuple[torch.nn.Module, str]:
     """``(parent, attribute)`` where ``model``'s decoder layers (a ModuleList) live."""
-    cands = []
-    if hasattr(model, "get_decoder"):
-        with contextlib.suppress(Exception):
-            cands.append(model.get_decoder())
-    cands += [getattr(model, "model", None), model]
-    for parent in cands:
-        for name in ("layers", "h", "decoder_layers"):
-            if parent is not None and isinstance(getattr(parent, name, None), torch.nn.ModuleList):
+    layers = decoder_layers(model)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is layers:
                 return parent, name
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 

@@ -8,15 +8,15 @@ last token over a band of middle layers) and cached on disk, keyed by the model'
 only reads a small safetensors file.
 
 Default strengths (tuned on the embedded SmolLM2-135M-Instruct, greedy, ``positions="all"``;
-the vectors are raw mean differences summed over 13 of its 30 layers, hence the small
+the vectors are raw mean differences, added at 13 of its 30 layers, hence the small
 numbers):
 
 =============  ========  ======================================================
 preset         strength  effect
 =============  ========  ======================================================
 ``brevity``    0.05      shorter answers (tests: >= 30% fewer tokens)
-``positive``   0.05      more upbeat wording (tests: higher lexicon sentiment)
-``formal``     0.05      more formal register (tests: higher formality score)
+``positive``   0.1       more upbeat wording (tests: higher lexicon sentiment)
+``formal``     0.08      more formal register (tests: higher formality score)
 =============  ========  ======================================================
 """
 
@@ -56,8 +56,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
         Preset("brevity", 0.05, "short, terse answers"),
-        Preset("positive", 0.05, "upbeat, optimistic wording"),
-        Preset("formal", 0.05, "formal, professional register"),
+        Preset("positive", 0.1, "upbeat, optimistic wording"),
+        Preset("formal", 0.08, "formal, professional register"),
     )
 }
 

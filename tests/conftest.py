@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -21,3 +22,13 @@ warnings.filterwarnings("ignore", message="overflow encountered", category=Runti
 warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def one_thread():
+    """Run a model-heavy test on one torch thread (tiny models: thread start-up dominates,
+    and the machine's other core stays free), restoring the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -8,19 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import hf_greedy, tiny_config, tiny_model, word_tokenizer
-from test_speculative import _e2e_model, _exact_joint, _joint_pvalue, near_copy
+from test_speculative import e2e_pvalue, near_copy
 from transformers import AutoModelForCausalLM
 
 from decodekit import DraftModel, LayerSkipDraft, SamplingParams, TokenGenerator
 from decodekit.draft_models import decoder_layer_list, skip_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _drive(gen, ctxs, num_steps=1, toggle=None):
@@ -165,46 +159,15 @@ def test_embedded_model_self_draft_and_layer_skip(smollm):
 # ----------------------------------------------------------------------------------------------
 # End-to-end distribution with a real draft distribution q (DraftModel)
 # ----------------------------------------------------------------------------------------------
-def _spec_samples(model, draft, params, n: int) -> torch.Tensor:
-    from _models import word_tokenizer as wt
-    from test_speculative import E2E_PROMPT, E2E_V
-
-    gen = TokenGenerator(model, wt(E2E_V), max_batch_size=32, max_seq_len=32,
-                         draft=DraftModel(draft, k=2), adaptive_k=False)
-    out, seeds, waiting, running = [], iter(range(n)), n, {}
-    while waiting or running:
-        while waiting and len(running) < 2:  # CPU batch cap: k // rows drafts per row
-            c = gen.new_context(E2E_PROMPT, params.replace(seed=next(seeds)))
-            running[c.request_id] = c
-            waiting -= 1
-        for rid, r in gen.next_token(running).items():
-            if r.is_done:
-                c = running.pop(rid)
-                gen.release(c)
-                out.append(c.generated_token_ids[:3])
-    st = gen.spec_stats
-    assert st.drafted > 0 and 0.2 < st.acceptance_rate < 0.95
-    t = torch.tensor(out)
-    return t[:, 0] * E2E_V * E2E_V + t[:, 1] * E2E_V + t[:, 2]
-
-
-def _e2e(n: int, broken: bool, monkeypatch) -> float:
-    import decodekit.generator as G
-    from decodekit.speculative import verify_reference
-
-    if broken:  # negative control: resample from p after a rejection
-        monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
-    model = _e2e_model()
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
-    draft = near_copy(model, 1.0, seed=5)
-    return _joint_pvalue(_spec_samples(model, draft, params, n), _exact_joint(model, params))
+def _draft(model):
+    return DraftModel(near_copy(model, 1.0, seed=5), k=2)  # acceptance about 0.6 here
 
 
 @pytest.mark.slow
 def test_joint_distribution_with_draft_model_matches_target(monkeypatch):
-    assert _e2e(15_000, False, monkeypatch) > 1e-4
+    assert e2e_pvalue(15_000, False, monkeypatch, _draft, rows=2) > 1e-4
 
 
 @pytest.mark.slow
 def test_joint_distribution_with_draft_model_negative_control(monkeypatch):
-    assert _e2e(15_000, True, monkeypatch) < 1e-6
+    assert e2e_pvalue(15_000, True, monkeypatch, _draft, rows=2) < 1e-6

@@ -37,14 +37,7 @@ MAXLEN = GenerationStatus.MAXIMUM_LENGTH
 CANCELLED = GenerationStatus.CANCELLED
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine spinning
-    threads make them much slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:

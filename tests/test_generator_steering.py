@@ -12,13 +12,7 @@ from test_speculative import make_draft
 
 from decodekit import SamplingParams, Steering, SteeringVector, TokenGenerator, steer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 H = 64  # tiny models' hidden size

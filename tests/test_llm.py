@@ -11,13 +11,7 @@ from _models import VOCAB, hf_greedy, tiny_model, word_tokenizer
 
 from decodekit import LLM, LogProbabilities, RequestOutput, SamplingParams
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:

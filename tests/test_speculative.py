@@ -14,13 +14,7 @@ from _models import hf_greedy, tiny_model, word_tokenizer
 from decodekit import DraftModel, LayerSkipDraft, SamplingParams, TokenGenerator
 from decodekit.drafters import NGramDraft
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(10, 21)) * 2, [30, 31, 32, 30, 31],
@@ -232,15 +226,17 @@ def _exact_joint(model, params) -> torch.Tensor:
     return joint.flatten()
 
 
-def _spec_samples(model, params, n: int) -> torch.Tensor:
+def _spec_samples(model, params, n: int, draft, rows: int) -> torch.Tensor:
+    """First three tokens of ``n`` seeded requests, ``rows`` at a time (adaptive k off:
+    always speculate)."""
     gen = TokenGenerator(model, word_tokenizer(E2E_V), max_batch_size=32, max_seq_len=32,
-                         draft=NGramDraft(n=2, k=3), adaptive_k=False)  # always speculate
+                         draft=draft, adaptive_k=False)
     out = []
     seeds = iter(range(n))
     waiting = n
     running = {}
     while waiting or running:
-        while waiting and len(running) < 32:
+        while waiting and len(running) < rows:
             c = gen.new_context(E2E_PROMPT, params.replace(seed=next(seeds)))
             running[c.request_id] = c
             waiting -= 1
@@ -269,25 +265,29 @@ def _joint_pvalue(samples: torch.Tensor, expected: torch.Tensor) -> float:
                  .pvalue)
 
 
-def _e2e(n: int, broken: bool, monkeypatch) -> float:
+def e2e_pvalue(n: int, broken: bool, monkeypatch, draft_of=None, rows: int = 32) -> float:
+    """Chi-square p-value of the speculative joint law of three tokens against the exact
+    one; ``broken``: the negative control (resample from p after a rejection).
+    ``draft_of(model)`` makes the drafter (default: n-gram, which always proposes here)."""
     import decodekit.generator as G
     from decodekit.speculative import verify_reference
 
-    if broken:  # negative control: resample from p after a rejection
+    if broken:
         monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
     model = _e2e_model()
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
-    return _joint_pvalue(_spec_samples(model, params, n), _exact_joint(model, params))
+    draft = NGramDraft(n=2, k=3) if draft_of is None else draft_of(model)
+    return _joint_pvalue(_spec_samples(model, params, n, draft, rows), _exact_joint(model, params))
 
 
 @pytest.mark.slow
 def test_joint_distribution_of_three_tokens_matches_target(monkeypatch):
-    assert _e2e(40_000, False, monkeypatch) > 1e-4
+    assert e2e_pvalue(40_000, False, monkeypatch) > 1e-4
 
 
 @pytest.mark.slow
 def test_joint_distribution_negative_control_is_rejected(monkeypatch):
-    assert _e2e(40_000, True, monkeypatch) < 1e-6
+    assert e2e_pvalue(40_000, True, monkeypatch) < 1e-6
 
 
 def test_batch_cap_shortens_drafts_on_cpu():

@@ -8,14 +8,7 @@ from _models import tiny_model, word_tokenizer
 
 from decodekit.steer_train import train_steering_vector
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box the threads stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
