@@ -12,6 +12,7 @@ nobody else's work is recomputed. Slots are reused lowest-first.
 from __future__ import annotations
 
 import enum
+import math
 import time
 import uuid
 import weakref
@@ -123,6 +124,14 @@ class TextGenerationContext:
         return self.status.is_done
 
 
+@dataclass(frozen=True)
+class _HostToken:
+    """A pending token already on the host (speculative steps), with its logprobs if asked."""
+
+    token: int
+    logprobs: LogProbabilities | None = None
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids: set[int] = set()
     for src in (getattr(tokenizer, "eos_token_id", None),
@@ -159,7 +168,8 @@ class TokenGenerator:
         to ``k`` tokens per request and step; the target verifies them in one forward with
         exact rejection sampling (:mod:`decodekit.speculative`), so outputs keep the
         target's distribution (greedy: identical tokens). ``ctx.speculate = False`` turns
-        it off per request. Logprobs are not reported for speculative steps.
+        it off per request. Logprobs of tokens from speculative steps come from the
+        target's logits at their positions (raw) or the processed target distribution.
     steering : bool
         Install the steering hooks (once, on every decoder layer) so that requests can
         carry a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows
@@ -623,13 +633,14 @@ class TokenGenerator:
         rooms, seen = [], []
         for c in rows:  # later steps of this call see plain ints
             pend = pending[c.request_id]
-            pend[:] = host[c.request_id][0]
+            toks, lps = host[c.request_id]
+            pend[:] = [_HostToken(t, lp) for t, lp in zip(toks, lps, strict=True)]
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             room = min(self._adaptive_k(c), cap,
                        limit - len(c.generated_token_ids) - len(pend) - 1,
                        self.max_seq_len - c.length - 1)
             rooms.append(max(room, 0) if c.speculate else 0)
-            seen.append(c.prompt_token_ids + c.generated_token_ids + pend)
+            seen.append(c.prompt_token_ids + c.generated_token_ids + toks)
         if not any(rooms):
             return None
         if self._drafter is not None:
@@ -714,9 +725,13 @@ class TokenGenerator:
                 sp = self.sampler
                 pos0 = sp.iparams[idx, 2].long()
                 seeds = sp.seed[idx]
-                probs = []
+                probs, lsm = [], []
+                processed_lp = sp.logprobs_mode == "processed" and any(
+                    c.params.logprobs is not None for c in rows)
                 for j in range(q):
                     probs.append(sp.probs(sel[:, j].contiguous(), slots))
+                    if processed_lp:
+                        lsm.append(sp.processed_logprobs(sel[:, j].contiguous(), slots))
                     if j < K:
                         sp.accept(slots, dpad_dev[:, j])
                 if K:
@@ -726,20 +741,54 @@ class TokenGenerator:
                 sp.accept(slots, out)
                 self._last_tok.index_copy_(0, idx, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()
+                lps = self._spec_logprobs(rows, sel, lsm, out)
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
         stats.steps += 1
         if self._drafter is not None:
             self._drafter.committed(rows, K, acc_h)
         result = {}
-        for c, d, o, a in zip(rows, n_draft, out_h, acc_h, strict=True):
+        for r, (c, d, o, a) in enumerate(zip(rows, n_draft, out_h, acc_h, strict=True)):
             c.length += a + 1
-            result[c] = o[: a + 1]
+            result[c] = [_HostToken(t, None if lps is None else lps[r][j]) for j, t in enumerate(o[: a + 1])]
             if d:
                 c.spec_stats.add(d, a, self.spec_k)
                 self.spec_stats.add(d, a, self.spec_k)
                 self._adapt(c, d, a)
         return result
+
+    def _spec_logprobs(self, rows, logits: torch.Tensor, processed: list[torch.Tensor], out: torch.Tensor):
+        """Logprobs of a speculative step's tokens for the rows that ask (None if none do):
+        ``[row][position] -> LogProbabilities``, from the target's logits ``[R, K+1, V]``
+        (raw mode) or the processed log-probabilities of each position (processed mode),
+        the same definitions as on plain steps."""
+        asked = [c.params.logprobs for c in rows if c.params.logprobs is not None]
+        if not asked:
+            return None
+        if self.sampler.logprobs_mode == "raw":
+            x = logits.float()
+            src = torch.log_softmax(torch.where(torch.isnan(x), -math.inf, x), -1)
+        else:
+            src = torch.stack(processed, 1)
+        chosen = src.gather(2, out.clamp(min=0)[..., None])[..., 0].tolist()  # [R][K+1]
+        n = max(asked)
+        top_v = top_i = None
+        if n > 0:
+            top = src.topk(n, -1)
+            top_v, top_i = top.values.tolist(), top.indices.tolist()
+        res = []
+        for r, c in enumerate(rows):
+            row = []
+            for j, t in enumerate(out[r].tolist()):
+                k = c.params.logprobs
+                if k is None or t < 0:
+                    row.append(None)
+                    continue
+                top_d = dict(zip(top_i[r][j][:k], top_v[r][j][:k], strict=True)) if k else {}
+                top_d.setdefault(t, chosen[r][j])
+                row.append(LogProbabilities([chosen[r][j]], [top_d]))
+            res.append(row)
+        return res
 
     def _upload(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)
@@ -752,7 +801,7 @@ class TokenGenerator:
         results: dict[int, SamplerOutput] = {}
         for items in pending.values():
             for item in items:
-                if not isinstance(item, int):
+                if not isinstance(item, _HostToken):
                     results[id(item[0])] = item[0]
         order = list(results)
         flat = torch.cat([results[k].token_ids for k in order]).tolist() if order else []
@@ -764,9 +813,11 @@ class TokenGenerator:
         for rid, items in pending.items():
             ctx = self._contexts.get(rid)
             want_lp = ctx is not None and ctx.params.logprobs is not None
-            toks = [it if isinstance(it, int) else flat[base[id(it[0])] + it[1]] for it in items]
-            lps = [it[0].log_probabilities(it[1], ctx.params.logprobs)
-                   if want_lp and not isinstance(it, int) else None for it in items]
+            toks = [it.token if isinstance(it, _HostToken) else flat[base[id(it[0])] + it[1]]
+                    for it in items]
+            lps = [it.logprobs if isinstance(it, _HostToken) else
+                   it[0].log_probabilities(it[1], ctx.params.logprobs) if want_lp else None
+                   for it in items]
             host[rid] = (toks, lps)
         return host
 

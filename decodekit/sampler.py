@@ -350,6 +350,16 @@ class Sampler:
         )
         return out
 
+    def processed_logprobs(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor
+                           ) -> torch.Tensor:
+        """What ``logprobs_mode="processed"`` reports, fp32 ``[B, V]``: the log-softmax of the
+        processed logits with filtered tokens at -inf; commits nothing. Torch ops on any
+        device (the reference path): for speculative steps that ask for logprobs."""
+        idx, _, _ = self._prepare(logits, slots)
+        state = self._rows(idx)
+        l = ref.process_logits(logits, state)
+        return torch.log_softmax(torch.where(ref.filter_keep(l, state), l, -math.inf), -1)
+
     def accept(self, slots: Sequence[int] | torch.Tensor, token_ids: torch.Tensor) -> None:
         """Commit tokens chosen outside :meth:`sample`: ``token_ids [B]`` or ``[B, n]``
         (negative ids are skipped), in order, to the slots' state."""

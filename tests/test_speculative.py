@@ -297,3 +297,28 @@ def test_batch_cap_shortens_drafts_on_cpu():
     fixed = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8,
                            max_seq_len=64, draft=NGramDraft(n=2, k=4), adaptive_k=False)
     assert fixed._batch_cap(8) == 4
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+@pytest.mark.parametrize("kind", ["ngram", "model"])
+def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
+    model = tiny_model("llama")
+    params = [SamplingParams(temperature=0, max_new_tokens=14, ignore_eos=True, logprobs=n,
+                             repetition_penalty=1.1) for n in (2, 0, None, 3)]
+    runs = []
+    for draft in (None, make_draft(kind, model)):
+        gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64, draft=draft,
+                             logprobs_mode=mode)
+        runs.append((_run(gen, PROMPTS, params), gen.spec_stats))
+    (plain, _), (spec, st) = runs
+    assert st.accepted > 0
+    for a, b, sp in zip(plain, spec, params, strict=True):
+        assert a.generated_token_ids == b.generated_token_ids
+        if sp.logprobs is None:
+            assert a.logprobs == [] and b.logprobs == []
+            continue
+        assert len(b.logprobs) == len(a.logprobs) == 14
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            torch.testing.assert_close(torch.tensor(y.token_log_probabilities),
+                                       torch.tensor(x.token_log_probabilities), atol=1e-4, rtol=0)
+            assert set(y.top_log_probabilities[0]) == set(x.top_log_probabilities[0])
