@@ -105,7 +105,8 @@ class TextGenerationContext:
     speculate: bool = True  # use the generator's drafter for this request
     spec_k: int | None = None  # current draft length (adaptive k)
     draft_length: int = 0  # tokens in the draft model's own KV cache (DraftModel)
-    spec_rest: int = 0
+    spec_rest: int = 0  # steps left without drafting (adaptive k at 0)
+    spec_misses: int = 0  # rests in a row that ended in a rejected probe
     spec_stats: SpecStats = field(default_factory=SpecStats)
     steering: Steering | None = None
 
@@ -657,11 +658,13 @@ class TokenGenerator:
 
     def _adaptive_k(self, c: TextGenerationContext) -> int:
         """Draft length for a request: grows after fully accepted drafts, halves after fully
-        rejected ones; at 0 the request rests a few steps, then probes with 1."""
+        rejected ones; at 0 the request rests, then probes with 1, resting twice as long
+        after each probe that is rejected too (8, 16, ... 128 steps). Model drafts cost
+        forwards, so they start at half length."""
         if not self.adaptive_k:
             return self.spec_k
         if c.spec_k is None:
-            c.spec_k = self.spec_k
+            c.spec_k = self.spec_k if self._drafter is None else max(1, self.spec_k // 2)
         if c.spec_k == 0:
             c.spec_rest -= 1
             if c.spec_rest > 0:
@@ -672,12 +675,15 @@ class TokenGenerator:
     def _adapt(self, c: TextGenerationContext, drafted: int, accepted: int) -> None:
         if not self.adaptive_k or not drafted:
             return
+        if accepted:
+            c.spec_misses = 0
         if accepted == drafted:
             c.spec_k = min(self.spec_k, c.spec_k + 1)
         elif accepted == 0:
             c.spec_k //= 2
             if c.spec_k == 0:
-                c.spec_rest = 8
+                c.spec_rest = 8 << min(c.spec_misses, 4)
+                c.spec_misses += 1
 
     def _spec_decode(self, rows: list[TextGenerationContext], dpad_dev: torch.Tensor,
                      n_draft: list[int], q_draft: torch.Tensor | None,

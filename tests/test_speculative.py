@@ -322,3 +322,41 @@ def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
             torch.testing.assert_close(torch.tensor(y.token_log_probabilities),
                                        torch.tensor(x.token_log_probabilities), atol=1e-4, rtol=0)
             assert set(y.top_log_probabilities[0]) == set(x.top_log_probabilities[0])
+
+
+def test_adaptive_k_backs_off_exponentially_and_recovers():
+    """Rejected drafts halve k; at 0 the request rests 8, 16, 32, ... steps between probes
+    (so a drafter that never helps costs ever less); an accepted draft resets the backoff."""
+    model = tiny_model("llama")
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
+                         draft=NGramDraft(n=2, k=4))
+    c = gen.new_context([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=8))
+
+    def steps_until_draft() -> int:
+        n = 0
+        while gen._adaptive_k(c) == 0:
+            n += 1
+        return n
+
+    assert gen._adaptive_k(c) == 4
+    gen._adapt(c, 4, 0)
+    assert gen._adaptive_k(c) == 2
+    gen._adapt(c, 2, 0)
+    assert gen._adaptive_k(c) == 1
+    gen._adapt(c, 1, 0)
+    rests = []
+    for _ in range(6):
+        rests.append(steps_until_draft())
+        assert gen._adaptive_k(c) == 1  # the probe
+        gen._adapt(c, 1, 0)
+    assert rests == [7, 15, 31, 63, 127, 127]  # (the step that probes is not counted)
+    steps_until_draft()
+    gen._adapt(c, 1, 1)  # accepted: k grows, backoff resets
+    assert gen._adaptive_k(c) == 2 and c.spec_misses == 0
+    gen._adapt(c, 2, 0)
+    gen._adapt(c, 1, 0)
+    assert steps_until_draft() == 7
+    model_gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
+                               draft=make_draft("layerskip", model, k=4))
+    c2 = model_gen.new_context([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=8))
+    assert model_gen._adaptive_k(c2) == 2  # model drafts start at half length
