@@ -299,10 +299,12 @@ class DraftRunner:
         kv_len = gen._kv_len(int(pos_h.max()) + K + 1)
         logits = self._forward(ids.to(gen.device), pos, pos[:, -1] + 1, kv_len)
         cur = torch.zeros(n, dtype=torch.long, device=gen.device)
+        greedy = sp._all_greedy(slots)
         drafts, qs = [], []
         for j in range(K):
             q = sp.probs(logits.index_select(0, idx), slots)  # [R, V]
-            x = torch.where(n_draft > j, draw(q, seeds, pos0 + j), -1)
+            x = q.argmax(-1) if greedy else draw(q, seeds, pos0 + j)  # greedy q is one-hot
+            x = torch.where(n_draft > j, x, -1)
             sp.accept(slots, x)  # tentatively, so penalties see the earlier drafts
             drafts.append(x)
             qs.append(q)
