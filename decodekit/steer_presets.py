@@ -15,7 +15,7 @@ numbers):
 preset         strength  effect
 =============  ========  ======================================================
 ``brevity``    0.05      shorter answers (tests: >= 30% fewer tokens)
-``positive``   0.1       more upbeat wording (tests: higher lexicon sentiment)
+``positive``   0.12      more upbeat wording (tests: higher lexicon sentiment)
 ``formal``     0.08      more formal register (tests: higher formality score)
 =============  ========  ======================================================
 """
@@ -56,7 +56,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
         Preset("brevity", 0.05, "short, terse answers"),
-        Preset("positive", 0.1, "upbeat, optimistic wording"),
+        Preset("positive", 0.12, "upbeat, optimistic wording"),
         Preset("formal", 0.08, "formal, professional register"),
     )
 }
