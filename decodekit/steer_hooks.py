@@ -51,10 +51,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     candidates = [_attr_path(model, "model.layers")]
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
-        try:
+        with contextlib.suppress(Exception):  # some wrappers raise instead of returning None
             candidates.append(getattr(get_decoder(), "layers", None))
-        except Exception:  # some wrappers raise instead of returning None
-            pass
     candidates += [_attr_path(model, p) for p in _LAYER_PATHS]
     for layers in candidates:
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:

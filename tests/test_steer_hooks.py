@@ -355,9 +355,9 @@ def test_steer_removes_hooks_on_exit_and_on_exception():
     assert _hook_counts(model) == before
     with pytest.raises(ValueError, match="hidden size 8 but the model has 64"), \
             steer(model, {0: torch.ones(8)}):
-        pass
+        raise AssertionError("steer() accepted a vector of the wrong hidden size")
     with pytest.raises(ValueError, match="positions"), steer(model, v, positions="middle"):
-        pass
+        raise AssertionError("steer() accepted positions='middle'")
     assert _hook_counts(model) == before
     assert torch.equal(forward(model, ids).logits, base)
 
