@@ -240,6 +240,7 @@ class TokenGenerator:
         self.stats = StepStats()
         self._last_tok = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._steer: SteeringHooks | None = None
+        self._steered_slots: set[int] = set()  # slots whose steering rows are written
         self._self_test()
         if steering:
             try:
@@ -460,6 +461,8 @@ class TokenGenerator:
         self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)  # may refuse: slot stays free
         if ctx.steering is not None:
             try:
+                self._check_steering(ctx.steering)  # (the field may have changed since new_context)
+                self._steered_slots.add(slot)
                 self._steer.set_row(slot, ctx.steering, len(ctx.prompt_token_ids))
                 if self._drafter is not None:
                     self._drafter.set_steering(slot, ctx.steering, len(ctx.prompt_token_ids))
@@ -482,7 +485,7 @@ class TokenGenerator:
         if ctx.slot is None:
             return
         self.sampler.remove(ctx.slot)
-        if ctx.steering is not None:
+        if ctx.slot in self._steered_slots:  # whatever ctx.steering says now
             self._clear_steering(ctx.slot)
         self._slot_owner[ctx.slot] = None
         self._free.append(ctx.slot)
@@ -490,6 +493,7 @@ class TokenGenerator:
         ctx.slot = None
 
     def _clear_steering(self, slot: int) -> None:
+        self._steered_slots.discard(slot)
         if self._steer is not None:
             self._steer.clear_row(slot)
         if self._drafter is not None:

@@ -123,6 +123,19 @@ def test_slot_reuse_clears_the_steering():
     gen.release(ctx)
     assert not gen._steer.active
     assert _generate(gen, [PROMPTS[1]], [None])[0] == after
+    # the row is cleared by slot, whatever ctx.steering says when the request ends
+    ctx = gen.new_context(PROMPTS[1], _params(), steering=Steering(vec(7), 2.0))
+    gen.next_token({ctx.request_id: ctx})
+    ctx.steering = None
+    gen.release(ctx)
+    assert not gen._steer.active
+    assert _generate(gen, [PROMPTS[1]], [None])[0] == after
+    # a steering changed to an unfitting vector before admission is refused, nothing admitted
+    ctx = gen.new_context(PROMPTS[1], _params())
+    ctx.steering = Steering({0: torch.ones(32)})
+    with pytest.raises(ValueError, match="hidden size 32"):
+        gen.next_token({ctx.request_id: ctx})
+    assert gen._free == [0] and not gen._steer.active and ctx.slot is None
 
 
 @pytest.mark.parametrize("kind", ["ngram", "model", "layerskip"])
