@@ -287,6 +287,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def result_stem(area: str, device: torch.device, *suffixes: str | None) -> str:
+    """``<area>-<device slug>[-suffix...]`` with each suffix reduced to safe characters."""
+    parts = [area, device_slug(device)]
+    parts += ["".join(c if c.isalnum() or c in "-_." else "-" for c in x) for x in suffixes if x]
+    return "-".join(parts)
+
+
 def write_results(
     out_dir: str | os.PathLike[str],
     stem: str,

@@ -90,7 +90,6 @@ from ._util import (
     Timing,
     bench_ms,
     device_name,
-    device_slug,
     fmt_ratio,
     fmt_us,
     load_average,
@@ -98,6 +97,7 @@ from ._util import (
     metadata,
     pick_device,
     random_llama,
+    result_stem,
     synchronize,
     word_tokenizer,
     write_results,
@@ -830,9 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     meta["load_avg_1m_end"] = load_average()
     md = render_markdown(meta, rows)
-    stem = f"generate-{device_slug(dev)}" + ("-smoke" if cfg.smoke else "")
-    if args.tag:
-        stem += "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in args.tag)
+    stem = result_stem("generate", dev, "smoke" if cfg.smoke else None, args.tag)
     json_path, md_path = write_results(cfg.out, stem, meta, rows, md)
     print()
     print(md)

@@ -108,13 +108,13 @@ import torch
 from ._util import (
     DTYPES,
     device_name,
-    device_slug,
     fmt_ratio,
     load_average,
     markdown_table,
     metadata,
     pick_device,
     random_llama,
+    result_stem,
     write_results,
 )
 from .generate import TINY_CONFIG, chat_ids, smoke_prompts
@@ -1128,9 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + [x for x in (load_start, meta["load_avg_1m_end"]) if x is not None], default=None)
     meta["targets"] = evaluate_targets(rows, cfg, search)
     md = render_markdown(meta, rows)
-    stem = f"speculative-{device_slug(dev)}" + ("-smoke" if cfg.smoke else "")
-    if args.tag:
-        stem += "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in args.tag)
+    stem = result_stem("speculative", dev, "smoke" if cfg.smoke else None, args.tag)
     json_path, md_path = write_results(args.out, stem, meta, rows, md)
     print()
     print(md)

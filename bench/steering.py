@@ -79,12 +79,12 @@ import torch
 from ._util import (
     DTYPES,
     device_name,
-    device_slug,
     load_average,
     markdown_table,
     metadata,
     pick_device,
     random_llama,
+    result_stem,
     synchronize,
     word_tokenizer,
     write_results,
@@ -649,9 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + [x for x in (load_start, meta["load_avg_1m_end"]) if x is not None], default=None)
     meta["targets"] = evaluate_targets(rows, dev.type)
     md = render_markdown(meta, rows)
-    stem = f"steering-{device_slug(dev)}" + ("-smoke" if args.smoke else "")
-    if args.tag:
-        stem += "-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in args.tag)
+    stem = result_stem("steering", dev, "smoke" if args.smoke else None, args.tag)
     json_path, md_path = write_results(args.out, stem, meta, rows, md)
     print()
     print(md)
