@@ -167,7 +167,8 @@ class DraftRunner:
 
     ``propose`` runs ``K`` draft forwards over the generator's slot range and returns
     the drafts and their processed distributions; ``committed`` does the draft cache's
-    length bookkeeping after verification.
+    length bookkeeping after verification. ``cost`` estimates one drafted token's cost as
+    a fraction of a target forward (kept layers, or the draft's share of the parameters).
     """
 
     def __init__(self, gen, draft: DraftModel | LayerSkipDraft) -> None:
@@ -179,6 +180,8 @@ class DraftRunner:
                                      gen.device, gen.dtype)
             self.layout = mask_layout(self.model)
             self.keep = None
+            n_draft = sum(p.numel() for p in self.model.parameters())
+            self.cost = n_draft / max(1, sum(p.numel() for p in gen.model.parameters()))
             self.hooks = None  # steered like the target where it has the layer (same hidden size)
             if gen._steer is not None:
                 with contextlib.suppress(ValueError):
@@ -191,6 +194,7 @@ class DraftRunner:
         else:
             parent, name = decoder_layer_list(gen.model)
             self.keep = draft.resolve(len(getattr(parent, name)))
+            self.cost = len(self.keep) / len(getattr(parent, name))
             self.cache = None
             self.hooks = None  # the kept layers carry the target's own steering hooks
             self.tuple_out = self._probe_tuple_out(gen.model, getattr(parent, name)[0])

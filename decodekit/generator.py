@@ -107,6 +107,7 @@ class TextGenerationContext:
     draft_length: int = 0  # tokens in the draft model's own KV cache (DraftModel)
     spec_rest: int = 0  # steps left without drafting (adaptive k at 0)
     spec_misses: int = 0  # rests in a row that ended in a rejected probe
+    spec_alpha: float | None = None  # running per-token acceptance (adaptive k)
     spec_stats: SpecStats = field(default_factory=SpecStats)
     steering: Steering | None = None
 
@@ -250,6 +251,11 @@ class TokenGenerator:
             else:  # the hooks live as long as the generator
                 weakref.finalize(self, self._steer.remove)
         self._drafter = None if draft is None or isinstance(draft, NGramDraft) else DraftRunner(self, draft)
+        # adaptive k: a drafted token pays when its acceptance beats its cost, in target
+        # forwards: drafting (0 for n-grams) plus verifying one more position (compute-bound
+        # on a CPU, nearly free on a GPU)
+        self._break_even = (0.0 if self._drafter is None else self._drafter.cost) + (
+            0.02 if self.device.type == "cuda" else 0.1)
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self._graphs = _DecodeGraphs(self)
@@ -677,17 +683,24 @@ class TokenGenerator:
         return c.spec_k
 
     def _adapt(self, c: TextGenerationContext, drafted: int, accepted: int) -> None:
+        """After a verification: k grows after a full acceptance, halves after a full
+        rejection; the request rests (backoff) when k reaches 0 or its running acceptance
+        is below the drafter's break-even (a draft that costs more than it saves)."""
         if not self.adaptive_k or not drafted:
             return
-        if accepted:
-            c.spec_misses = 0
+        rate = accepted / drafted
+        prior = 1.0 if c.spec_alpha is None else c.spec_alpha  # optimistic start
+        c.spec_alpha = 0.7 * prior + 0.3 * rate
         if accepted == drafted:
             c.spec_k = min(self.spec_k, c.spec_k + 1)
         elif accepted == 0:
             c.spec_k //= 2
-            if c.spec_k == 0:
-                c.spec_rest = 8 << min(c.spec_misses, 4)
-                c.spec_misses += 1
+        if c.spec_k == 0 or c.spec_alpha < self._break_even:
+            c.spec_k = 0
+            c.spec_rest = 8 << min(c.spec_misses, 4)
+            c.spec_misses += 1
+        elif accepted:
+            c.spec_misses = 0
 
     def _spec_decode(self, rows: list[TextGenerationContext], dpad_dev: torch.Tensor,
                      n_draft: list[int], q_draft: torch.Tensor | None,

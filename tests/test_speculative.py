@@ -360,3 +360,9 @@ def test_adaptive_k_backs_off_exponentially_and_recovers():
                                draft=make_draft("layerskip", model, k=4))
     c2 = model_gen.new_context([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=8))
     assert model_gen._adaptive_k(c2) == 2  # model drafts start at half length
+    # a drafter whose drafts cost more than they save rests although it is partly accepted:
+    # here one of two layers (break-even 0.5 + 0.1 per drafted token) at 1 in 4 accepted
+    assert model_gen._break_even == pytest.approx(0.6)
+    for _ in range(3):
+        model_gen._adapt(c2, 4, 1)
+    assert c2.spec_k == 0 and c2.spec_rest > 0
