@@ -147,19 +147,30 @@ class _Skip(torch.nn.Module):
         return (hidden_states,) if self.tuple_out else hidden_states
 
 
-@contextlib.contextmanager
-def skip_layers(model, keep: Sequence[int], tuple_out: bool) -> Iterator[None]:
-    """Run ``model`` with only the decoder layers ``keep`` inside the block (the others
-    pass their input through; layer indices, layer types and caches stay the same)."""
+def _skip_plan(model, keep: Sequence[int], tuple_out: bool):
+    """``(parent, attribute, full layer list, list with the skipped layers passed through)``."""
     parent, name = decoder_layer_list(model)
     full = getattr(parent, name)
     kept = set(keep)
     swapped = torch.nn.ModuleList([m if i in kept else _Skip(tuple_out) for i, m in enumerate(full)])
+    return parent, name, full, swapped
+
+
+@contextlib.contextmanager
+def _swapped(parent, name: str, full, swapped) -> Iterator[None]:
     parent._modules[name] = swapped
     try:
         yield
     finally:
         parent._modules[name] = full
+
+
+@contextlib.contextmanager
+def skip_layers(model, keep: Sequence[int], tuple_out: bool) -> Iterator[None]:
+    """Run ``model`` with only the decoder layers ``keep`` inside the block (the others
+    pass their input through; layer indices, layer types and caches stay the same)."""
+    with _swapped(*_skip_plan(model, keep, tuple_out)):
+        yield
 
 
 class DraftRunner:
@@ -197,7 +208,8 @@ class DraftRunner:
             self.cost = len(self.keep) / len(getattr(parent, name))
             self.cache = None
             self.hooks = None  # the kept layers carry the target's own steering hooks
-            self.tuple_out = self._probe_tuple_out(gen.model, getattr(parent, name)[0])
+            tuple_out = self._probe_tuple_out(gen.model, getattr(parent, name)[0])
+            self._plan = _skip_plan(gen.model, self.keep, tuple_out)  # built once, swapped per forward
 
     @staticmethod
     @torch.inference_mode()
@@ -220,7 +232,7 @@ class DraftRunner:
         """Draft logits ``[n, V]`` of each slot row's last position (slots ``0..n-1``)."""
         gen = self.gen
         if self.cache is None:
-            with skip_layers(gen.model, self.keep, self.tuple_out):
+            with _swapped(*self._plan):
                 return gen._forward(ids, pos, length, 0, kv_len)
         self.cache.bind(0, pos, kv_len)
         with maybe_bound(self.hooks, 0, pos):

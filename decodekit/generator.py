@@ -12,7 +12,6 @@ nobody else's work is recomputed. Slots are reused lowest-first.
 from __future__ import annotations
 
 import enum
-import math
 import time
 import uuid
 import weakref
@@ -764,7 +763,7 @@ class TokenGenerator:
                 sp.accept(slots, out)
                 self._last_tok.index_copy_(0, idx, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()
-                lps = self._spec_logprobs(rows, sel, lsm, out)
+                lps = self._spec_logprobs(rows, sel, lsm, out, out_h)
             stats.forward_s += t1 - t0
             stats.sample_s += time.perf_counter() - t1
         stats.steps += 1
@@ -780,7 +779,8 @@ class TokenGenerator:
                 self._adapt(c, d, a)
         return result
 
-    def _spec_logprobs(self, rows, logits: torch.Tensor, processed: list[torch.Tensor], out: torch.Tensor):
+    def _spec_logprobs(self, rows, logits: torch.Tensor, processed: list[torch.Tensor], out: torch.Tensor,
+                       out_h: list[list[int]]):
         """Logprobs of a speculative step's tokens for the rows that ask (None if none do):
         ``[row][position] -> LogProbabilities``, from the target's logits ``[R, K+1, V]``
         (raw mode) or the processed log-probabilities of each position (processed mode),
@@ -789,8 +789,7 @@ class TokenGenerator:
         if not asked:
             return None
         if self.sampler.logprobs_mode == "raw":
-            x = logits.float()
-            src = torch.log_softmax(torch.where(torch.isnan(x), -math.inf, x), -1)
+            src = self.sampler._raw_logprobs(logits)
         else:
             src = torch.stack(processed, 1)
         chosen = src.gather(2, out.clamp(min=0)[..., None])[..., 0].tolist()  # [R][K+1]
@@ -802,7 +801,7 @@ class TokenGenerator:
         res = []
         for r, c in enumerate(rows):
             row = []
-            for j, t in enumerate(out[r].tolist()):
+            for j, t in enumerate(out_h[r]):
                 k = c.params.logprobs
                 if k is None or t < 0:
                     row.append(None)
