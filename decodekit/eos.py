@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import _checks as checks
 from .detokenize import IncrementalDetokenizer
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
@@ -54,22 +55,6 @@ class Commit:
     finished: bool
     finish_reason: FinishReason | None
     stop_reason: StopReason
-
-
-def _token_id(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must contain token ids (ints >= 0), got {value!r} "
-                         f"({type(value).__name__})")
-    return int(value)
-
-
-def _id_list(name: str, value: Any) -> list[Any]:
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a sequence of token ids, got {value!r} "
-                         f"({type(value).__name__})")
-    return list(value)
 
 
 class EOSTracker:
@@ -149,10 +134,10 @@ class EOSTracker:
                              f"got {default_max_new_tokens!r}")
         if isinstance(eos_token_ids, numbers.Integral) and not isinstance(eos_token_ids, bool):
             eos_token_ids = [eos_token_ids]
-        eos_ids = {_token_id("eos_token_ids", t) for t in _id_list("eos_token_ids", eos_token_ids)}
+        eos_ids = set(checks.token_ids("eos_token_ids", eos_token_ids))
         seqs: list[tuple[int, ...]] = []
-        for seq in _id_list("eos_sequences", eos_sequences):
-            ids = tuple(_token_id("eos_sequences", t) for t in _id_list("eos_sequences", seq))
+        for seq in checks.as_items("eos_sequences", eos_sequences):
+            ids = tuple(checks.token_ids("eos_sequences entry", seq))
             if not ids:
                 raise ValueError("eos_sequences must contain non-empty sequences of token ids, "
                                  "got an empty sequence")
@@ -258,7 +243,7 @@ class EOSTracker:
         if self._finished:
             raise RuntimeError(f"commit() called after the request finished "
                                f"(finish_reason={self._finish_reason!r})")
-        ids = [_token_id("token_ids", t) for t in _id_list("token_ids", token_ids)]
+        ids = checks.token_ids("token_ids", token_ids)
         self._chunks = []
         kept: list[int] = []
         for tid in ids:

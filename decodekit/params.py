@@ -8,9 +8,11 @@ import math
 import numbers
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ._checks import as_items, check_float, check_int, describe, token_id
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "SamplingParams"]
 
@@ -45,49 +47,11 @@ _HF_FIELDS.update(bad_words_token_ids="bad_words_ids", stop="stop_strings")
 _HF_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _check_float(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> float:
-    """Convert ``value`` (int, float, numpy scalar; not bool) to a float and check it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number {requirement}, got {_describe(value)}")
-    value = float(value)
-    if math.isnan(value) or not ok(value):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: Any, ok: Callable[[int], bool], requirement: str) -> int:
-    """Convert ``value`` (int or numpy integer; not bool) to an int and check it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int {requirement}, got {_describe(value)}")
-    value = int(value)
-    if not ok(value):
-        raise ValueError(f"{name} must be an int {requirement}, got {value!r}")
-    return value
-
-
-def _token_id(name: str, value: Any) -> int:
-    return _check_int(name, value, lambda v: v >= 0, "token id >= 0")
-
-
-def _as_items(name: str, value: Any, ordered: bool = False) -> list[Any]:
-    """Materialise a collection argument (list, tuple, range, numpy array, tensor, ...)."""
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()
-    unordered = ordered and isinstance(value, (set, frozenset))
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) or unordered:
-        raise ValueError(f"{name} must be a sequence, got {_describe(value)}")
-    return list(value)
-
-
 def _id_set(name: str, value: Any) -> tuple[int, ...] | None:
     """Token-id collection -> sorted tuple without duplicates (None stays None)."""
     if value is None:
         return None
-    return tuple(sorted({_token_id(name, t) for t in _as_items(name, value)}))
+    return tuple(sorted({token_id(name, t) for t in as_items(name, value)}))
 
 
 def _logit_bias(bias: Any) -> Mapping[int, float] | None:
@@ -95,11 +59,11 @@ def _logit_bias(bias: Any) -> Mapping[int, float] | None:
         return None
     if not isinstance(bias, Mapping):
         raise ValueError(f"logit_bias must be a mapping {{token_id: bias}} or None, "
-                         f"got {_describe(bias)}")
+                         f"got {describe(bias)}")
     out: dict[int, float] = {}
     for key, value in bias.items():
-        tid = _token_id("logit_bias keys", key)
-        out[tid] = _check_float(f"logit_bias[{tid}]", value,
+        tid = token_id("logit_bias keys", key)
+        out[tid] = check_float(f"logit_bias[{tid}]", value,
                                 lambda v: v == -math.inf or math.isfinite(v),
                                 "finite or -inf (bans the token)")
     return types.MappingProxyType(out) if out else None
@@ -108,7 +72,7 @@ def _logit_bias(bias: Any) -> Mapping[int, float] | None:
 def _check_pattern(pattern: Any) -> None:
     if not isinstance(pattern, str):
         raise ValueError(f"stop_pattern must be a regular expression string or None, "
-                         f"got {_describe(pattern)}")
+                         f"got {describe(pattern)}")
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
@@ -195,10 +159,10 @@ class SamplingParams:
             object.__setattr__(self, name, value)
 
         for name, (ok, requirement) in _FLOAT_RULES.items():
-            set_(name, _check_float(name, getattr(self, name), ok, requirement))
+            set_(name, check_float(name, getattr(self, name), ok, requirement))
         for name, (ok, requirement, optional) in _INT_RULES.items():
             if not (optional and getattr(self, name) is None):
-                set_(name, _check_int(name, getattr(self, name), ok, requirement))
+                set_(name, check_int(name, getattr(self, name), ok, requirement))
         set_("top_k", max(self.top_k, 0))  # -1 and 0 both mean "off"
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be <= max_new_tokens, got min_new_tokens="
@@ -206,7 +170,7 @@ class SamplingParams:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (True or False), "
-                                 f"got {_describe(getattr(self, name))}")
+                                 f"got {describe(getattr(self, name))}")
         set_("logit_bias", _logit_bias(self.logit_bias))
         set_("allowed_token_ids", _id_set("allowed_token_ids", self.allowed_token_ids))
         if self.allowed_token_ids == ():
@@ -215,19 +179,19 @@ class SamplingParams:
         set_("stop_token_ids", _id_set("stop_token_ids", self.stop_token_ids) or None)
         if self.bad_words_token_ids is not None:
             words = []
-            for word in _as_items("bad_words_token_ids", self.bad_words_token_ids):
-                ids = tuple(_token_id("bad_words_token_ids", t)
-                            for t in _as_items("bad_words_token_ids entries", word, ordered=True))
+            for word in as_items("bad_words_token_ids", self.bad_words_token_ids):
+                ids = tuple(token_id("bad_words_token_ids", t)
+                            for t in as_items("bad_words_token_ids entries", word, ordered=True))
                 if not ids:
                     raise ValueError("bad_words_token_ids entries must be non-empty sequences of "
                                      "token ids >= 0, got an empty sequence")
                 words.append(ids)
             set_("bad_words_token_ids", tuple(words) or None)
         if self.stop is not None:
-            stop = [self.stop] if isinstance(self.stop, str) else _as_items("stop", self.stop)
+            stop = [self.stop] if isinstance(self.stop, str) else as_items("stop", self.stop)
             for s in stop:
                 if not isinstance(s, str) or not s:
-                    raise ValueError(f"stop must contain non-empty strings, got {_describe(s)}")
+                    raise ValueError(f"stop must contain non-empty strings, got {describe(s)}")
             set_("stop", tuple(stop) or None)
         if self.stop_pattern is not None:
             _check_pattern(self.stop_pattern)
@@ -273,12 +237,12 @@ class SamplingParams:
 
     def effective_top_k(self, vocab_size: int) -> int:
         """Return the top-k to apply: 0 when off, else ``min(top_k, vocab_size)``."""
-        vocab_size = _check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
+        vocab_size = check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
         return 0 if self.top_k <= 0 else min(self.top_k, vocab_size)
 
     def validate_for_vocab(self, vocab_size: int) -> None:
         """Raise ValueError (naming field, id and range) for any token id not in [0, vocab)."""
-        vocab_size = _check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
+        vocab_size = check_int("vocab_size", vocab_size, lambda v: v >= 1, ">= 1")
         bad_words = (t for word in self.bad_words_token_ids or () for t in word)
         for name, ids in (("logit_bias", self.logit_bias or ()), ("bad_words_token_ids", bad_words),
                           ("allowed_token_ids", self.allowed_token_ids or ()),
@@ -336,12 +300,12 @@ class SamplingParams:
         bias: dict[Any, float] = {}
         seq_bias = get("sequence_bias") or {}
         for seq, value in seq_bias.items() if isinstance(seq_bias, Mapping) else seq_bias:
-            seq = [seq] if isinstance(seq, numbers.Integral) else _as_items("sequence_bias", seq)
+            seq = [seq] if isinstance(seq, numbers.Integral) else as_items("sequence_bias", seq)
             if len(seq) != 1:
                 raise ValueError(f"sequence_bias entry {tuple(seq)!r} has {len(seq)} tokens; only "
                                  f"single-token sequence biases are supported (as logit_bias)")
             bias[seq[0]] = value
-        for tid in _as_items("suppress_tokens", get("suppress_tokens") or ()):
+        for tid in as_items("suppress_tokens", get("suppress_tokens") or ()):
             bias[tid] = -math.inf
         kwargs["logit_bias"] = bias or None
         kwargs.update(overrides)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
+from ._checks import is_int
 from .steer_hooks import _model_device, decoder_layers
 from .steering import SteeringVector
 
@@ -15,9 +15,6 @@ __all__ = ["train_steering_vector"]
 
 _METHODS = ("mean_diff", "pca")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _pairs(pairs: Any) -> list[tuple[str, str]]:
@@ -57,7 +54,7 @@ def _layers(layers: Any, num_layers: int) -> list[int]:
         except TypeError:
             raise ValueError(f"layers must be an iterable of ints or a range string like '8-16', "
                              f"got {layers!r}") from None
-        if not all(_is_int(k) for k in out):
+        if not all(is_int(k) for k in out):
             raise ValueError(f"layers must be ints, got {out!r}")
     if not out:
         raise ValueError(f"layers must name at least one decoder layer, got {layers!r}")
@@ -156,9 +153,9 @@ def train_steering_vector(model: torch.nn.Module, tokenizer: Any,
     pairs = _pairs(pairs)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
-    if not _is_int(token_index):
+    if not is_int(token_index):
         raise ValueError(f"token_index must be an int, got {token_index!r}")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     layer_ids = _layers(layers, len(decoder_layers(model)))
     texts = [s for pos, neg in pairs for s in (pos, neg)]

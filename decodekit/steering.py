@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from ._checks import describe, is_int, is_real
 
 __all__ = ["SteeringVector", "Steering", "POSITION_END"]
 
@@ -48,21 +49,12 @@ Positions = Literal["all", "prompt", "generated"] | slice
 Op = Literal["add", "ablate", "clamp"]
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _direction(layer: Any, value: Any) -> tuple[int, torch.Tensor]:
-    if not _is_int(layer) or layer < 0:
-        raise ValueError(f"steering vector layer must be an int >= 0, got {_describe(layer)}")
+    if not is_int(layer) or layer < 0:
+        raise ValueError(f"steering vector layer must be an int >= 0, got {describe(layer)}")
     t = torch.as_tensor(value).detach()
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"steering vector layer {layer}: expected a real tensor, got dtype {t.dtype}")
@@ -99,7 +91,7 @@ class SteeringVector(Mapping[int, torch.Tensor]):
     def __init__(self, directions: Mapping[int, Any], *, model_name: str | None = None,
                  method: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         if not isinstance(directions, Mapping):
-            raise ValueError(f"directions must be a mapping {{layer: tensor}}, got {_describe(directions)}")
+            raise ValueError(f"directions must be a mapping {{layer: tensor}}, got {describe(directions)}")
         if len(directions) == 0:
             raise ValueError("directions must name at least one layer, got an empty mapping")
         items = sorted(_direction(k, v) for k, v in directions.items())
@@ -109,11 +101,11 @@ class SteeringVector(Mapping[int, torch.Tensor]):
             raise ValueError(f"steering vector layers disagree on hidden size ({detail})")
         for name, value in (("model_name", model_name), ("method", method)):
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a str or None, got {_describe(value)}")
+                raise ValueError(f"{name} must be a str or None, got {describe(value)}")
         meta = dict(metadata or {})
         for k, v in meta.items():
             if not isinstance(k, str) or not isinstance(v, str):
-                raise ValueError(f"metadata must map str to str, got {k!r}: {_describe(v)}")
+                raise ValueError(f"metadata must map str to str, got {k!r}: {describe(v)}")
         self._directions: dict[int, torch.Tensor] = dict(items)
         self._hidden_size = sizes.pop()
         self.model_name = model_name
@@ -185,7 +177,7 @@ class SteeringVector(Mapping[int, torch.Tensor]):
     def __mul__(self, scale: Any) -> SteeringVector:
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             scale = scale.item()
-        if not _is_real(scale):
+        if not is_real(scale):
             return NotImplemented
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
@@ -194,7 +186,7 @@ class SteeringVector(Mapping[int, torch.Tensor]):
     __rmul__ = __mul__
 
     def __truediv__(self, divisor: Any) -> SteeringVector:
-        if not _is_real(divisor):
+        if not is_real(divisor):
             return NotImplemented
         if divisor == 0:
             raise ZeroDivisionError("cannot divide a steering vector by 0")
@@ -234,7 +226,7 @@ class SteeringVector(Mapping[int, torch.Tensor]):
         if isinstance(obj, (str, os.PathLike)):
             return cls.load(obj)
         raise TypeError(f"expected a SteeringVector, a {{layer: tensor}} mapping or a file path "
-                        f"(.safetensors or .gguf), got {_describe(obj)}")
+                        f"(.safetensors or .gguf), got {describe(obj)}")
 
     # -- files ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -364,17 +356,17 @@ class Steering:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", SteeringVector.coerce(self.vector))
-        if not _is_real(self.strength) or not math.isfinite(float(self.strength)):
-            raise ValueError(f"strength must be a finite real number, got {_describe(self.strength)}")
+        if not is_real(self.strength) or not math.isfinite(float(self.strength)):
+            raise ValueError(f"strength must be a finite real number, got {describe(self.strength)}")
         object.__setattr__(self, "strength", float(self.strength))
         if self.op not in _OPS:
-            raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))}, got {_describe(self.op)}")
+            raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))}, got {describe(self.op)}")
         _check_positions(self.positions)
 
     def position_range(self, prompt_len: int) -> tuple[int, int]:
         """Half-open range ``[lo, hi)`` of absolute positions steered, for a prompt of ``prompt_len``."""
-        if not _is_int(prompt_len) or prompt_len < 0:
-            raise ValueError(f"prompt_len must be an int >= 0, got {_describe(prompt_len)}")
+        if not is_int(prompt_len) or prompt_len < 0:
+            raise ValueError(f"prompt_len must be an int >= 0, got {describe(prompt_len)}")
         p = self.positions
         if p == "all":
             return 0, POSITION_END
@@ -392,12 +384,12 @@ def _check_positions(p: Any) -> None:
             raise ValueError(f"positions must be {allowed}, got {p!r}")
         return
     if not isinstance(p, slice):
-        raise ValueError(f"positions must be {allowed}, got {_describe(p)}")
+        raise ValueError(f"positions must be {allowed}, got {describe(p)}")
     if p.step not in (None, 1):
         raise ValueError(f"positions slice step must be None or 1, got {p.step!r}")
     for name, bound in (("start", p.start), ("stop", p.stop)):
-        if bound is not None and (not _is_int(bound) or bound < 0):
+        if bound is not None and (not is_int(bound) or bound < 0):
             raise ValueError(f"positions slice {name} must be an int >= 0 or None (absolute positions, "
-                             f"no negative indexing), got {_describe(bound)}")
+                             f"no negative indexing), got {describe(bound)}")
     if p.start is not None and p.stop is not None and p.start > p.stop:
         raise ValueError(f"positions slice start must be <= stop, got {p.start} > {p.stop}")
