@@ -1,33 +1,39 @@
 """decodekit: a PyTorch/Triton GPU decoding runtime.
 
-Public surface: :class:`SamplingParams`, :class:`Sampler` (per-request state in
-device slots, fused Triton kernels on CUDA, torch reference elsewhere), the functional
-:func:`sample` / :func:`processed_probs`, :func:`load`, :class:`TokenGenerator` (the
-per-step API for schedulers), :class:`LLM` (generate / stream), :class:`EOSTracker`, the drafters
-(:class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`) and steering
-(:class:`SteeringVector`, :class:`Steering`, :func:`steer`, :func:`train_steering_vector`).
+Public surface (what users call):
+
+- settings and results: :class:`SamplingParams`, :class:`GenerationStatus`,
+  :class:`TextResponse`, :class:`TextGenerationResponse`, :class:`RequestOutput`,
+  :class:`LogProbabilities`;
+- the sampler: :class:`Sampler` and the functional :func:`sample` / :func:`processed_probs`;
+- the engine: :class:`TokenGenerator` (the per-step API for schedulers),
+  :class:`TextGenerationContext`, :class:`EOSTracker`, :func:`load`, :class:`LLM`;
+- speculative decoding: :class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`,
+  :class:`SpecStats`;
+- steering: :class:`SteeringVector`, :class:`Steering`, :func:`steer`,
+  :func:`train_steering_vector`.
+
+The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.speculative``,
+``decodekit.steering``, ``decodekit.kernels``) are importable for advanced use.
 """
 
-from .draft_models import DraftModel, LayerSkipDraft
-from .drafters import NGramDraft, SpecStats
-from .eos import EOSTracker
+from .engine.context import TextGenerationContext
+from .engine.eos import EOSTracker
+from .engine.generator import TokenGenerator
 from .functional import processed_probs, sample
-from .generator import (
+from .llm import LLM
+from .loading import load
+from .outputs import (
     GenerationStatus,
-    TextGenerationContext,
+    LogProbabilities,
+    RequestOutput,
     TextGenerationResponse,
     TextResponse,
-    TokenGenerator,
 )
-from .kv_cache import SlotKVCache
-from .llm import LLM, RequestOutput
-from .loading import load
-from .outputs import LogProbabilities, SamplerOutput
 from .params import SamplingParams
 from .sampler import Sampler
-from .steer_hooks import steer
-from .steer_train import train_steering_vector
-from .steering import Steering, SteeringVector
+from .speculative import DraftModel, LayerSkipDraft, NGramDraft, SpecStats
+from .steering import Steering, SteeringVector, steer, train_steering_vector
 
 __all__ = [
     "DraftModel",
@@ -35,21 +41,19 @@ __all__ = [
     "GenerationStatus",
     "LLM",
     "LayerSkipDraft",
+    "LogProbabilities",
     "NGramDraft",
-    "SpecStats",
     "RequestOutput",
-    "SlotKVCache",
+    "Sampler",
+    "SamplingParams",
+    "SpecStats",
+    "Steering",
+    "SteeringVector",
     "TextGenerationContext",
     "TextGenerationResponse",
     "TextResponse",
     "TokenGenerator",
     "load",
-    "LogProbabilities",
-    "Sampler",
-    "SamplerOutput",
-    "SamplingParams",
-    "Steering",
-    "SteeringVector",
     "processed_probs",
     "sample",
     "steer",

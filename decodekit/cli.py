@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct) and ends with one summary line. ``decodekit demo`` runs t
 batched sampler on a realistic (Zipf-shaped) next-token
 distribution with one request per setting in a single batch, and checks the draws
 against the processed distribution with a chi-square test.
+
+May call: :mod:`decodekit.llm`'s layers below it (loading, the engine and its scheduler,
+the drafter and steering configs, the sampler for the demo).
 """
 
 from __future__ import annotations
@@ -158,9 +161,8 @@ def parse_layers(text: str) -> int | list[int]:
 
 def _make_draft(spec: str | None, k: int, device, dtype):
     """``--draft``: ngram | layerskip:N | layerskip:LIST | PATH (a draft model)."""
-    from .draft_models import DraftModel, LayerSkipDraft
-    from .drafters import NGramDraft
     from .loading import load
+    from .speculative import DraftModel, LayerSkipDraft, NGramDraft
 
     if spec is None:
         return None
@@ -174,8 +176,8 @@ def _make_draft(spec: str | None, k: int, device, dtype):
 
 def _make_steering(args, model, tok):
     """``--steer PRESET|PATH --steer-strength S``."""
-    from .steer_presets import PRESETS, preset_steering
-    from .steering import Steering
+    from .steering.presets import PRESETS, preset_steering
+    from .steering.vector import Steering
 
     if args.steer is None:
         if args.steer_strength is not None:
@@ -194,7 +196,7 @@ def run_steer_train(args) -> int:
     import json
 
     from .loading import load
-    from .steer_train import train_steering_vector
+    from .steering.train import train_steering_vector
 
     try:
         lines = Path(args.pairs).read_text("utf-8").splitlines()
@@ -219,7 +221,8 @@ def run_steer_train(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .generator import TokenGenerator
+    from .engine.generator import TokenGenerator
+    from .engine.scheduler import continuous_batching
     from .loading import load
 
     t0 = time.perf_counter()
@@ -249,16 +252,14 @@ def run_generate(args) -> int:
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     first = None
-    while not ctx.is_done:
-        r = gen.next_token({ctx.request_id: ctx})[ctx.request_id]
+    for res in continuous_batching(gen, [ctx]):
         if first is None:
             first = time.perf_counter() - t1
-        if r.text and not args.no_stream:
-            print(r.text, end="", flush=True)
+        if res[ctx.request_id].text and not args.no_stream:
+            print(res[ctx.request_id].text, end="", flush=True)
     dt = time.perf_counter() - t1
     if args.no_stream:
         print(ctx.text, end="")
-    gen.release(ctx)
     n = len(ctx.generated_token_ids)
     spec = ""
     if draft is not None:

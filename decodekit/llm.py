@@ -1,39 +1,29 @@
 """High-level API: ``LLM(...).generate(prompts, params)`` and ``LLM(...).stream(prompt, params)``.
 
-A small continuous-batching scheduler over :class:`~decodekit.TokenGenerator`: requests
-are admitted as slots free up, every running request advances each step, finished
-ones are released at once.
+Loads a model, builds a :class:`~decodekit.TokenGenerator`, and drives it with the
+first-come-first-served scheduler (:func:`decodekit.engine.scheduler.continuous_batching`).
+
+May call: the engine (generator, scheduler), loading, steering presets.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .generator import GenerationStatus, TextGenerationContext, TokenGenerator
+from .engine.context import TextGenerationContext
+from .engine.generator import TokenGenerator
+from .engine.scheduler import continuous_batching
 from .loading import load
-from .outputs import LogProbabilities
+from .outputs import RequestOutput
 from .params import SamplingParams
-from .steering import Steering, SteeringVector
+from .steering.vector import Steering, SteeringVector
 
 __all__ = ["LLM", "RequestOutput"]
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """The result of one request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop", "length" or "cancelled"
-    logprobs: list[LogProbabilities] | None = None
 
 
 def _output(ctx: TextGenerationContext) -> RequestOutput:
@@ -76,13 +66,13 @@ class LLM:
 
         ``steering_vector`` is a :class:`~decodekit.SteeringVector`, a ``{layer: tensor}``
         mapping or a file (safetensors or GGUF control vector); ``steering_preset`` names a
-        preset (:data:`decodekit.steer_presets.PRESETS`, trained on first use and cached).
+        preset (:data:`decodekit.steering.presets.PRESETS`, trained on first use and cached).
         ``steering_strength`` defaults to the preset's documented strength, else 1.0.
         """
         if steering_vector is not None and steering_preset is not None:
             raise ValueError("give steering_vector or steering_preset, not both")
         if steering_preset is not None:
-            from .steer_presets import preset_steering
+            from .steering.presets import preset_steering
 
             return preset_steering(steering_preset, self.generator.model, self.tokenizer, steering_strength,
                                    positions=steering_positions, op=steering_op)
@@ -127,20 +117,8 @@ class LLM:
                 raise ValueError(f"{len(pl)} params for {len(plist)} prompts")
         gen = self.generator
         contexts = [gen.new_context(p, sp, steering=steering) for p, sp in zip(plist, pl, strict=True)]
-        waiting = deque(contexts)
-        running: dict[str, TextGenerationContext] = {}
-        try:
-            while waiting or running:
-                while waiting and len(running) < gen.max_batch_size:
-                    ctx = waiting.popleft()
-                    running[ctx.request_id] = ctx
-                res = gen.next_token(running)
-                for rid, r in res.items():
-                    if r.final_status.is_done:
-                        gen.release(running.pop(rid))
-        finally:
-            for ctx in running.values():
-                gen.release(ctx)
+        for _ in continuous_batching(gen, contexts):
+            pass
         return [_output(c) for c in contexts]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **steering_options
@@ -150,15 +128,8 @@ class LLM:
         gen = self.generator
         steering = self.steering(**steering_options)
         ctx = gen.new_context(prompt, params or SamplingParams(), steering=steering)
-        try:
-            while True:
-                r = gen.next_token({ctx.request_id: ctx})[ctx.request_id]
-                if r.text:
-                    yield r.text
-                if r.final_status.is_done:
-                    break
-        finally:
-            if ctx.status is GenerationStatus.ACTIVE or ctx.slot is not None:
-                gen.release(ctx)
-            elif ctx.request_id in gen._contexts:
-                gen.release(ctx)
+        with contextlib.closing(continuous_batching(gen, [ctx])) as steps:  # released on early exit
+            for res in steps:
+                text = res[ctx.request_id].text
+                if text:
+                    yield text

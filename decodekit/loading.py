@@ -6,6 +6,8 @@ GGUF loader (packages ``gguf`` and ``accelerate``) dequantises it once; the
 converted weights and tokenizer are cached as safetensors under
 ``$DECODEKIT_CACHE`` (default ``~/.cache/decodekit``), so later loads take seconds.
 Nothing here ever contacts a model hub.
+
+May call: transformers' loaders; nothing else in decodekit.
 """
 
 from __future__ import annotations

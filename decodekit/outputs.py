@@ -1,12 +1,41 @@
-"""Plain result types returned by the sampler (and, later, the generator)."""
+"""Every result type decodekit returns: the sampler's (:class:`SamplerOutput`,
+:class:`LogProbabilities`), the per-step API's (:class:`GenerationStatus`,
+:class:`TextResponse`, :class:`TextGenerationResponse`, :class:`StepStats`) and
+:class:`RequestOutput` of :class:`~decodekit.LLM`. Plain data; calls nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogProbabilities", "SamplerOutput"]
+__all__ = [
+    "GenerationStatus",
+    "LogProbabilities",
+    "RequestOutput",
+    "SamplerOutput",
+    "StepStats",
+    "TextGenerationResponse",
+    "TextResponse",
+]
+
+
+class GenerationStatus(enum.Enum):
+    """A request's state (MAX's ``GenerationStatus``)."""
+
+    ACTIVE = "active"
+    END_OF_SEQUENCE = "end_of_sequence"
+    MAXIMUM_LENGTH = "maximum_length"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_done(self) -> bool:
+        return self is not GenerationStatus.ACTIVE
 
 
 @dataclass(frozen=True)
@@ -54,3 +83,58 @@ class SamplerOutput:
             top = dict(zip(ids, vals, strict=True))
         top.setdefault(int(self.token_ids[row]), lp)
         return LogProbabilities([lp], [top])
+
+
+@dataclass(frozen=True)
+class TextResponse:
+    """One generated token (MAX's ``TextResponse``)."""
+
+    next_token: int
+    log_probabilities: LogProbabilities | None = None
+
+
+@dataclass
+class TextGenerationResponse:
+    """What one request produced in one :meth:`~decodekit.TokenGenerator.next_token` call."""
+
+    tokens: list[TextResponse]
+    final_status: GenerationStatus
+    text: str = ""
+
+    @property
+    def is_done(self) -> bool:
+        return self.final_status.is_done
+
+
+@dataclass
+class StepStats:
+    """Counters of the last :meth:`~decodekit.TokenGenerator.next_token` call (host wall times)."""
+
+    batch_size: int = 0
+    tokens: int = 0
+    prefill_tokens: int = 0
+    steps: int = 0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    total_s: float = 0.0
+
+    @contextlib.contextmanager
+    def timing(self, field: str) -> Iterator[None]:
+        """Add the block's host wall time to ``field`` (``"forward_s"`` or ``"sample_s"``)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """The result of one request of :meth:`~decodekit.LLM.generate`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length" or "cancelled"
+    logprobs: list[LogProbabilities] | None = None

@@ -1,4 +1,7 @@
-"""Per-request sampling parameters: an immutable, hashable, validated :class:`SamplingParams`."""
+"""Per-request sampling parameters: an immutable, hashable, validated :class:`SamplingParams`.
+
+May call: the validators (:mod:`decodekit._checks`).
+"""
 
 from __future__ import annotations
 

@@ -408,6 +408,47 @@ class Sampler:
             bad = ((flags & BADSEQ) != 0).to(torch.int32)
             self.iparams[idx, I_NHIST] -= n * bad
 
+    # ---------------------------------------------------------- TRANSITION (replaced by sampling/)
+    def all_greedy(self, slots) -> bool:
+        return self._all_greedy(slots)
+
+    def raw_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._raw_logprobs(logits)
+
+    def draw(self, probs: torch.Tensor, slots, *, salt: int = 0) -> torch.Tensor:
+        from .speculative.verify import draw
+
+        idx = self._slots_tensor(slots).long()
+        return draw(probs, self.seed[idx] ^ salt, self.iparams[idx, I_NGEN].long())
+
+    def window_probs(self, logits: torch.Tensor, slots, drafts: torch.Tensor) -> torch.Tensor:
+        W = logits.shape[1]
+        out = []
+        for j in range(W):
+            out.append(self.probs(logits[:, j].contiguous(), slots))
+            if j < W - 1:
+                self.accept(slots, drafts[:, j])
+        if W > 1:
+            self.rollback(slots, drafts)
+        return torch.stack(out, 1)
+
+    def window_logprobs(self, logits: torch.Tensor, slots, drafts: torch.Tensor) -> torch.Tensor:
+        W = logits.shape[1]
+        out = []
+        for j in range(W):
+            out.append(self.processed_logprobs(logits[:, j].contiguous(), slots))
+            if j < W - 1:
+                self.accept(slots, drafts[:, j])
+        if W > 1:
+            self.rollback(slots, drafts)
+        return torch.stack(out, 1)
+
+    def verify(self, p, q, drafts, n_draft, slots):
+        from .speculative.verify import verify
+
+        idx = self._slots_tensor(slots).long()
+        return verify(p, q, drafts, n_draft, self.seed[idx], self.iparams[idx, I_NGEN].long())
+
     # ------------------------------------------------------------------ helpers
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_batch_size:

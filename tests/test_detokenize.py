@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerFast
 
-from decodekit.detokenize import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from decodekit.engine.detokenize import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
 
 FFFD = "\ufffd"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,7 +12,8 @@ from test_speculative import e2e_pvalue, near_copy
 from transformers import AutoModelForCausalLM
 
 from decodekit import DraftModel, LayerSkipDraft, SamplingParams, TokenGenerator
-from decodekit.draft_models import decoder_layer_list, skip_layers
+from decodekit.engine.model_adapter import decoder_layer_list
+from decodekit.speculative.layer_skip import skip_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +118,7 @@ def test_skip_layers_is_the_model_without_those_layers(arch):
     parent, name = decoder_layer_list(model)
     before = list(getattr(parent, name))
     with torch.no_grad():
-        with skip_layers(model, [1], tuple_out=False):
+        with skip_layers(model, [1]):
             got = model(ids, use_cache=False).logits
         want = short(ids, use_cache=False).logits
         full = model(ids, use_cache=False).logits
@@ -125,7 +126,7 @@ def test_skip_layers_is_the_model_without_those_layers(arch):
     assert not torch.allclose(got, full)
     assert list(getattr(parent, name)) == before
     with pytest.raises(RuntimeError):  # restored after an error too
-        with skip_layers(model, [1], tuple_out=False):
+        with skip_layers(model, [1]):
             raise RuntimeError("boom")
     assert list(getattr(parent, name)) == before
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from decodekit.eos import Commit, EOSTracker
+from decodekit.engine.eos import Commit, EOSTracker
 from decodekit.params import SamplingParams
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -29,7 +29,7 @@ from decodekit import (
     TextResponse,
     TokenGenerator,
 )
-from decodekit.generator import StepStats
+from decodekit.outputs import StepStats
 
 ACTIVE = GenerationStatus.ACTIVE
 EOS = GenerationStatus.END_OF_SEQUENCE
@@ -124,11 +124,11 @@ def schedule(gen: TokenGenerator, contexts: list[TextGenerationContext], *, thir
                 gen.release(ctx)
                 if freed_slot is None:
                     # (a request that ended on its first token got the lowest free slot)
-                    freed_slot = slot if slot is not None else min(gen._free)
+                    freed_slot = slot if slot is not None else min(gen.free_slots)
     else:
         pytest.fail("requests did not finish")
     assert d_joined and not running
-    assert not gen._contexts and sorted(gen._free) == list(range(gen.max_batch_size))
+    assert not gen.running and gen.free_slots == list(range(gen.max_batch_size))
     return responses
 
 
@@ -433,7 +433,7 @@ def test_release_active_request_cancels_and_frees_slot():
     assert slot_a == 0 and a.status is ACTIVE
     gen.release(a)
     assert a.status is CANCELLED and a.finish_reason == "cancelled" and a.slot is None
-    assert "a" not in gen._contexts and gen._free == [0, 2]
+    assert "a" not in gen.running and gen.free_slots == [0, 2]
     assert len(a.generated_token_ids) == 3
     running = {"b": b, "c": c}
     res = gen.next_token(running)
@@ -489,7 +489,7 @@ def test_invalid_params_and_ids():
         gen.new_context([], greedy(4))
     with pytest.raises(TypeError):
         gen.new_context([5, 6], {"temperature": 0})
-    assert not gen._contexts
+    assert not gen.running
 
 
 def test_duplicate_request_id():
@@ -501,7 +501,7 @@ def test_duplicate_request_id():
         gen.new_context([9, 10], greedy(4), "dup")
     with pytest.raises(ValueError, match="dup"):
         gen.next_token({"dup": twin})
-    assert twin.slot is None and gen._contexts == {"dup": first}
+    assert twin.slot is None and gen.running == {"dup": first}
     gen.release(first)
     gen.new_context([9, 10], greedy(4), "dup")  # free again after release
 
@@ -512,7 +512,7 @@ def test_num_steps_must_be_positive():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="num_steps"):
             gen.next_token({"n": ctx}, num_steps=bad)
-    assert ctx.slot is None and not ctx.generated_token_ids and not gen._contexts
+    assert ctx.slot is None and not ctx.generated_token_ids and not gen.running
 
 
 def test_more_contexts_than_slots():
@@ -524,9 +524,9 @@ def test_more_contexts_than_slots():
         gen.next_token(ctxs)
     assert ctxs["3"].slot is None
     for ctx in ctxs.values():
-        if ctx.request_id in gen._contexts:
+        if ctx.request_id in gen.running:
             gen.release(ctx)
-    assert not gen._contexts and sorted(gen._free) == [0, 1, 2]
+    assert not gen.running and gen.free_slots == [0, 1, 2]
     assert gen.sampler.free_slots == [0, 1, 2]
     # after releasing, everything works: fresh requests give transformers' tokens
     fresh = {f"f{i}": gen.new_context(p, greedy(6), f"f{i}") for i, p in enumerate(prompts[1:])}
@@ -570,15 +570,14 @@ def test_double_release_keeps_final_status():
 # ----------------------------------------------------------------------------------------------
 # 7. 1,000 requests: no growth
 # ----------------------------------------------------------------------------------------------
-def _tensor_footprint(gen: TokenGenerator) -> dict[str, int]:
-    out = {}
-    for i, layer in enumerate(gen.cache.layers):
-        out[f"k{i}"] = layer.keys.numel()
-        out[f"v{i}"] = layer.values.numel()
-    for name, value in vars(gen.sampler).items():
-        if isinstance(value, torch.Tensor):
-            out[f"sampler.{name}"] = value.numel()
-    return out
+def _tensor_footprint(gen: TokenGenerator) -> tuple[int, int]:
+    """(number of live tensors, elements in the large ones) over every tensor the process
+    holds: the KV cache, the sampler's tables, anything a leak would keep alive. (Small
+    per-step buffers such as the last bound positions change shape from step to step.)"""
+    gc.collect()
+    tensors = [o for o in gc.get_objects()
+               if issubclass(type(o), torch.Tensor) and not issubclass(type(o), torch.nn.Parameter)]
+    return len(tensors), sum(t.numel() for t in tensors if t.numel() >= 4096)
 
 
 def test_thousand_requests_no_growth():
@@ -623,9 +622,9 @@ def test_thousand_requests_no_growth():
     tracemalloc.stop()
     assert done == total and max_batch == 8
     assert _tensor_footprint(gen) == before[0]
-    assert len(gen._contexts) == 0
-    assert sorted(gen._free) == list(range(8)) and gen.sampler.free_slots == list(range(8))
-    assert all(owner is None for owner in gen._slot_owner)
+    assert len(gen.running) == 0
+    assert gen.free_slots == list(range(8)) and gen.sampler.free_slots == list(range(8))
+    assert all(gen.slots.owner(s) is None for s in range(8))
     # (about 0.1 MB in practice: interpreter and library caches)
     assert grown < 2**20, f"Python memory grew by {grown} bytes over {total - warmup} requests"
 
@@ -730,33 +729,17 @@ def test_step_stats():
 # ----------------------------------------------------------------------------------------------
 # Review regressions: CUDA-graph padding rows, a failing prefill leaves nothing half-admitted
 # ----------------------------------------------------------------------------------------------
-class _FakeGraph:
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-
 def test_graph_bucket_padding_rows_do_not_touch_live_slots():
     """Decode-graph replay runs the whole bucket: rows past the decoding rows may belong to
     live requests and must write only at their own next position. Simulated on CPU by
     replaying the captured forward eagerly on the same static buffers."""
-    from decodekit.generator import _DecodeGraphs
-
-    class SimGraphs(_DecodeGraphs):
-        def _capture(self, b):
-            self.pos[:b].zero_()
-            self.length[:b].zero_()
-            out = self._forward(b).clone()
-            self.graphs[b] = (_FakeGraph(lambda: self._forward(b), out), out)
+    from decodekit.engine.graphs import eager_capture
 
     model = tiny_model("llama")
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64,
                          cuda_graphs=False)
-    gen._graphs = SimGraphs(gen)
-    with torch.inference_mode():
-        gen._graphs.capture_all()
+    gen.runner.enable_graphs(capture=eager_capture)
+    assert gen.runner.graphs.buckets == [1, 2, 4] and not gen.runner.graphs.failed
     prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14], [1, 20, 21, 22, 23, 24]]
     ctxs = [gen.new_context(p, greedy(8), str(i)) for i, p in enumerate(prompts)]
     batch = {c.request_id: c for c in ctxs[:3]}
@@ -775,13 +758,13 @@ def test_failed_prefill_leaves_contexts_unadmitted(monkeypatch):
     gen = make_gen(max_batch_size=3)
     a = gen.new_context([5, 6, 7], greedy(5), "a")
     b = gen.new_context([8, 9], greedy(5), "b")
-    real = gen._forward
-    monkeypatch.setattr(gen, "_forward", lambda *a_, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    real = gen.runner.forward
+    monkeypatch.setattr(gen.runner, "forward", lambda *a_, **k: (_ for _ in ()).throw(RuntimeError("oom")))
     with pytest.raises(RuntimeError, match="oom"):
         gen.next_token({"a": a, "b": b})
-    assert a.slot is None and b.slot is None and sorted(gen._free) == [0, 1, 2]
-    assert not gen._contexts and not any(gen.sampler._live)
-    monkeypatch.setattr(gen, "_forward", real)
+    assert a.slot is None and b.slot is None and gen.free_slots == [0, 1, 2]
+    assert not gen.running and gen.sampler.free_slots == [0, 1, 2]
+    monkeypatch.setattr(gen.runner, "forward", real)
     batch = {"a": a, "b": b}
     while batch:
         for rid, r in gen.next_token(batch).items():

@@ -121,21 +121,21 @@ def test_slot_reuse_clears_the_steering():
     ctx = gen.new_context(PROMPTS[1], _params(), steering=Steering(vec(7), 2.0))
     gen.next_token({ctx.request_id: ctx})
     gen.release(ctx)
-    assert not gen._steer.active
+    assert not gen.runner.hooks.active
     assert _generate(gen, [PROMPTS[1]], [None])[0] == after
     # the row is cleared by slot, whatever ctx.steering says when the request ends
     ctx = gen.new_context(PROMPTS[1], _params(), steering=Steering(vec(7), 2.0))
     gen.next_token({ctx.request_id: ctx})
     ctx.steering = None
     gen.release(ctx)
-    assert not gen._steer.active
+    assert not gen.runner.hooks.active
     assert _generate(gen, [PROMPTS[1]], [None])[0] == after
     # a steering changed to an unfitting vector before admission is refused, nothing admitted
     ctx = gen.new_context(PROMPTS[1], _params())
     ctx.steering = Steering({0: torch.ones(32)})
     with pytest.raises(ValueError, match="hidden size 32"):
         gen.next_token({ctx.request_id: ctx})
-    assert gen._free == [0] and not gen._steer.active and ctx.slot is None
+    assert gen.free_slots == [0] and not gen.runner.hooks.active and ctx.slot is None
 
 
 @pytest.mark.parametrize("kind", ["ngram", "model", "layerskip"])
@@ -165,4 +165,4 @@ def test_steering_errors():
     off = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, steering=False)
     with pytest.raises(ValueError, match="steering=False"):
         off.new_context(PROMPTS[0], _params(), steering=Steering(vec(1)))
-    assert gen._free == [0, 1] and not gen._steer.active  # nothing admitted
+    assert gen.free_slots == [0, 1] and not gen.runner.hooks.active  # nothing admitted

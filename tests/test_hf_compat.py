@@ -16,9 +16,15 @@ import torch
 from _models import ARCHS, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
 
-from decodekit.hf_compat import CACHE_KWARGS, cache_from_kwargs, cache_kwarg, library_cache_kwarg
-from decodekit.kv_cache import SlotKVCache, attention_masks, mask_layout
-from decodekit.steer_hooks import decoder_layers
+from decodekit.engine.kv_cache import SlotKVCache, attention_masks
+from decodekit.engine.model_adapter import (
+    CACHE_KWARGS,
+    cache_from_kwargs,
+    cache_kwarg,
+    decoder_layers,
+    library_cache_kwarg,
+    mask_layout,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -48,7 +48,7 @@ def test_generate_continuous_batching_in_order():
         assert out.text == continuation_text(prompt, out.token_ids)
         assert out.logprobs is None
     gen = llm.generator
-    assert not gen._contexts and sorted(gen._free) == [0, 1]  # everything released
+    assert not gen.running and gen.free_slots == [0, 1]  # everything released
     # the same generator serves a second call identically
     assert [o.token_ids for o in llm.generate(PROMPTS, greedy(6))] == [o.token_ids for o in outs]
 
@@ -91,7 +91,7 @@ def test_stream_concatenates_to_generate_text():
     (final,) = llm.generate([prompt], params)
     assert len(deltas) >= 2 and all(deltas)
     assert "".join(deltas) == final.text
-    assert not llm.generator._contexts  # the streamed request was released
+    assert not llm.generator.running  # the streamed request was released
     # a stop string is never streamed
     words = final.text.split()
     stop = f"{words[3]} {words[4]}"
@@ -102,7 +102,7 @@ def test_stream_concatenates_to_generate_text():
     it = llm.stream(prompt, params)
     next(it)
     it.close()
-    assert not llm.generator._contexts and sorted(llm.generator._free) == [0, 1]
+    assert not llm.generator.running and llm.generator.free_slots == [0, 1]
 
 
 def test_logprobs_match_model_log_softmax():
@@ -195,4 +195,4 @@ def test_steering_option_errors():
         llm.generate([1, 5], greedy(2), steering_preset="nope")
     with pytest.raises(ValueError, match="hidden size"):
         llm.generate([1, 5], greedy(2), steering_vector={0: torch.ones(10)})
-    assert llm.generator._free == [0, 1]
+    assert llm.generator.free_slots == [0, 1]

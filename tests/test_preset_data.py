@@ -1,4 +1,4 @@
-"""Self-checks for the steering preset datasets (decodekit/presets/*.jsonl) and the scores in _preset_scores.
+"""Self-checks for the steering preset datasets (decodekit/steering/preset_data/*.jsonl) and the scores in _preset_scores.
 
 No model is needed: this only checks the data's shape and that each dataset's positive side scores better
 than its negative side under the score that the matching preset is meant to move.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _preset_scores import formality_score, is_contraction, length_score, sentiment_score, words
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "decodekit" / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "decodekit" / "steering" / "preset_data"
 PRESETS = ("brevity", "positive", "formal")
 MIN_PAIRS = 64
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from _models import hf_greedy, tiny_model, word_tokenizer
 
-from decodekit import DraftModel, LayerSkipDraft, SamplingParams, TokenGenerator
-from decodekit.drafters import NGramDraft
+from decodekit import DraftModel, LayerSkipDraft, NGramDraft, SamplingParams, TokenGenerator
+from decodekit.speculative.adaptive import AdaptiveK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,11 +269,10 @@ def e2e_pvalue(n: int, broken: bool, monkeypatch, draft_of=None, rows: int = 32)
     """Chi-square p-value of the speculative joint law of three tokens against the exact
     one; ``broken``: the negative control (resample from p after a rejection).
     ``draft_of(model)`` makes the drafter (default: n-gram, which always proposes here)."""
-    import decodekit.generator as G
-    from decodekit.speculative import verify_reference
+    import decodekit.speculative.verify as V
 
     if broken:
-        monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
+        monkeypatch.setattr(V, "verify", lambda *a, **k: V.verify_reference(*a, residual="p"))
     model = _e2e_model()
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
     draft = NGramDraft(n=2, k=3) if draft_of is None else draft_of(model)
@@ -291,12 +290,14 @@ def test_joint_distribution_negative_control_is_rejected(monkeypatch):
 
 
 def test_batch_cap_shortens_drafts_on_cpu():
+    ak = AdaptiveK(4, 0.0, "cpu")
+    assert [ak.batch_cap(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 0]
+    assert AdaptiveK(4, 0.0, "cpu", enabled=False).batch_cap(8) == 4
+    assert [AdaptiveK(4, 0.0, "cuda").batch_cap(b) for b in (1, 32, 64, 200)] == [4, 4, 2, 0]
+    # the generator drafts with its device's policy
     gen = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8, max_seq_len=64,
                          draft=NGramDraft(n=2, k=4))
-    assert [gen._batch_cap(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 0]
-    fixed = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8,
-                           max_seq_len=64, draft=NGramDraft(n=2, k=4), adaptive_k=False)
-    assert fixed._batch_cap(8) == 4
+    assert gen.speculative.adaptive.batch_cap(8) == 0 and gen.speculative.adaptive.batch_cap(1) == 4
 
 
 @pytest.mark.parametrize("mode", ["raw", "processed"])
@@ -327,42 +328,48 @@ def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
 def test_adaptive_k_backs_off_exponentially_and_recovers():
     """Rejected drafts halve k; at 0 the request rests 8, 16, 32, ... steps between probes
     (so a drafter that never helps costs ever less); an accepted draft resets the backoff."""
-    model = tiny_model("llama")
-    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
-                         draft=NGramDraft(n=2, k=4))
-    c = gen.new_context([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=8))
+    ak = AdaptiveK(4, 0.0, "cpu")
+    ak.admit(0)
 
     def steps_until_draft() -> int:
         n = 0
-        while gen._adaptive_k(c) == 0:
+        while ak.length(0) == 0:
             n += 1
         return n
 
-    assert gen._adaptive_k(c) == 4
-    gen._adapt(c, 4, 0)
-    assert gen._adaptive_k(c) == 2
-    gen._adapt(c, 2, 0)
-    assert gen._adaptive_k(c) == 1
-    gen._adapt(c, 1, 0)
+    assert ak.length(0) == 4
+    ak.update(0, 4, 0)
+    assert ak.length(0) == 2
+    ak.update(0, 2, 0)
+    assert ak.length(0) == 1
+    ak.update(0, 1, 0)
     rests = []
     for _ in range(6):
         rests.append(steps_until_draft())
-        assert gen._adaptive_k(c) == 1  # the probe
-        gen._adapt(c, 1, 0)
+        assert ak.length(0) == 1  # the probe
+        ak.update(0, 1, 0)
     assert rests == [7, 15, 31, 63, 127, 127]  # (the step that probes is not counted)
     steps_until_draft()
-    gen._adapt(c, 1, 1)  # accepted: k grows, backoff resets
-    assert gen._adaptive_k(c) == 2 and c.spec_misses == 0
-    gen._adapt(c, 2, 0)
-    gen._adapt(c, 1, 0)
+    ak.update(0, 1, 1)  # accepted: k grows, backoff resets
+    assert ak.length(0) == 2 and ak.misses(0) == 0
+    ak.update(0, 2, 0)
+    ak.update(0, 1, 0)
     assert steps_until_draft() == 7
-    model_gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
-                               draft=make_draft("layerskip", model, k=4))
-    c2 = model_gen.new_context([1, 5, 6], SamplingParams(temperature=0, max_new_tokens=8))
-    assert model_gen._adaptive_k(c2) == 2  # model drafts start at half length
-    # a drafter whose drafts cost more than they save rests although it is partly accepted:
-    # here one of two layers (break-even 0.5 + 0.1 per drafted token) at 1 in 4 accepted
-    assert model_gen._break_even == pytest.approx(0.6)
+    ak.admit(0)  # a new request in the slot starts fresh
+    assert ak.length(0) == 4
+
+
+def test_adaptive_k_for_model_drafts_and_break_even():
+    model = tiny_model("llama")
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
+                         draft=make_draft("layerskip", model, k=4))
+    ak = gen.speculative.adaptive
+    # one of two layers: a drafted token costs 0.5 forwards, plus 0.1 to verify it on a CPU
+    assert gen.speculative.drafter.cost == pytest.approx(0.5)
+    assert ak.break_even == pytest.approx(0.6)
+    ak.admit(0)
+    assert ak.length(0) == 2  # model drafts start at half length
+    # a drafter whose drafts cost more than they save rests although it is partly accepted
     for _ in range(3):
-        model_gen._adapt(c2, 4, 1)
-    assert c2.spec_k == 0 and c2.spec_rest > 0
+        ak.update(0, 4, 1)
+    assert ak.length(0) == 0

@@ -10,8 +10,9 @@ import torch
 from _models import ARCHS, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from decodekit.steer_hooks import SteeringHooks, decoder_layers, steer
-from decodekit.steering import Steering, SteeringVector
+from decodekit.engine.model_adapter import decoder_layers
+from decodekit.steering.hooks import SteeringHooks, steer
+from decodekit.steering.vector import Steering, SteeringVector
 
 H = 64
 T = 7  # tokens per test sequence
@@ -191,9 +192,9 @@ def test_bind_computes_table_index_on_device():
         hooks.set_row(2, Steering(v, positions=slice(1, 3)), prompt_len=3)
         positions = torch.tensor([[2, 3, 4], [0, 1, 2], [5, 6, 7]])
         hooks.bind(1, positions)  # batch rows -> request rows 1, 2, 3 -> table rows 2, 3, 4
-        assert torch.equal(hooks._idx, torch.tensor([[0, 2, 2], [0, 3, 3], [0, 0, 0]]))
+        assert torch.equal(hooks.bound_index, torch.tensor([[0, 2, 2], [0, 3, 3], [0, 0, 0]]))
         hooks.unbind()
-        assert hooks._idx is None
+        assert hooks.bound_index is None
     finally:
         hooks.remove()
 
@@ -206,7 +207,7 @@ def test_bind_and_injection_never_read_device_data():
         hooks.set_row(0, Steering(rand_vector([0, 1]), op="clamp", positions="generated"), prompt_len=2)
         hooks.bind(0, torch.zeros(2, 5, dtype=torch.int64, device="meta"))
         h = torch.empty(2, 5, H, device="meta")
-        out = hooks._hook(1, None, (), h)
+        out = hooks.apply(1, h)
         assert out.shape == (2, 5, H) and out.device.type == "meta"
     finally:
         hooks.remove()
@@ -337,6 +338,7 @@ def test_steer_generated_with_left_padding_counts_per_row():
 
 
 def _hook_counts(model):
+    # (torch has no public way to count a module's hooks)
     return [(len(layer._forward_hooks), len(layer._forward_pre_hooks)) for layer in decoder_layers(model)]
 
 

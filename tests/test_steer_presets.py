@@ -10,7 +10,7 @@ from _models import tiny_model, word_tokenizer
 from _preset_scores import formality_score, length_score, sentiment_score, words
 
 from decodekit import LLM, SamplingParams
-from decodekit import steer_presets as SP
+from decodekit.steering import presets as SP
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _models import tiny_model, word_tokenizer
 
-from decodekit.steer_train import train_steering_vector
+from decodekit.steering.train import train_steering_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

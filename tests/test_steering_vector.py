@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from decodekit.steering import POSITION_END, Steering, SteeringVector
+from decodekit.steering.vector import POSITION_END, Steering, SteeringVector
 
 H = 8
 

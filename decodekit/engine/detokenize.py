@@ -4,6 +4,8 @@
 chunk at a time, with the prefix/read offset scheme used by vLLM and TGI: only a small window
 of recent tokens is decoded per step, and text is held back while it ends in an incomplete
 UTF-8 sequence (a byte-fallback or byte-level token that is only part of a character).
+
+Calls only the tokenizer it is given.
 """
 
 from __future__ import annotations

@@ -9,41 +9,23 @@ row writes (its own positions). The model's attention code runs unchanged: it ca
 
 Rolling a row back (speculative decoding) is only length bookkeeping in the
 generator: positions past a row's length are masked out and overwritten later.
+
+Calls nothing else in decodekit.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["SlotKVCache", "attention_masks", "mask_layout"]
-
-
-def mask_layout(model) -> tuple[str, dict[str, int | None]]:
-    """How ``model`` takes a prepared attention mask.
-
-    Returns ``(kind, windows)``: kind ``"mapping"`` (a dict keyed by layer type) or
-    ``"single"`` (one 4D tensor for every layer); ``windows`` maps each mask key to
-    its sliding window (``None`` = full attention).
-    """
-    cfg = model.config
-    base = getattr(model, "model", model)
-    src = inspect.getsource(type(base).forward)
-    window = getattr(cfg, "sliding_window", None)
-    if "causal_mask_mapping" in src:
-        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        return "mapping", {t: (window if t == "sliding_attention" else None) for t in types}
-    if "create_sliding_window_causal_mask" in src and window is not None:
-        return "single", {"all": window}
-    return "single", {"all": None}
+__all__ = ["SlotKVCache", "attention_masks"]
 
 
 def attention_masks(kind: str, windows: dict[str, int | None], q_pos: torch.Tensor,
                     length: torch.Tensor, kv_len: int, dtype):
     """The ``attention_mask`` argument for a model of layout ``(kind, windows)``
-    (:func:`mask_layout`): one 4D mask, or a dict of them keyed by layer type."""
+    (:func:`decodekit.engine.model_adapter.mask_layout`): one 4D mask, or a dict of them
+    keyed by layer type."""
     masks = {k: SlotKVCache.attention_mask(q_pos, length, kv_len, w, dtype) for k, w in windows.items()}
     return masks if kind == "mapping" else masks["all"]
 

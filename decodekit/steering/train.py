@@ -1,4 +1,7 @@
-"""Training steering vectors from contrastive prompt pairs (mean difference or PCA)."""
+"""Training steering vectors from contrastive prompt pairs (mean difference or PCA).
+
+May call: :mod:`decodekit.engine.model_adapter` (decoder layers), :mod:`.vector`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from typing import Any, Literal
 
 import torch
 
-from ._checks import is_int
-from .steer_hooks import _model_device, decoder_layers
-from .steering import SteeringVector
+from .._checks import is_int
+from ..engine.model_adapter import decoder_layers, model_device
+from .vector import SteeringVector
 
 __all__ = ["train_steering_vector"]
 
@@ -73,7 +76,7 @@ def _last_states(model: torch.nn.Module, tokenizer: Any, texts: list[str], layer
     and padded here (on the tokenizer's padding side) with explicit ``position_ids``, so a
     text's states do not depend on what it is batched with.
     """
-    device = _model_device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     left = getattr(tokenizer, "padding_side", "right") == "left"
     encoded = [list(tokenizer(t)["input_ids"]) for t in texts]

@@ -7,6 +7,9 @@ or removed per request and the per-step path neither syncs nor changes tensor ad
 it can live inside a CUDA graph.
 
 :func:`steer` is the one-liner for plain transformers (``model(...)``, ``model.generate``).
+
+May call: :mod:`decodekit.engine.model_adapter` (decoder layers, hidden size, the
+cache keyword), :mod:`.vector`.
 """
 
 from __future__ import annotations
@@ -20,66 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .hf_compat import cache_from_kwargs
-from .nvtx import nvtx_range
-from .steering import Op, Positions, Steering, SteeringVector
+from ..engine.model_adapter import cache_from_kwargs, decoder_layers, hidden_size, model_device
+from ..nvtx import nvtx_range
+from .vector import Op, Positions, Steering, SteeringVector
 
-__all__ = ["SteeringHooks", "decoder_layers", "steer"]
-
-_LAYER_PATHS = ("model.layers", "layers", "model.decoder.layers", "decoder.layers", "transformer.h",
-                "transformer.layers", "gpt_neox.layers", "model.language_model.layers")
-
-
-def _attr_path(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a transformers causal LM, in order.
-
-    Looks at ``model.model.layers`` (llama, qwen2/3, mistral, gemma2, phi3, ...), then
-    ``model.get_decoder().layers``, then other common names (``transformer.h``, ...).
-
-    Raises
-    ------
-    ValueError
-        If none of those is a non-empty ``ModuleList``.
-    """
-    candidates = [_attr_path(model, "model.layers")]
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        with contextlib.suppress(Exception):  # some wrappers raise instead of returning None
-            candidates.append(getattr(get_decoder(), "layers", None))
-    candidates += [_attr_path(model, p) for p in _LAYER_PATHS]
-    for layers in candidates:
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} (looked for "
-                     f"get_decoder().layers and {', '.join(_LAYER_PATHS)})")
-
-
-def _hidden_size(model: torch.nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        size = getattr(text, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is not None and hasattr(embed, "embedding_dim"):
-        return int(embed.embedding_dim)
-    raise ValueError(f"model: cannot tell the hidden size of {type(model).__name__} "
-                     "(no config.hidden_size nor input embeddings)")
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
+__all__ = ["SteeringHooks", "maybe_bound", "steer"]
 
 def _layer_terms(v: torch.Tensor, strength: float, op: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(u, w, c)`` with ``h -> h + c (h . u) u + w`` equal to ``op`` at one layer (fp32, CPU)."""
@@ -131,9 +79,9 @@ class SteeringHooks:
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self._layers = decoder_layers(model)
         self.num_layers = len(self._layers)
-        self.hidden_size = _hidden_size(model)
+        self.hidden_size = hidden_size(model)
         self.max_rows = max_rows
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.dtype = dtype
         self.skip_idle_layers = bool(skip_idle_layers)
         n, rows, h = self.num_layers, max_rows + 1, self.hidden_size
@@ -237,9 +185,20 @@ class SteeringHooks:
         inside = (positions >= lo) & (positions < hi)
         self._idx = torch.where(inside, self._row_ids[rows].unsqueeze(1), 0)  # [B, q]
 
-    def _bind_idx(self, idx: torch.Tensor) -> None:
-        """Bind a precomputed table index ``[B, q]`` (int64, 0 = unsteered)."""
+    def bind_index(self, idx: torch.Tensor) -> None:
+        """Bind a precomputed table index ``[B, q]`` (int64; 0 = unsteered, ``r + 1`` = request
+        row ``r``)."""
         self._idx = idx
+
+    @property
+    def bound_index(self) -> torch.Tensor | None:
+        """The table index ``[B, q]`` the next forward uses (None: unbound, the hooks are inert)."""
+        return self._idx
+
+    def register_pre_hook(self, hook) -> torch.utils.hooks.RemovableHandle:
+        """A forward pre-hook (``with_kwargs=True``) on the first decoder layer, which runs
+        before any steering hook of the forward: the place to :meth:`bind_index`."""
+        return self._layers[0].register_forward_pre_hook(hook, with_kwargs=True)
 
     def unbind(self) -> None:
         """Make the hooks inert until the next :meth:`bind`."""
@@ -255,19 +214,25 @@ class SteeringHooks:
             self.unbind()
 
     def _hook(self, layer: int, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        out = self.apply(layer, h)
+        if out is h:
+            return None
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s output ``h [B, q, H]`` steered with the bound rows (``h`` itself
+        when nothing is bound or no row steers that layer). What the forward hook does."""
         idx = self._idx
         if idx is None or (self.skip_idle_layers and not self._rows_at[layer]):
-            return None
-        h = output[0] if isinstance(output, tuple) else output
+            return h
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or tuple(h.shape[:2]) != tuple(idx.shape):
             raise ValueError(f"steering: layer {layer} output {getattr(h, 'shape', type(h).__name__)} does "
                              f"not match the bound positions {tuple(idx.shape)} ([B, q, H] expected)")
         if self._cuda and torch.cuda.is_current_stream_capturing():
-            out = self._inject(layer, h, idx)
-        else:
-            with nvtx_range("decodekit.steer"):
-                out = self._inject(layer, h, idx)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+            return self._inject(layer, h, idx)
+        with nvtx_range("decodekit.steer"):
+            return self._inject(layer, h, idx)
 
     def _inject(self, layer: int, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         x = h.to(self.dtype)  # [B, q, H]
@@ -333,7 +298,7 @@ class _AbsolutePositions:
         else:
             lo, hi = self.steering.position_range(0)
             inside = (pos >= lo) & (pos < hi)
-        self.hooks._bind_idx(inside.to(torch.int64).expand(b, q))  # table row 1 = request row 0
+        self.hooks.bind_index(inside.to(torch.int64).expand(b, q))  # table row 1 = request row 0
 
 
 @contextlib.contextmanager
@@ -377,7 +342,7 @@ def steer(model: torch.nn.Module, vector: SteeringVector | Mapping[int, Any] | s
     try:
         hooks.set_row(0, steering, prompt_len=0)
         binder = _AbsolutePositions(hooks, steering)
-        pre = hooks._layers[0].register_forward_pre_hook(binder, with_kwargs=True)
+        pre = hooks.register_pre_hook(binder)
         try:
             yield steering
         finally:

@@ -2,7 +2,8 @@
 
 A :class:`SteeringVector` maps decoder-layer indices to directions in the residual stream;
 a :class:`Steering` says how one request uses it (strength, which token positions, which op).
-The injection itself lives in :mod:`decodekit.steer_hooks`, training in :mod:`decodekit.steer_train`.
+The injection lives in :mod:`decodekit.steering.hooks`, training in :mod:`decodekit.steering.train`,
+files in :mod:`decodekit.steering.io`.
 
 Layer numbering
 ---------------
@@ -17,23 +18,21 @@ The ops, at a steered position with hidden state ``h`` and the layer's vector ``
 * ``add``:    ``h + strength * v``
 * ``ablate``: ``h - (h . u) u``                              (removes the component along v)
 * ``clamp``:  ``h - (h . u) u + strength * |v| * u``         (sets that component to strength |v|)
+
+May call: :mod:`.io` (files), the validators.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
-from ._checks import describe, is_int, is_real
+from .._checks import describe, is_int, is_real
 
 __all__ = ["SteeringVector", "Steering", "POSITION_END"]
 
@@ -42,8 +41,6 @@ POSITION_END = 1 << 62
 
 _POSITION_KINDS = ("all", "prompt", "generated")
 _OPS = ("add", "ablate", "clamp")
-_GGUF_ARCH = "controlvector"
-_SAFETENSORS_FORMAT = "decodekit.steering_vector"
 
 Positions = Literal["all", "prompt", "generated"] | slice
 Op = Literal["add", "ablate", "clamp"]
@@ -230,104 +227,20 @@ class SteeringVector(Mapping[int, torch.Tensor]):
 
     # -- files ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the vector to ``path``: GGUF control vector if it ends in ``.gguf``, else safetensors.
+        """Write the vector to ``path``: a GGUF control vector if it ends in ``.gguf``, else
+        safetensors (formats: :mod:`decodekit.steering.io`)."""
+        from . import io
 
-        safetensors: one fp32 tensor ``layer.{i}`` per layer; ``model_name``, ``method`` and
-        ``metadata`` go in the header as JSON-encoded strings.
-
-        GGUF (the control-vector format of llama.cpp and repeng): ``general.architecture =
-        "controlvector"``, ``controlvector.model_hint`` (``model_name``, ``""`` when None),
-        ``controlvector.layer_count`` (int32, the number of direction tensors, as llama.cpp's
-        cvector-generator writes it) and one F32 tensor ``direction.{i}`` per layer. The
-        tensor index *is* the decodekit layer index: llama.cpp's loader puts ``direction.N``
-        in its per-layer slot ``il = N`` and adds it to the output of block ``il`` (0-based),
-        and repeng adds ``direction.N`` to the output of ``model.model.layers[N]``. llama.cpp
-        rejects ``direction.0`` (it never steers block 0); saving a vector with layer 0 warns.
-        ``method`` and ``metadata`` travel as ``decodekit.method`` / ``decodekit.metadata``
-        (llama.cpp ignores unknown keys).
-        """
-        path = Path(path)
-        if path.suffix.lower() == ".gguf":
-            self._save_gguf(path)
-            return
-        from safetensors.torch import save_file
-
-        header = {"format": _SAFETENSORS_FORMAT, "model_name": json.dumps(self.model_name),
-                  "method": json.dumps(self.method), "metadata": json.dumps(self.metadata)}
-        save_file({f"layer.{k}": t for k, t in self.items()}, str(path), metadata=header)
+        io.save(path, dict(self.items()), model_name=self.model_name, method=self.method,
+                metadata=self.metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
         """Read a vector written by :meth:`save` (or a llama.cpp / repeng ``.gguf`` control vector)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"steering vector file {str(path)!r} does not exist")
-        if path.suffix.lower() == ".gguf":
-            return cls._load_gguf(path)
-        from safetensors import safe_open
+        from . import io
 
-        directions: dict[int, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            for name in f.keys():
-                directions[_parse_index(name, "layer", path)] = f.get_tensor(name)
-
-        def field(key: str, default: Any) -> Any:
-            return json.loads(header[key]) if key in header else default
-
-        return cls(directions, model_name=field("model_name", None), method=field("method", None),
-                   metadata=field("metadata", {}))
-
-    def _save_gguf(self, path: Path) -> None:
-        import gguf
-
-        if 0 in self._directions:
-            warnings.warn("steering vector has layer 0: saved as direction.0, which llama.cpp rejects "
-                          "(it never steers block 0); repeng and decodekit read it", stacklevel=3)
-        writer = gguf.GGUFWriter(str(path), _GGUF_ARCH)
-        writer.add_string(f"{_GGUF_ARCH}.model_hint", self.model_name or "")
-        writer.add_int32(f"{_GGUF_ARCH}.layer_count", len(self))
-        if self.method is not None:
-            writer.add_string("decodekit.method", self.method)
-        if self.metadata:
-            writer.add_string("decodekit.metadata", json.dumps(self.metadata))
-        for k, t in self.items():
-            writer.add_tensor(f"direction.{k}", t.numpy().astype(np.float32, copy=False))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-    @classmethod
-    def _load_gguf(cls, path: Path) -> SteeringVector:
-        import gguf
-
-        reader = gguf.GGUFReader(str(path))
-
-        def string(key: str) -> str | None:
-            field = reader.get_field(key)
-            return None if field is None else str(field.contents())
-
-        arch = string("general.architecture")
-        if arch != _GGUF_ARCH:
-            raise ValueError(f"{str(path)!r}: general.architecture is {arch!r}, expected {_GGUF_ARCH!r}")
-        directions: dict[int, torch.Tensor] = {}
-        for tensor in reader.tensors:
-            if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-                raise ValueError(f"{str(path)!r}: tensor {tensor.name} is {tensor.tensor_type.name}, "
-                                 "expected F32")
-            directions[_parse_index(tensor.name, "direction", path)] = torch.from_numpy(
-                np.array(tensor.data, dtype=np.float32).reshape(-1))
-        meta = string("decodekit.metadata")
-        return cls(directions, model_name=string(f"{_GGUF_ARCH}.model_hint") or None,
-                   method=string("decodekit.method"), metadata=json.loads(meta) if meta else None)
-
-
-def _parse_index(name: str, prefix: str, path: Path) -> int:
-    head, _, tail = name.partition(".")
-    if head != prefix or not tail.isdigit():
-        raise ValueError(f"{str(path)!r}: unexpected tensor name {name!r}, expected '{prefix}.<layer>'")
-    return int(tail)
+        directions, meta = io.load(path)
+        return cls(directions, **meta)
 
 
 @dataclass(frozen=True)

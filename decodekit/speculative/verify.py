@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as ref
+from .. import reference as ref
 
 __all__ = ["ACCEPT_LANE", "draw", "verify", "verify_reference"]
 
@@ -115,7 +115,7 @@ def verify(
         raise ValueError(f"n_draft must be in [0, {draft.shape[1]}]")
     use_triton = backend == "triton" or (backend == "auto" and p.device.type == "cuda")
     if use_triton:
-        from .kernels.verify import verify as _verify
+        from ..kernels.verify import verify as _verify
 
         return _verify(p.float().contiguous(), None if q is None else q.float().contiguous(),
                        draft, n_draft, seed, position)

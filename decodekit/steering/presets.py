@@ -1,7 +1,7 @@
 """Steering presets: named behaviours defined by contrastive datasets shipped with decodekit.
 
 Each preset is a JSON Lines file of ``{"positive", "negative"}`` prompt pairs written for
-this project (``decodekit/presets/*.jsonl``, see its README). The vector for a model is
+this project (``decodekit/steering/preset_data/*.jsonl``, see its README). The vector for a model is
 trained on first use (:func:`~decodekit.train_steering_vector`, ``mean_diff`` at the
 last token over a band of middle layers) and cached on disk, keyed by the model's identity
 (its config and a fingerprint of its weights) and the dataset's content, so the next use
@@ -18,6 +18,8 @@ preset         strength  effect
 ``positive``   0.12      more upbeat wording (tests: higher lexicon sentiment)
 ``formal``     0.08      more formal register (tests: higher formality score)
 =============  ========  ======================================================
+
+May call: :mod:`.train`, :mod:`.vector`, the model adapter, loading's cache folder.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .steer_hooks import decoder_layers
-from .steer_train import train_steering_vector
-from .steering import Steering, SteeringVector
+from ..engine.model_adapter import decoder_layers
+from .train import train_steering_vector
+from .vector import Steering, SteeringVector
 
 __all__ = ["PRESETS", "Preset", "preset_pairs", "preset_steering", "preset_vector"]
 
@@ -69,7 +71,7 @@ def _preset(name: str) -> Preset:
 
 
 def _data_text(name: str) -> str:
-    return resources.files("decodekit").joinpath("presets", f"{name}.jsonl").read_text("utf-8")
+    return resources.files("decodekit.steering").joinpath("preset_data", f"{name}.jsonl").read_text("utf-8")
 
 
 def preset_pairs(name: str) -> list[dict[str, str]]:
@@ -88,7 +90,7 @@ def model_fingerprint(model) -> str:
 
 
 def _cache_path(name: str, model) -> Path:
-    from .loading import cache_dir
+    from ..loading import cache_dir
 
     p = _preset(name)
     key = hashlib.sha256((_data_text(name) + repr((p.layer_band, p.method))).encode()).hexdigest()[:10]

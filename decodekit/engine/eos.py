@@ -4,6 +4,8 @@ It follows the shape of MAX's ``EOSTracker`` and the output conventions of vLLM:
 committed (one or several at a time, e.g. from speculative decoding), the tracker finds the
 first stop point among them, drops the rest, and returns the text to stream with stop strings
 removed and held back while they could still be forming.
+
+May call: :mod:`.detokenize`, the params.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _checks as checks
+from .. import _checks as checks
+from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .detokenize import IncrementalDetokenizer
-from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
 __all__ = ["Commit", "EOSTracker", "FinishReason", "StopReason"]
 

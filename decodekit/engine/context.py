@@ -1,0 +1,62 @@
+"""A request's state in the engine: :class:`TextGenerationContext`.
+
+Created by :meth:`~decodekit.TokenGenerator.new_context`, advanced by ``next_token``,
+released by ``release``. The scheduler reads it (status, text, tokens); the generator
+writes it. Plain data; calls only its own EOS tracker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..outputs import GenerationStatus, LogProbabilities
+from ..params import SamplingParams
+from ..speculative.base import SpecStats
+from ..steering.vector import Steering
+from .eos import EOSTracker
+
+__all__ = ["TextGenerationContext"]
+
+
+@dataclass(eq=False)
+class TextGenerationContext:
+    """A request: its prompt, settings, status and the tokens generated so far.
+
+    ``slot`` is its KV-cache slot while it runs (None before admission and after release);
+    ``length`` counts the tokens in that slot's cache (the newest sampled token is not in it
+    yet). ``speculate = False`` turns the generator's drafter off for this request;
+    ``spec_stats`` counts its speculation. ``steering`` steers it alone.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos: EOSTracker
+    status: GenerationStatus = GenerationStatus.ACTIVE
+    slot: int | None = None
+    length: int = 0
+    last_token: int | None = None
+    generated_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogProbabilities] = field(default_factory=list)
+    speculate: bool = True
+    spec_stats: SpecStats = field(default_factory=SpecStats)
+    steering: Steering | None = None
+
+    @property
+    def text(self) -> str:
+        return self.eos.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.status is GenerationStatus.CANCELLED:
+            return "cancelled"
+        return self.eos.finish_reason
+
+    @property
+    def is_done(self) -> bool:
+        return self.status.is_done
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens (those committed to the EOS tracker)."""
+        return self.prompt_token_ids + self.generated_token_ids

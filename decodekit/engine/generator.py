@@ -1,0 +1,439 @@
+"""The per-step token generator around a Hugging Face causal LM (shaped like MAX's
+``TokenGenerator``): a scheduler creates contexts, calls :meth:`TokenGenerator.next_token`
+with whichever contexts it wants to advance, and releases them when done.
+
+One call: admit the contexts new to the generator (a KV-cache slot and sampler state
+each), prefill them (one forward per run of contiguous slots), then run decode steps for
+the whole batch (plain, or speculative when a drafter is set and has drafts), and finally
+hand the call's tokens to each request's EOS tracker in one host transfer. Requests may
+join and leave between calls; nobody else's work is recomputed.
+
+May call: :mod:`.runner` (forwards), the sampler, :mod:`decodekit.speculative.step`,
+:mod:`.slots`, :mod:`.pending`, :mod:`.eos`.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import nvtx
+from .._checks import int_at_least
+from ..outputs import GenerationStatus, StepStats, TextGenerationResponse, TextResponse
+from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from ..sampler import Sampler
+from ..speculative import DraftModel, LayerSkipDraft, NGramDraft
+from ..speculative.adaptive import AdaptiveK
+from ..speculative.base import SpecStats
+from ..speculative.step import SpeculativeStep
+from ..steering.vector import Steering
+from .context import TextGenerationContext
+from .eos import EOSTracker
+from .model_adapter import ModelAdapter, Prompt
+from .pending import PendingTokens
+from .runner import ModelRunner
+from .slots import SlotTable
+
+__all__ = ["TokenGenerator"]
+
+DraftConfig = NGramDraft | DraftModel | LayerSkipDraft
+
+
+class TokenGenerator:
+    """Drives a Hugging Face causal LM one step at a time for a caller's scheduler.
+
+    Parameters
+    ----------
+    model, tokenizer
+        Any in-memory transformers causal LM (attention through the Cache API) and its
+        tokenizer. An unsupported model raises ``ValueError`` here, never wrong tokens.
+    max_batch_size : int
+        Slots: requests that can be in flight at once.
+    max_seq_len : int
+        Positions per slot (prompt + generated).
+    device, dtype
+        Where the model and cache run (default: the model's).
+    logprobs_mode, seed, sampler_backend
+        Passed to :class:`~decodekit.Sampler`.
+    cuda_graphs : bool
+        On CUDA, run decode steps as CUDA graphs captured once per batch-size bucket
+        (1, 2, 4, ... up to ``max_batch_size``), falling back to eager where capture fails.
+    draft, num_speculative_tokens
+        Speculative decoding: a drafter (:class:`~decodekit.NGramDraft`,
+        :class:`~decodekit.DraftModel` or :class:`~decodekit.LayerSkipDraft`) proposes up
+        to ``k`` tokens per request and step; the target verifies them in one forward with
+        exact rejection sampling (:mod:`decodekit.speculative.step`), so outputs keep the
+        target's distribution (greedy: identical tokens). ``ctx.speculate = False`` turns
+        it off per request.
+    adaptive_k : bool
+        Per request draft lengths (:class:`~decodekit.speculative.adaptive.AdaptiveK`).
+    steering : bool
+        Install the steering hooks (once, on every decoder layer) so that requests can carry
+        a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows without one
+        are bit-identical to an unsteered generator. Decode steps of a batch while any
+        request is steered run eagerly (not as CUDA graphs).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
+                 device=None, dtype=None, logprobs_mode: str = "raw", seed: int | None = None,
+                 sampler_backend: str = "auto", cuda_graphs: bool = True, draft: DraftConfig | None = None,
+                 num_speculative_tokens: int | None = None, adaptive_k: bool = True,
+                 steering: bool = True) -> None:
+        int_at_least("max_batch_size", max_batch_size, 1)
+        int_at_least("max_seq_len", max_seq_len, 2)
+        k = _speculative_k(draft, num_speculative_tokens)
+        self.adapter = ModelAdapter(model, tokenizer, device, dtype)
+        self.adapter.self_test()
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # k + 1 scratch positions: a verification window never writes past the cache
+        self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=k + 1 if k else 0,
+                                  steering=steering)
+        self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
+                               logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
+        self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
+        self._contexts: dict[str, TextGenerationContext] = {}
+        self._steered: set[int] = set()  # slots whose steering rows are written
+        self.speculative: SpeculativeStep | None = None
+        if draft is not None:
+            drafter = draft.build(self.runner, self.sampler)
+            adaptive = AdaptiveK(k, drafter.cost, self.device.type, adaptive_k)
+            self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, adaptive)
+        self.stats = StepStats()
+        if cuda_graphs and self.device.type == "cuda":
+            self.runner.enable_graphs()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.vocab_size
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.adapter.eos_token_ids
+
+    @property
+    def spec_k(self) -> int:
+        """Longest draft (0 without a drafter)."""
+        return 0 if self.speculative is None else self.speculative.k
+
+    @property
+    def spec_stats(self) -> SpecStats:
+        """Speculation counters over every request (zeros without a drafter)."""
+        return SpecStats() if self.speculative is None else self.speculative.stats
+
+    @property
+    def running(self) -> Mapping[str, TextGenerationContext]:
+        """The admitted requests (they hold a slot), by request id (read-only)."""
+        return types.MappingProxyType(self._contexts)
+
+    @property
+    def free_slots(self) -> list[int]:
+        """Free KV-cache slots, ascending."""
+        return self.slots.free
+
+    # ------------------------------------------------------------------ requests
+    def new_context(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, truncate_prompt_tokens: int | None = None,
+                    steering: Steering | None = None) -> TextGenerationContext:
+        """Make a request context; nothing runs until :meth:`next_token`.
+
+        ``prompt`` is text, token ids, or chat messages (rendered with the tokenizer's chat
+        template). A prompt longer than ``max_seq_len - max_new_tokens`` raises ``ValueError``
+        unless ``truncate_prompt_tokens`` keeps only its last tokens. ``steering`` steers this
+        request alone (positions are its absolute token positions: the prompt is
+        ``0 .. len(prompt) - 1``).
+        """
+        self._check_steering(steering)
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate_for_vocab(self.vocab_size)
+        ids = self.adapter.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if truncate_prompt_tokens is not None:
+            ids = ids[-int_at_least("truncate_prompt_tokens", truncate_prompt_tokens, 1):]
+        max_new = params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        room = self.max_seq_len - max_new
+        if len(ids) > room:
+            raise ValueError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit (max_seq_len "
+                             f"{self.max_seq_len} - max_new_tokens {max_new}); shorten it, lower "
+                             "max_new_tokens, or set truncate_prompt_tokens")
+        self.sampler.check(params, ids)  # masks that could leave nothing to sample, etc.
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        if rid in self._contexts:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+                         prompt_token_ids=ids, default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+        return TextGenerationContext(rid, ids, params, eos, steering=steering)
+
+    def release(self, context_or_request_id: TextGenerationContext | str) -> None:
+        """Free a request's slot; an active request ends CANCELLED. Unknown ids: ``KeyError``."""
+        given = context_or_request_id
+        rid = given.request_id if isinstance(given, TextGenerationContext) else given
+        ctx = self._contexts.pop(rid, None)
+        if ctx is None:
+            if isinstance(given, TextGenerationContext) and given.slot is None:
+                if given.status is GenerationStatus.ACTIVE:  # never started: cancel it
+                    given.status = GenerationStatus.CANCELLED
+                return
+            raise KeyError(f"unknown request_id {rid!r}")
+        if ctx.status is GenerationStatus.ACTIVE:
+            ctx.status = GenerationStatus.CANCELLED
+        self._free_slot(ctx)
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def next_token(self, batch: Mapping[str, TextGenerationContext], num_steps: int = 1
+                   ) -> dict[str, TextGenerationResponse]:
+        """Advance every context in ``batch`` by up to ``num_steps`` steps.
+
+        Contexts new to the generator are prefilled first (their first token counts as one
+        step); a speculative step may emit several tokens. Returns, per request id, the
+        tokens produced in this call and the status after it. Done requests free their slot
+        at once; call :meth:`release` to forget them.
+        """
+        int_at_least("num_steps", num_steps, 1)
+        t0, stats = time.perf_counter(), StepStats()
+        with nvtx.nvtx_range("decodekit.step", len(batch)):
+            self._check_batch(batch)
+            live, fresh = self._admit_all(batch)
+            pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
+            self._prefill_all(fresh, pending, stats)
+            steps = {c.request_id: int(c in fresh) for c in live}
+            for _ in range(num_steps):
+                rows = [c for c in live if steps[c.request_id] < num_steps
+                        and self._room(c, pending.count(c.request_id))]
+                if not rows:
+                    break
+                self._step(rows, pending, stats)
+                for c in rows:
+                    steps[c.request_id] += 1
+            host = pending.to_host()
+            out = {rid: TextGenerationResponse([], c.status) for rid, c in batch.items()}
+            for c in live:
+                out[c.request_id] = self._commit(c, *host[c.request_id], stats)
+        stats.batch_size, stats.total_s = len(live), time.perf_counter() - t0
+        self.stats = stats
+        return out
+
+    # ------------------------------------------------------------------ admission
+    def _check_batch(self, batch: Mapping[str, TextGenerationContext]) -> None:
+        """Validate the whole batch before touching any state, so an error leaves every
+        context as it was (nothing half-admitted, no sampled token lost)."""
+        new = 0
+        for rid, ctx in batch.items():
+            if rid != ctx.request_id:
+                raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
+            if ctx.is_done:
+                continue
+            if ctx.slot is None:
+                if rid in self._contexts:
+                    raise ValueError(f"request_id {rid!r} is already running")
+                new += 1
+            elif self._contexts.get(rid) is not ctx:
+                raise ValueError(f"context {rid!r} belongs to another generator")
+        if new > self.slots.num_free:
+            raise RuntimeError(f"{new} new requests but only {self.slots.num_free} of {self.max_batch_size} "
+                               "slots are free: release finished requests first")
+
+    def _check_steering(self, steering: Steering | None) -> None:
+        if steering is None:
+            return
+        if not isinstance(steering, Steering):
+            raise TypeError(f"steering must be a decodekit.Steering, got {type(steering).__name__}")
+        hooks = self.runner.hooks
+        if hooks is None:
+            raise ValueError("this generator has no steering hooks (constructed with steering=False, or "
+                             f"the decoder layers of {self.adapter.name} were not found)")
+        steering.vector.check_fits(hooks.num_layers, hooks.hidden_size)
+
+    def _admit_all(self, batch: Mapping[str, TextGenerationContext]
+                   ) -> tuple[list[TextGenerationContext], list[TextGenerationContext]]:
+        """``(live, fresh)``: the active contexts, and those admitted now (all or none)."""
+        live = [c for c in batch.values() if not c.is_done]
+        fresh: list[TextGenerationContext] = []
+        try:
+            for ctx in live:
+                if ctx.slot is None:
+                    self._admit(ctx)
+                    fresh.append(ctx)
+        except BaseException:
+            for ctx in fresh:
+                self._unadmit(ctx)
+            raise
+        return live, fresh
+
+    def _admit(self, ctx: TextGenerationContext) -> None:
+        slot = self.slots.lowest_free()
+        if slot is None:
+            raise RuntimeError(f"all {self.max_batch_size} slots are busy: release finished requests first")
+        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)  # may refuse: the slot stays free
+        if ctx.steering is not None:
+            try:
+                self._check_steering(ctx.steering)  # (the field may have changed since new_context)
+                self._steered.add(slot)
+                self.runner.hooks.set_row(slot, ctx.steering, len(ctx.prompt_token_ids))
+            except BaseException:
+                self.sampler.remove(slot)
+                self._clear_steering(slot)
+                raise
+        self.slots.take(slot, ctx)
+        ctx.slot = slot
+        self._contexts[ctx.request_id] = ctx
+
+    def _unadmit(self, ctx: TextGenerationContext) -> None:
+        """Undo :meth:`_admit` for a context whose prefill did not complete."""
+        self._contexts.pop(ctx.request_id, None)
+        self._free_slot(ctx)
+        ctx.length = 0
+
+    def _free_slot(self, ctx: TextGenerationContext) -> None:
+        if ctx.slot is None:
+            return
+        self.sampler.remove(ctx.slot)
+        if ctx.slot in self._steered:  # whatever ctx.steering says now
+            self._clear_steering(ctx.slot)
+        if self.speculative is not None:
+            self.speculative.release(ctx.slot)
+        self.slots.give_back(ctx.slot)
+        ctx.slot = None
+
+    def _clear_steering(self, slot: int) -> None:
+        self._steered.discard(slot)
+        if self.runner.hooks is not None:
+            self.runner.hooks.clear_row(slot)
+
+    # ------------------------------------------------------------------ forwards
+    def _prefill_all(self, fresh: list[TextGenerationContext], pending: PendingTokens,
+                     stats: StepStats) -> None:
+        """Prefill new requests, one forward per run of contiguous slots; on failure every
+        admission of this call is undone (the contexts stay as they were)."""
+        try:
+            for run in _contiguous_runs(fresh):
+                self._prefill(run, pending, stats)
+        except BaseException:
+            for ctx in fresh:
+                self._unadmit(ctx)
+            raise
+
+    def _prefill(self, run: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
+        prompts = [c.prompt_token_ids for c in run]
+        slots = [c.slot for c in run]
+        n_tokens = sum(len(p) for p in prompts)
+        with nvtx.nvtx_range("decodekit.prefill", n_tokens):
+            with stats.timing("forward_s"):
+                logits = self.runner.prefill(prompts, slots[0])
+                if self.speculative is not None:
+                    self.speculative.admit(slots, prompts, [c.steering for c in run])
+            with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
+                res = self.sampler.sample(logits, slots)
+                self.runner.set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
+        pending.add_sampled([c.request_id for c in run], res)
+        stats.prefill_tokens += n_tokens
+        for c, p in zip(run, prompts, strict=True):
+            c.length = len(p)
+
+    def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
+        """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
+        if self.speculative is not None and self._speculate(rows, pending, stats):
+            return
+        slots = [c.slot for c in rows]
+        with nvtx.nvtx_range("decodekit.decode", len(rows)):
+            with stats.timing("forward_s"):
+                logits, idx = self.runner.decode(slots, self.slots.lengths())
+            with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(rows)):
+                res = self.sampler.sample(logits, slots)
+                self.runner.set_last_tokens(idx, res.token_ids)
+        pending.add_sampled([c.request_id for c in rows], res)
+        for c in rows:
+            c.length += 1
+        stats.steps += 1
+
+    def _speculate(self, rows: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> bool:
+        """A speculative step; False (nothing done) when no row has a draft."""
+        spec = self.speculative
+        host = pending.to_host([c.request_id for c in rows])  # drafters read tokens on the host
+        seen = [c.tokens + host[c.request_id][0] for c in rows]
+        requests = spec.requests(rows, seen, self.max_seq_len)
+        result = None if requests is None else spec.run(rows, requests, self.slots.lengths(), stats)
+        if result is None:
+            return False  # a plain step draws the same tokens, cheaper
+        for c, r in zip(rows, result, strict=True):
+            pending.add_host(c.request_id, r.tokens, r.logprobs)
+            c.length += len(r.tokens)
+            if r.drafted:
+                c.spec_stats.add(r.drafted, r.accepted, spec.k)
+        return True
+
+    # ------------------------------------------------------------------ finishing
+    def _room(self, ctx: TextGenerationContext, n_pending: int) -> bool:
+        done = len(ctx.generated_token_ids) + n_pending
+        limit = ctx.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        return done < limit and ctx.length < self.max_seq_len
+
+    def _commit(self, ctx: TextGenerationContext, toks: list[int], lps: list, stats: StepStats
+                ) -> TextGenerationResponse:
+        """Hand the call's tokens to the EOS tracker; keep what precedes the first stop."""
+        commit = ctx.eos.commit(toks)
+        kept = list(commit.token_ids)
+        responses = [TextResponse(t, lp) for t, lp in zip(kept, lps[: len(kept)], strict=True)]
+        if ctx.params.logprobs is not None:
+            ctx.logprobs.extend(lp for lp in lps[: len(kept)] if lp is not None)
+        ctx.generated_token_ids.extend(kept)
+        if toks:
+            ctx.last_token = toks[-1]
+        stats.tokens += len(kept)
+        if commit.finished:
+            ctx.status = (GenerationStatus.MAXIMUM_LENGTH if commit.finish_reason == "length"
+                          else GenerationStatus.END_OF_SEQUENCE)
+        elif ctx.length >= self.max_seq_len:
+            ctx.status = GenerationStatus.MAXIMUM_LENGTH
+        if ctx.status.is_done:
+            self._free_slot(ctx)
+        return TextGenerationResponse(responses, ctx.status, commit.text)
+
+
+def _speculative_k(draft: DraftConfig | None, num_speculative_tokens: int | None) -> int:
+    """The longest draft: ``num_speculative_tokens``, else the drafter's ``k`` (0: no drafter)."""
+    if draft is not None and not isinstance(draft, (NGramDraft, DraftModel, LayerSkipDraft)):
+        raise TypeError("draft must be an NGramDraft, DraftModel or LayerSkipDraft, got "
+                        f"{type(draft).__name__}")
+    if draft is None:
+        if num_speculative_tokens is not None:
+            int_at_least("num_speculative_tokens", num_speculative_tokens, 0)
+        return 0
+    k = draft.k if num_speculative_tokens is None else num_speculative_tokens
+    return int_at_least("num_speculative_tokens", k, 1)
+
+
+def _contiguous_runs(contexts: Sequence[TextGenerationContext]) -> list[list[TextGenerationContext]]:
+    """Contexts grouped into runs of consecutive slots (each run is one prefill forward)."""
+    runs: list[list[TextGenerationContext]] = []
+    for c in sorted(contexts, key=lambda c: c.slot):
+        if runs and runs[-1][-1].slot + 1 == c.slot:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs

@@ -1,0 +1,296 @@
+"""Everything decodekit needs to know about a transformers causal LM, in one place.
+
+:class:`ModelAdapter` wraps a model and its tokenizer: vocabulary size, EOS ids, decoder
+layers, hidden size, how the model takes a prepared attention mask (one 4D tensor, or a
+dict keyed by layer type, with sliding windows), the keyword it takes its KV cache under,
+prompt encoding, the one place where the model is called with a cache, and the self-test
+that refuses a model whose attention does not go through the Cache API as we drive it.
+
+What differs between the supported transformers releases is resolved here too:
+transformers >= 5.2x takes the KV cache as ``cache=`` (models, decoder layers, mask
+helpers) and deprecates ``past_key_values=`` (removal announced for 5.40); 5.17 takes
+``past_key_values=`` only. The model's own signature decides, so a model written for either
+convention runs without a deprecation warning (pinned down by ``tests/test_hf_compat.py``).
+
+May call: :mod:`decodekit.engine.kv_cache` (the self-test's scratch cache). Used by the
+runner, the steering hooks and the drafters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .kv_cache import SlotKVCache, attention_masks
+
+__all__ = [
+    "CACHE_KWARGS",
+    "ModelAdapter",
+    "cache_from_kwargs",
+    "cache_kwarg",
+    "decoder_layer_list",
+    "decoder_layers",
+    "hidden_size",
+    "library_cache_kwarg",
+    "mask_layout",
+    "model_device",
+]
+
+# Newest name first: a layer that receives both reads the new one.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+_LAYER_PATHS = ("model.layers", "layers", "model.decoder.layers", "decoder.layers", "transformer.h",
+                "transformer.layers", "gpt_neox.layers", "model.language_model.layers")
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]] | torch.Tensor
+
+
+# --------------------------------------------------------------------------- transformers versions
+@functools.cache
+def library_cache_kwarg() -> str:
+    """The cache keyword of the installed transformers (read off ``LlamaModel.forward``)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    params = inspect.signature(LlamaModel.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword under which ``model``'s forward takes its KV cache.
+
+    The model's own signature decides (``inspect.signature`` follows transformers'
+    ``deprecate_kwarg`` wrappers to the real parameters); a forward that takes only
+    ``**kwargs`` gets the installed library's name.
+    """
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    return library_cache_kwarg()
+
+
+def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any | None:
+    """The cache object a decoder layer (or model) was called with, under either name."""
+    for name in CACHE_KWARGS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- introspection
+def _attr_path(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a transformers causal LM, in order.
+
+    Looks at ``model.model.layers`` (llama, qwen2/3, mistral, gemma2, phi3, ...), then
+    ``model.get_decoder().layers``, then other common names (``transformer.h``, ...).
+    ``ValueError`` if none of those is a non-empty ``ModuleList``.
+    """
+    candidates = [_attr_path(model, "model.layers")]
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        with contextlib.suppress(Exception):  # some wrappers raise instead of returning None
+            candidates.append(getattr(get_decoder(), "layers", None))
+    candidates += [_attr_path(model, p) for p in _LAYER_PATHS]
+    for layers in candidates:
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} (looked for "
+                     f"get_decoder().layers and {', '.join(_LAYER_PATHS)})")
+
+
+def decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """``(parent, attribute)`` where ``model``'s decoder layers (a ModuleList) live."""
+    layers = decoder_layers(model)
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is layers:
+                return parent, name
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    """Width of the residual stream (config ``hidden_size``, else the input embeddings')."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        size = getattr(text, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None and hasattr(embed, "embedding_dim"):
+        return int(embed.embedding_dim)
+    raise ValueError(f"model: cannot tell the hidden size of {type(model).__name__} "
+                     "(no config.hidden_size nor input embeddings)")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the output embedding (which may exceed ``config.vocab_size``)."""
+    emb = model.get_output_embeddings()
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every EOS id the tokenizer, generation config and model config name."""
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return sorted(ids)
+
+
+def mask_layout(model: torch.nn.Module) -> tuple[str, dict[str, int | None]]:
+    """How ``model`` takes a prepared attention mask.
+
+    Returns ``(kind, windows)``: kind ``"mapping"`` (a dict keyed by layer type) or
+    ``"single"`` (one 4D tensor for every layer); ``windows`` maps each mask key to its
+    sliding window (``None`` = full attention). Read off the model's forward source.
+    """
+    cfg = model.config
+    base = getattr(model, "model", model)
+    src = inspect.getsource(type(base).forward)
+    window = getattr(cfg, "sliding_window", None)
+    if "causal_mask_mapping" in src:
+        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        return "mapping", {t: (window if t == "sliding_attention" else None) for t in types}
+    if "create_sliding_window_causal_mask" in src and window is not None:
+        return "single", {"all": window}
+    return "single", {"all": None}
+
+
+@torch.inference_mode()
+def layers_return_tuple(model: torch.nn.Module) -> bool:
+    """Whether the decoder layers return a tuple (older transformers) or a tensor."""
+    seen: list[bool] = []
+    h = decoder_layers(model)[0].register_forward_hook(lambda m, a, out: seen.append(isinstance(out, tuple)))
+    try:
+        model(input_ids=torch.tensor([[1, 2]], device=model_device(model)), use_cache=False)
+    finally:
+        h.remove()
+    return bool(seen and seen[0])
+
+
+# --------------------------------------------------------------------------- the adapter
+class ModelAdapter:
+    """A transformers causal LM and its tokenizer, as decodekit drives them.
+
+    Parameters
+    ----------
+    model, tokenizer
+        Any in-memory causal LM whose attention goes through the Cache API, and its
+        tokenizer (may be None for token-id prompts only). The model is moved to
+        ``device``/``dtype`` and put in eval mode.
+    device, dtype
+        Default: the model's.
+
+    Raises
+    ------
+    ValueError
+        The model's forward source cannot be read (``unsupported model``).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, device=None, dtype=None) -> None:
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size(self.model)
+        self.eos_token_ids = eos_token_ids(self.model, tokenizer)
+        self.cache_kw = cache_kwarg(self.model)
+        try:
+            self.mask_kind, self.windows = mask_layout(self.model)
+        except (TypeError, OSError) as e:
+            raise ValueError(f"unsupported model {type(model).__name__}: {e}") from e
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def masks(self, q_pos: torch.Tensor, length: torch.Tensor, kv_len: int):
+        """The ``attention_mask`` argument for queries at ``q_pos [B, q]`` over rows of
+        ``length [B]`` valid positions: one 4D mask or a dict of them."""
+        return attention_masks(self.mask_kind, self.windows, q_pos, length, kv_len, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, q_pos: torch.Tensor, length: torch.Tensor, cache: Any,
+                kv_len: int, keep: int = 1) -> torch.Tensor:
+        """The model over a bound slot cache: logits ``[B, keep, V]`` of the last ``keep``
+        positions of ``input_ids [B, q]`` at positions ``q_pos [B, q]``."""
+        out = self.model(input_ids=input_ids, attention_mask=self.masks(q_pos, length, kv_len),
+                         position_ids=q_pos, use_cache=True, logits_to_keep=keep,
+                         **{self.cache_kw: cache})
+        return out.logits[:, -keep:, :]
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text, chat messages (the tokenizer's chat template with the
+        generation prompt) or token ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        ids = [int(t) for t in prompt]
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt token id {t} outside [0, {self.vocab_size})")
+        return ids
+
+    @torch.inference_mode()
+    def self_test(self) -> None:
+        """Prefill + decode through a slot cache must match a cache-free forward; otherwise
+        the model's attention does not follow the Cache API as decodekit drives it
+        (``ValueError``, never wrong tokens later)."""
+        n, dev = 6, self.device
+        ids = torch.arange(1, n + 2, device=dev)[None] % self.vocab_size
+        cache = SlotKVCache(self.model.config, 2, 64, dev, self.dtype)
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
+            pos = torch.arange(n, device=dev)[None]
+            cache.bind(1, pos, 64)  # slot 1: rows are not assumed to start at 0
+            a = self.forward(ids[:, :n], pos, torch.tensor([n], device=dev), cache, 64)[:, -1]
+            p2 = torch.tensor([[n]], device=dev)
+            cache.bind(1, p2, 64)
+            b = self.forward(ids[:, n:], p2, torch.tensor([n + 1], device=dev), cache, 64)[:, -1]
+        except Exception as e:  # noqa: BLE001 - any failure means unsupported
+            raise ValueError(f"unsupported model {self.name}: a forward through decodekit's slot KV "
+                             f"cache failed ({type(e).__name__}: {e})") from e
+        got = torch.cat([a, b]).float()
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+        if not err <= tol:
+            raise ValueError(f"unsupported model {self.name}: its attention does not follow the Cache "
+                             f"API as decodekit drives it (relative error {err:.2e})")

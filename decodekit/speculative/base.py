@@ -1,0 +1,115 @@
+"""The drafter protocol of speculative decoding, and its counters.
+
+A user picks a drafter *config* (:class:`~decodekit.NGramDraft`,
+:class:`~decodekit.DraftModel`, :class:`~decodekit.LayerSkipDraft`); the generator builds
+it into a :class:`Drafter` with the target's :class:`~decodekit.engine.runner.ModelRunner`
+and :class:`~decodekit.Sampler` (never the generator). Each step the speculative step asks
+the drafter for :class:`Drafts` for some requests, verifies them with one target forward,
+and tells the drafter how many were accepted.
+
+Plain types; calls nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .._checks import int_at_least
+
+__all__ = ["DraftRequest", "Drafter", "Drafts", "SpecStats", "check_k"]
+
+
+def check_k(k: Any) -> int:
+    """A draft length: an int >= 1."""
+    return int_at_least("k", k, 1)
+
+
+@dataclass
+class SpecStats:
+    """Speculation counters (per request and per generator), with the usual definitions."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # verification steps
+    accepted_per_position: list[int] | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / drafted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """1 + accepted / verification steps (tokens emitted per target forward)."""
+        return 1.0 + self.accepted / self.steps if self.steps else 0.0
+
+    def add(self, drafted: int, accepted: int, k: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
+        if self.accepted_per_position is None or len(self.accepted_per_position) < k:
+            old = self.accepted_per_position or []
+            self.accepted_per_position = old + [0] * (k - len(old))
+        for j in range(accepted):
+            self.accepted_per_position[j] += 1
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One request to draft for.
+
+    ``tokens``: its prompt, generated and pending tokens (host ints); the last one is the
+    newest, not yet in the KV cache, at position ``len(tokens) - 1 == length``.
+    ``budget``: the most tokens to draft (>= 0).
+    """
+
+    slot: int
+    tokens: Sequence[int]
+    budget: int
+
+    @property
+    def length(self) -> int:
+        """Tokens in the target's KV cache for this request."""
+        return len(self.tokens) - 1
+
+
+@dataclass(frozen=True)
+class Drafts:
+    """A step's drafts for ``R`` requests.
+
+    ``tokens``: int64 ``[R, K]`` on the device, ``-1`` past each row's draft;
+    ``lengths``: drafted tokens per row (host); ``q``: fp32 ``[R, K, V]``, the distributions
+    the drafts were drawn from, or None for a drafter without one (point masses).
+    """
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    q: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What the speculative step needs from a built drafter.
+
+    ``cost``: one drafted token's cost as a fraction of a target forward (0 for lookup).
+    Slot hooks (``admit`` after the target prefilled a request, ``release``) let a drafter
+    keep per-slot state; ``lengths`` are the target's per-slot cache lengths (0: free).
+    """
+
+    cost: float
+
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
+        """Requests just prefilled into the contiguous ``slots`` (steering: per slot or None)."""
+
+    def release(self, slot: int) -> None:
+        """The request in ``slot`` is gone."""
+
+    def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
+        """Drafts for ``requests`` (None when no row has any)."""
+
+    def committed(self, requests: Sequence[DraftRequest], accepted: Sequence[int], window: int) -> None:
+        """Verification of a window of ``window`` drafts accepted ``accepted[r]`` per row."""

@@ -1,0 +1,164 @@
+"""One speculative step for a batch: propose, verify in one target forward, commit.
+
+1. **Propose**: per request a draft length (adaptive ``k``, the batch cap, its token and
+   length budget), then the drafter's :class:`~.base.Drafts`.
+2. **Verify**: the target scores each row's newest token and its ``K`` drafts in one
+   forward (``[R, K + 1]`` positions); the sampler turns the logits into the processed
+   distributions of all window positions at once (penalties of position ``j`` count the
+   window's drafts before ``j``) and runs exact batched speculative sampling (accept ``x``
+   with probability ``min(1, p(x)/q(x))``, else draw from ``normalize(max(p - q, 0))``,
+   bonus token from ``p`` after ``K`` acceptances).
+3. **Commit**: the emitted tokens go to the sampler state and the runner's newest-token
+   buffer; rejected drafts never reach the penalty counts or the output (their KV entries
+   sit past the row's length and are overwritten). One host transfer per step.
+
+May call: the runner, the sampler, the drafter, :mod:`.adaptive`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine.runner import ModelRunner
+from ..nvtx import nvtx_range
+from ..outputs import LogProbabilities, StepStats
+from ..params import DEFAULT_MAX_NEW_TOKENS
+from .adaptive import AdaptiveK
+from .base import Drafter, DraftRequest, Drafts, SpecStats
+
+__all__ = ["SpecRow", "SpeculativeStep"]
+
+
+@dataclass(frozen=True)
+class SpecRow:
+    """What one request got from a speculative step: its emitted tokens (the accepted drafts
+    then one corrected or bonus token) with their logprobs, and the draft counts."""
+
+    tokens: list[int]
+    logprobs: list[LogProbabilities | None]
+    drafted: int
+    accepted: int
+
+
+class SpeculativeStep:
+    """Speculative decoding for a generator's batch.
+
+    Parameters
+    ----------
+    drafter : Drafter
+        Built from the user's drafter config with the target runner and sampler.
+    runner, sampler
+        The target's.
+    k : int
+        Longest draft.
+    adaptive : AdaptiveK
+        Draft lengths per request.
+    """
+
+    def __init__(self, drafter: Drafter, runner: ModelRunner, sampler: Any, k: int,
+                 adaptive: AdaptiveK) -> None:
+        self.drafter, self.runner, self.sampler = drafter, runner, sampler
+        self.k, self.adaptive = k, adaptive
+        self.stats = SpecStats()
+
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
+        """Requests just prefilled into the contiguous ``slots``."""
+        for s in slots:
+            self.adaptive.admit(s)
+        self.drafter.admit(slots, prompts, steering)
+
+    def release(self, slot: int) -> None:
+        self.drafter.release(slot)
+
+    def requests(self, rows: Sequence[Any], tokens: Sequence[Sequence[int]], max_seq_len: int
+                 ) -> list[DraftRequest] | None:
+        """Draft requests for ``rows`` (contexts) whose known tokens are ``tokens[r]`` (prompt,
+        generated and pending; the last one newest), or None when no row may draft."""
+        cap = self.adaptive.batch_cap(len(rows))
+        if cap == 0:
+            return None
+        out = []
+        for c, seen in zip(rows, tokens, strict=True):
+            limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            produced = len(seen) - len(c.prompt_token_ids)
+            room = min(self.adaptive.length(c.slot), cap, limit - produced - 1, max_seq_len - c.length - 1)
+            out.append(DraftRequest(c.slot, seen, max(room, 0) if c.speculate else 0))
+        return out if any(r.budget for r in out) else None
+
+    def run(self, rows: Sequence[Any], requests: Sequence[DraftRequest], lengths: Sequence[int],
+            stats: StepStats) -> list[SpecRow] | None:
+        """Draft, verify and commit for ``rows``; None (nothing done) when no row got a draft."""
+        drafts = self.drafter.propose(requests, lengths)
+        if drafts is None or not any(drafts.lengths):
+            return None
+        slots = [r.slot for r in requests]
+        with nvtx_range("decodekit.verify", len(rows)):
+            with stats.timing("forward_s"):
+                logits, idx = self.runner.window(slots, drafts.tokens, lengths)  # [R, K + 1, V]
+            with stats.timing("sample_s"), nvtx_range("decodekit.sample", len(rows)):
+                lp_src = self._logprob_source(rows, logits, slots, drafts.tokens)  # before the commit
+                out, n_acc = self._verify(logits, slots, drafts)
+                self.runner.set_last_tokens(idx, out.gather(1, n_acc.long()[:, None])[:, 0])
+                out_h, acc_h = out.tolist(), n_acc.tolist()  # the step's one host transfer
+                lps = None if lp_src is None else self._logprobs(rows, lp_src, out, out_h)
+        stats.steps += 1
+        self.drafter.committed(requests, acc_h, drafts.tokens.shape[1])
+        result = []
+        for r, (d, o, a) in enumerate(zip(drafts.lengths, out_h, acc_h, strict=True)):
+            result.append(SpecRow(o[: a + 1], [None] * (a + 1) if lps is None else lps[r][: a + 1], d, a))
+            if d:
+                self.stats.add(d, a, self.k)
+                self.adaptive.update(requests[r].slot, d, a)
+        return result
+
+    def _verify(self, logits: torch.Tensor, slots: list[int], drafts: Drafts
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed distributions of the window, verification, commit to the sampler state:
+        ``(tokens int64 [R, K + 1] (-1 padded), accepted int32 [R])``."""
+        sp = self.sampler
+        p = sp.window_probs(logits, slots, drafts.tokens)  # [R, K + 1, V]
+        n_draft = self.runner.upload(drafts.lengths)
+        out, n_acc = sp.verify(p, drafts.q, drafts.tokens, n_draft, slots)
+        sp.accept(slots, out)
+        return out, n_acc
+
+    def _logprob_source(self, rows: Sequence[Any], logits: torch.Tensor, slots: list[int],
+                        drafts: torch.Tensor) -> torch.Tensor | None:
+        """Log-probabilities ``[R, K + 1, V]`` the rows' logprobs come from, with the definitions
+        of plain steps (None when no row asks): the target's log-softmax at each position (raw
+        mode) or the processed log-probabilities of each window position (processed mode; read
+        before the step's tokens are committed to the sampler state)."""
+        if all(c.params.logprobs is None for c in rows):
+            return None
+        if self.sampler.logprobs_mode == "raw":
+            return self.sampler.raw_logprobs(logits)
+        return self.sampler.window_logprobs(logits, slots, drafts)
+
+    @staticmethod
+    def _logprobs(rows: Sequence[Any], src: torch.Tensor, out: torch.Tensor, out_h: list[list[int]]
+                  ) -> list[list[LogProbabilities | None]]:
+        """Per row and emitted token, its :class:`LogProbabilities` from ``src [R, K + 1, V]``
+        (None for rows that do not ask)."""
+        chosen = src.gather(2, out.clamp(min=0)[..., None])[..., 0].tolist()  # [R][K+1]
+        n = max(c.params.logprobs for c in rows if c.params.logprobs is not None)
+        top_v = top_i = None
+        if n > 0:
+            top = src.topk(n, -1)
+            top_v, top_i = top.values.tolist(), top.indices.tolist()
+        res = []
+        for r, c in enumerate(rows):
+            k = c.params.logprobs
+            row: list[LogProbabilities | None] = []
+            for j, t in enumerate(out_h[r]):
+                if k is None or t < 0:
+                    row.append(None)
+                    continue
+                top_d = dict(zip(top_i[r][j][:k], top_v[r][j][:k], strict=True)) if k else {}
+                top_d.setdefault(t, chosen[r][j])
+                row.append(LogProbabilities([chosen[r][j]], [top_d]))
+            res.append(row)
+        return res
