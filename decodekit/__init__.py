@@ -11,7 +11,6 @@ per-step API for schedulers), :class:`LLM` (generate / stream), :class:`EOSTrack
 from .draft_models import DraftModel, LayerSkipDraft
 from .drafters import NGramDraft, SpecStats
 from .eos import EOSTracker
-from .functional import processed_probs, sample
 from .generator import (
     GenerationStatus,
     TextGenerationContext,
@@ -24,7 +23,7 @@ from .llm import LLM, RequestOutput
 from .loading import load
 from .outputs import LogProbabilities, SamplerOutput
 from .params import SamplingParams
-from .sampler import Sampler
+from .sampling import Sampler, processed_probs, sample
 from .steer_hooks import steer
 from .steer_train import train_steering_vector
 from .steering import Steering, SteeringVector

@@ -26,7 +26,6 @@ import torch
 
 from .hf_compat import cache_kwarg
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
-from .speculative import draw
 from .steer_hooks import SteeringHooks, decoder_layers, maybe_bound
 from .steering import Steering, SteeringVector
 
@@ -310,19 +309,17 @@ class DraftRunner:
         slots = [c.slot for c in rows]
         idx = gen._upload(slots)
         n_draft = gen._upload(rooms)
-        seeds = sp.seed[idx] ^ DRAFT_SALT
-        pos0 = sp.iparams[idx, 2].long()
         ids, pos_h = self._first_inputs(rows, seen, n)
         last = pos_h[:, -1].to(gen.device)  # [n] position of each slot's last input
         pos = pos_h.to(gen.device)
         kv_len = gen._kv_len(int(pos_h.max()) + K + 1)
         logits = self._forward(ids.to(gen.device), pos, pos[:, -1] + 1, kv_len)
         cur = torch.zeros(n, dtype=torch.long, device=gen.device)
-        greedy = sp._all_greedy(slots)
+        greedy = sp.all_greedy(slots)
         drafts, qs = [], []
         for j in range(K):
             q = sp.probs(logits.index_select(0, idx), slots)  # [R, V]
-            x = q.argmax(-1) if greedy else draw(q, seeds, pos0 + j)  # greedy q is one-hot
+            x = q.argmax(-1) if greedy else sp.draw(q, slots, salt=DRAFT_SALT)  # greedy q: one-hot
             x = torch.where(n_draft > j, x, -1)
             sp.accept(slots, x)  # tentatively, so penalties see the earlier drafts
             drafts.append(x)

@@ -28,8 +28,7 @@ from .hf_compat import cache_kwarg
 from .kv_cache import SlotKVCache, attention_masks, mask_layout
 from .outputs import LogProbabilities, SamplerOutput
 from .params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from .sampler import Sampler
-from .speculative import verify
+from .sampling import Sampler
 from .steer_hooks import SteeringHooks, maybe_bound
 from .steering import Steering
 
@@ -712,9 +711,9 @@ class TokenGenerator:
         emitted tokens, rollback of the rest.
 
         Penalties see the earlier drafts of the window: draft ``j``'s target distribution
-        is computed after tentatively accepting drafts ``0..j-1``; those are rolled back
-        before the emitted tokens are committed, so rejected drafts never reach the
-        penalty counts, the EOS tracker or the output.
+        is computed as if drafts ``0..j-1`` had been accepted (``Sampler.window_probs``,
+        which commits nothing); only the emitted tokens are committed, so rejected drafts
+        never reach the penalty counts, the EOS tracker or the output.
         """
         K = dpad_dev.shape[1]
         q = K + 1
@@ -747,21 +746,12 @@ class TokenGenerator:
             with nvtx.nvtx_range("decodekit.sample", len(rows)):
                 sel = logits.index_select(0, idx)
                 sp = self.sampler
-                pos0 = sp.iparams[idx, 2].long()
-                seeds = sp.seed[idx]
-                probs, lsm = [], []
                 processed_lp = sp.logprobs_mode == "processed" and any(
                     c.params.logprobs is not None for c in rows)
-                for j in range(q):
-                    probs.append(sp.probs(sel[:, j].contiguous(), slots))
-                    if processed_lp:
-                        lsm.append(sp.processed_logprobs(sel[:, j].contiguous(), slots))
-                    if j < K:
-                        sp.accept(slots, dpad_dev[:, j])
-                if K:
-                    sp.rollback(slots, dpad_dev)
+                lsm = sp.window_logprobs(sel, slots, dpad_dev) if processed_lp else None
                 nd = self._upload(n_draft)
-                out, n_acc = verify(torch.stack(probs, 1), q_draft, dpad_dev, nd, seeds, pos0)
+                out, n_acc = sp.verify(sp.window_probs(sel, slots, dpad_dev), q_draft, dpad_dev,
+                                       nd, slots)
                 sp.accept(slots, out)
                 self._last_tok.index_copy_(0, idx, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()
@@ -781,7 +771,7 @@ class TokenGenerator:
                 self._adapt(c, d, a)
         return result
 
-    def _spec_logprobs(self, rows, logits: torch.Tensor, processed: list[torch.Tensor], out: torch.Tensor,
+    def _spec_logprobs(self, rows, logits: torch.Tensor, processed: torch.Tensor | None, out: torch.Tensor,
                        out_h: list[list[int]]):
         """Logprobs of a speculative step's tokens for the rows that ask (None if none do):
         ``[row][position] -> LogProbabilities``, from the target's logits ``[R, K+1, V]``
@@ -791,9 +781,9 @@ class TokenGenerator:
         if not asked:
             return None
         if self.sampler.logprobs_mode == "raw":
-            src = self.sampler._raw_logprobs(logits)
+            src = self.sampler.raw_logprobs(logits)
         else:
-            src = torch.stack(processed, 1)
+            src = processed
         chosen = src.gather(2, out.clamp(min=0)[..., None])[..., 0].tolist()  # [R][K+1]
         n = max(asked)
         top_v = top_i = None

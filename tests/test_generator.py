@@ -575,7 +575,7 @@ def _tensor_footprint(gen: TokenGenerator) -> dict[str, int]:
     for i, layer in enumerate(gen.cache.layers):
         out[f"k{i}"] = layer.keys.numel()
         out[f"v{i}"] = layer.values.numel()
-    for name, value in vars(gen.sampler).items():
+    for name, value in (vars(gen.sampler) | vars(gen.sampler.state)).items():  # scratch + tables
         if isinstance(value, torch.Tensor):
             out[f"sampler.{name}"] = value.numel()
     return out
@@ -780,7 +780,7 @@ def test_failed_prefill_leaves_contexts_unadmitted(monkeypatch):
     with pytest.raises(RuntimeError, match="oom"):
         gen.next_token({"a": a, "b": b})
     assert a.slot is None and b.slot is None and sorted(gen._free) == [0, 1, 2]
-    assert not gen._contexts and not any(gen.sampler._live)
+    assert not gen._contexts and len(gen.sampler.free_slots) == gen.sampler.max_batch_size
     monkeypatch.setattr(gen, "_forward", real)
     batch = {"a": a, "b": b}
     while batch:
