@@ -290,7 +290,7 @@ class Sampler:
         if nd.device.type == "cpu":
             if bool((nd < 0).any()) or bool((nd > p.shape[1] - 1).any()):
                 raise ValueError(f"n_draft must be in [0, {p.shape[1] - 1}]")
-            nd = nd.to(self.device)
+            nd = self.state.upload(nd)
         seed = self.state.seeds(idx)
         position = self.state.step_counters(idx).long()
         return verify(p, q, drafts, nd, seed, position,
@@ -317,7 +317,7 @@ class Sampler:
             if host.numel() and bool((host >= self.vocab_size).any()):
                 raise ValueError(f"token_ids entry {int(host.max())} outside [0, {self.vocab_size})")
             token_ids = host
-        tok = token_ids.to(self.device)
+        tok = self.state.upload(token_ids)
         if tok.dim() == 1:
             tok = tok[:, None]
         if tok.dim() != 2 or tok.shape[0] != idx.shape[0]:
@@ -329,7 +329,7 @@ class Sampler:
         penalty counts and bad-word history go back. At most ``HIST_SLACK`` tokens per row
         may be rolled back at once. Device ops only."""
         idx = self.state.index(slots)
-        tok = torch.as_tensor(token_ids, device=self.device).long()
+        tok = self.state.upload(token_ids).long()
         self.state.rollback(idx, tok[:, None] if tok.dim() == 1 else tok)
 
     # ------------------------------------------------------------------ helpers
@@ -362,7 +362,7 @@ class Sampler:
         idx = self.state.index(slots)
         if idx.shape[0] != R or R > self.max_batch_size:
             raise ValueError(f"{R} window requests but {idx.shape[0]} slots")
-        return idx, drafts.to(device=self.device, dtype=torch.int64).contiguous()
+        return idx, self.state.upload(drafts).to(torch.int64).contiguous()
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dtype not in LOGITS_DTYPES:

@@ -198,7 +198,14 @@ class SlotState:
                 raise KeyError(f"slot {s} is not in use")
         if len(set(slots)) != len(slots):
             raise ValueError("slots must not repeat within one batch")
-        t = torch.tensor(slots, dtype=torch.int32)
+        return self.upload(torch.tensor(slots, dtype=torch.int32))
+
+    def upload(self, values: torch.Tensor | Sequence) -> torch.Tensor:
+        """``values`` on the device without blocking the host: host data goes through
+        pinned memory on CUDA; device tensors are returned as they are."""
+        if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+            return values.to(self.device)
+        t = torch.as_tensor(values)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
