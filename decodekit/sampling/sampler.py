@@ -96,6 +96,14 @@ class Sampler:
         ``auto`` uses the Triton kernels on CUDA and the torch reference elsewhere.
     seed : int, optional
         Seeds the generator that gives unseeded requests their seeds.
+
+    Attributes
+    ----------
+    state : SlotState
+        The per-slot device tables and host mirrors (read them, change them through the
+        sampler's methods).
+    backend, device, vocab_size, max_batch_size, logprobs_mode, eos_token_ids
+        As resolved from the arguments (``backend`` is ``"triton"`` or ``"torch"``).
     """
 
     def __init__(
