@@ -360,7 +360,7 @@ PROFILE_PARTS = {
     "masks": ("decodekit/generator.py", "_masks"),
     "cache_bind": ("decodekit/kv_cache.py", "bind"),
     "cache_update": ("decodekit/kv_cache.py", "update"),
-    "sampler": ("decodekit/sampler.py", "sample"),
+    "sampler": ("decodekit/sampling/sampler.py", "sample"),
     "eos_detok": ("decodekit/eos.py", "commit"),
 }
 

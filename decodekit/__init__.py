@@ -20,7 +20,6 @@ The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.spec
 from .engine.context import TextGenerationContext
 from .engine.eos import EOSTracker
 from .engine.generator import TokenGenerator
-from .functional import processed_probs, sample
 from .llm import LLM
 from .loading import load
 from .outputs import (
@@ -31,7 +30,7 @@ from .outputs import (
     TextResponse,
 )
 from .params import SamplingParams
-from .sampler import Sampler
+from .sampling import Sampler, processed_probs, sample
 from .speculative import DraftModel, LayerSkipDraft, NGramDraft, SpecStats
 from .steering import Steering, SteeringVector, steer, train_steering_vector
 

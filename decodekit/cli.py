@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .params import SamplingParams
-from .sampler import Sampler
+from .sampling import Sampler
 
 DEMO_SETTINGS: list[tuple[str, SamplingParams]] = [
     ("greedy", SamplingParams(temperature=0.0)),

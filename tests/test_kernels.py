@@ -15,9 +15,10 @@ import triton
 import triton.language as tl
 from conftest import KERNEL_DEVICE
 from decodekit.kernels import _common as KC
+from decodekit.kernels.accept import accept as accept_kernel
 
 from decodekit import Sampler, SamplingParams
-from decodekit import reference as ref
+from decodekit.sampling import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,9 @@ def _logits(B: int, V: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 
 
 def _same_state(a: Sampler, b: Sampler) -> None:
-    torch.testing.assert_close(a.iparams.cpu(), b.iparams.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(a.state.iparams.cpu(), b.state.iparams.cpu(), rtol=0, atol=0)
     for name in ("counts", "hist"):
-        ta, tb = getattr(a, name), getattr(b, name)
+        ta, tb = getattr(a.state, name), getattr(b.state, name)
         assert (ta is None) == (tb is None)
         if ta is not None:
             torch.testing.assert_close(ta.cpu(), tb.cpu(), rtol=0, atol=0)
@@ -168,7 +169,7 @@ def _noise_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
 
 
 def test_rng_matches_reference_bit_for_bit():
-    """The jit hash and Exp(1) variates equal decodekit.reference's."""
+    """The jit hash and Exp(1) variates equal decodekit.sampling.reference's."""
     seeds = torch.tensor([0, 1, 2**40 + 7, 2**63 - 1], dtype=torch.int64)
     pos = torch.tensor([0, 5, 123456, 2**31 - 1], dtype=torch.int64)
     V = 500
@@ -218,13 +219,11 @@ def test_kernel_accept_skips_out_of_range_device_ids():
     kern = Sampler(V, 2, KERNEL_DEVICE, backend="triton")
     for s in range(2):
         kern.add(s, SamplingParams(frequency_penalty=1.0))
-    from decodekit import kernels as K
-
     # what Sampler.accept does with device tensors (not read back): the kernel's guard
     tok = torch.tensor([[35, 3], [-1, 4]], dtype=torch.int32, device=KERNEL_DEVICE)
     slots = torch.tensor([0, 1], dtype=torch.int32, device=KERNEL_DEVICE)
-    K.accept(tok, slots, kern.iparams, kern.counts, None, V)
-    counts = kern.counts.cpu()
+    accept_kernel(tok, slots, kern.state.iparams, kern.state.counts, None, V)
+    counts = kern.state.counts.cpu()
     assert counts[1].nonzero().flatten().tolist() == [4]  # nothing leaked into slot 1
     assert counts[0].nonzero().flatten().tolist() == [3]
     with pytest.raises(ValueError, match="outside"):

@@ -1,4 +1,4 @@
-"""Self-checks for the steering preset datasets (decodekit/steering/preset_data/*.jsonl) and the scores in _preset_scores.
+"""Self-checks for the steering preset datasets (decodekit/steering/preset_data/*.jsonl) and the scores in
 
 No model is needed: this only checks the data's shape and that each dataset's positive side scores better
 than its negative side under the score that the matching preset is meant to move.

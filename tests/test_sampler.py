@@ -89,11 +89,11 @@ def test_penalty_counts_are_incremental_on_device(backend):
     x = torch.zeros(1, V, device=s.device)
     x[0, 20] = 10.0  # token 20 wins until its frequency penalty bites
     toks = [s.sample(x, [1]).token_ids.item() for _ in range(4)]
-    counts = s.counts[1].cpu()
+    counts = s.state.counts[1].cpu()
     assert counts[7].item() == 1 and counts[8].item() == 1  # prompt flag only
     for t in set(toks):
         assert counts[t].item() == 2 * toks.count(t) + (t in (7, 8))
-    assert s.iparams[1, 2].item() == 4  # step counter
+    assert s.step_counters([1]).item() == 4  # step counter
 
 
 def test_accept_commits_external_tokens(backend):
@@ -109,7 +109,7 @@ def test_accept_commits_external_tokens(backend):
     # row 0: both 3 and 4 penalised by 2 -> 3 (-0.5) still beats 4 (-1.0); row 1 only 3.
     x[:, 5] = -0.7
     assert s.sample(x, [0, 1]).token_ids.tolist() == [3, 4]
-    assert s.iparams[:2, 2].tolist() == [3, 2]
+    assert s.step_counters([0, 1]).tolist() == [3, 2]
 
 
 def test_min_new_tokens_suppresses_eos_and_stop_ids(backend):
@@ -143,7 +143,7 @@ def test_bad_word_history_survives_table_growth(backend):
     x[:, 4] = 10.0
     assert s.sample(x[:1], [0]).token_ids.item() == 4
     s.add(1, SamplingParams(temperature=0.0, bad_words_token_ids=[[7, 8, 9, 10, 4, 5]]))
-    assert s.hist.shape[1] >= 8
+    assert s.state.hist.shape[1] >= 8
     # slot 0 history ends in 4 -> 5 banned: 4 again (10.0) ... then 4 -> 5 banned again
     assert s.sample(x, [0, 1]).token_ids.tolist() == [4, 4]
     x[:, 4] = -1.0
@@ -275,7 +275,7 @@ def test_greedy_fast_path_only_when_every_row_is_greedy(backend):
     alone.add(0, SamplingParams(temperature=0.0))
     for _ in range(3):
         assert alone.sample(x[:1], [0]).token_ids.item() == torch.nan_to_num(x[0], nan=-1e30).argmax()
-    assert alone.iparams[0, 2].item() == 3  # the step counter still advances
+    assert alone.step_counters([0]).item() == 3  # the step counter still advances
 
 
 def test_rollback_undoes_accept(backend):
@@ -284,14 +284,14 @@ def test_rollback_undoes_accept(backend):
     s.add(0, SamplingParams(frequency_penalty=0.5, repetition_penalty=1.2, seed=1,
                             bad_words_token_ids=[[3, 4]]), [1, 2, 3])
     s.add(1, SamplingParams(seed=2))
-    before = (s.iparams.clone(), s.counts.clone(), s.hist.clone())
+    before = (s.state.iparams.clone(), s.state.counts.clone(), s.state.hist.clone())
     x = logits(2, V, 1, s.device)
     p_before = s.probs(x, [0, 1])
     toks = torch.tensor([[5, 5, 9], [7, -1, -1]], device=s.device)
     s.accept([0, 1], toks)
     assert not torch.equal(s.probs(x, [0, 1]), p_before)
     s.rollback([0, 1], toks)
-    assert torch.equal(s.iparams, before[0]) and torch.equal(s.counts, before[1])
+    assert torch.equal(s.state.iparams, before[0]) and torch.equal(s.state.counts, before[1])
     torch.testing.assert_close(s.probs(x, [0, 1]), p_before)
 
 

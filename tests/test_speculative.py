@@ -269,10 +269,11 @@ def e2e_pvalue(n: int, broken: bool, monkeypatch, draft_of=None, rows: int = 32)
     """Chi-square p-value of the speculative joint law of three tokens against the exact
     one; ``broken``: the negative control (resample from p after a rejection).
     ``draft_of(model)`` makes the drafter (default: n-gram, which always proposes here)."""
-    import decodekit.speculative.verify as V
+    import decodekit.sampling.sampler as G  # Sampler.verify calls this module's verify
+    from decodekit.sampling import verify_reference
 
     if broken:
-        monkeypatch.setattr(V, "verify", lambda *a, **k: V.verify_reference(*a, residual="p"))
+        monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
     model = _e2e_model()
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
     draft = NGramDraft(n=2, k=3) if draft_of is None else draft_of(model)

@@ -1,6 +1,6 @@
 """Statistical tests of the sampler's draws.
 
-Draws come from the torch reference (:func:`decodekit.reference.sample_from_logits`),
+Draws come from the torch reference (:func:`decodekit.sampling.reference.sample_from_logits`),
 whose randomness is a counter-based hash of (seed, position): ``N`` rows with ``N``
 consecutive seeds at one position are ``N`` independent draws from the processed
 distribution. Their histogram is tested (chi-square goodness of fit) against the
@@ -28,7 +28,7 @@ from scipy import stats
 
 import decodekit
 from decodekit import Sampler, SamplingParams
-from decodekit.reference import (
+from decodekit.sampling.reference import (
     RowState,
     exponential_from_bits,
     exponential_noise,

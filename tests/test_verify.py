@@ -10,7 +10,7 @@ from conftest import KERNEL_DEVICE
 from scipy import stats
 
 from decodekit import SamplingParams, processed_probs
-from decodekit.speculative import verify, verify_reference
+from decodekit.sampling import verify, verify_reference
 
 
 def _dists(V: int, seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

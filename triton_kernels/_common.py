@@ -1,36 +1,41 @@
-"""Shared Triton helpers: the counter-based hash, Exp(1) variates, orderable keys,
-and the one helper that sizes every launch.
+"""Shared Triton helpers: the layout as constexprs, the counter-based hash, Exp(1)
+variates, orderable keys, and the commit of one token to a slot's state.
 
-Kernels never import the rest of decodekit; decodekit.reference mirrors the jit
-helpers below in torch (the tests compare them bit for bit).
+Kernels never import the rest of decodekit; ``decodekit.sampling.reference`` mirrors the
+jit helpers below in torch (the tests compare them bit for bit).
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
+from . import layout as L
+
 C = tl.constexpr  # globals read inside @triton.jit functions must be constexpr
 
-FLT_MAX = C(3.4028234663852886e38)
+FLT_MAX = C(L.FLT_MAX)
 
-# Per-slot flag bits (iparams[:, I_FLAGS]); decodekit.sampler sets them.
-F_GREEDY = C(1)
-F_BIAS = C(2)
-F_PENALTY = C(4)
-F_SUPPRESS = C(8)
-F_BADSEQ = C(16)
-F_FILTER = C(32)
-F_LOGPROB = C(64)
+# Per-slot flag bits (iparams[:, I_FLAGS]).
+F_GREEDY = C(L.GREEDY)
+F_BIAS = C(L.BIAS)
+F_PENALTY = C(L.PENALTY)
+F_SUPPRESS = C(L.SUPPRESS)
+F_BADSEQ = C(L.BADSEQ)
+F_FILTER = C(L.FILTER)
+F_LOGPROB = C(L.LOGPROB)
 
 # Column layout of the packed per-slot parameter tables.
-NF = C(8)  # fparams: temperature, top_p, min_p, typical_p, repetition, frequency, presence, -
-NI = C(8)  # iparams: top_k, min_new, n_gen, flags, n_hist, logprobs, -, -
-F_TEMP, F_TOPP, F_MINP, F_TYP, F_REP, F_FREQ, F_PRES = (C(i) for i in range(7))
-I_TOPK, I_MINNEW, I_NGEN, I_FLAGS, I_NHIST, I_NLOGPROB = (C(i) for i in range(6))
+NF = C(L.NF)
+NI = C(L.NI)
+F_TEMP, F_TOPP, F_MINP, F_TYP = C(L.F_TEMP), C(L.F_TOPP), C(L.F_MINP), C(L.F_TYP)
+F_REP, F_FREQ, F_PRES = C(L.F_REP), C(L.F_FREQ), C(L.F_PRES)
+I_TOPK, I_MINNEW, I_NGEN = C(L.I_TOPK), C(L.I_MINNEW), C(L.I_NGEN)
+I_FLAGS, I_NHIST, I_NLOGPROB = C(L.I_FLAGS), C(L.I_NHIST), C(L.I_NLOGPROB)
+
+MAX_CHUNKS = C(L.MAX_CHUNKS)
+NPART = C(L.NPART)
+ACCEPT_LANE = C(L.ACCEPT_LANE)
 
 
 @triton.jit
@@ -87,33 +92,19 @@ def key_float(k):
     return b.to(tl.float32, bitcast=True)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def launch_shape(n_rows: int, n_cols: int, device: torch.device, block: int) -> tuple[int, int]:
-    """Programs per row and columns per program for a row-split launch.
-
-    Aim for about four programs per SM over the whole grid; each program covers
-    a whole number of ``block``-wide tiles. Returns ``(programs_per_row, chunk)``.
-    """
-    tiles = triton.cdiv(n_cols, block)
-    want = max(1, triton.cdiv(4 * num_sms(device), max(n_rows, 1)))
-    per_row = max(1, min(tiles, want, MAX_CHUNKS))
-    tiles_per_prog = triton.cdiv(tiles, per_row)
-    per_row = triton.cdiv(tiles, tiles_per_prog)
-    return per_row, tiles_per_prog * block
-
-
-MAX_CHUNKS = 64
-
-
-def next_pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
+@triton.jit
+def commit_token(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
+                 HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr):
+    """Append one token to a slot's state: step counter, penalty counts, bad-word history."""
+    gp = iparams_ptr + slot * NI + I_NGEN
+    tl.store(gp, tl.load(gp) + 1)
+    if HAS_PENALTY:
+        if (flags & F_PENALTY) != 0:
+            cp = counts_ptr + slot * V + tok
+            tl.store(cp, tl.load(cp) + 2)
+    if HAS_HIST:
+        if (flags & F_BADSEQ) != 0:
+            hp = iparams_ptr + slot * NI + I_NHIST
+            nh = tl.load(hp)
+            tl.store(hist_ptr + slot * H + nh % H, tok.to(tl.int32))
+            tl.store(hp, nh + 1)

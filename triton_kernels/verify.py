@@ -14,18 +14,23 @@ exactly as if drawn from the target one by one. ``u_j`` and the draws use the
 counter-based hash keyed by (seed, position): the acceptance test reads a lane no
 token id uses, the draws are exponential races ``argmax r_i / E_i`` on the token
 lanes, so they are independent. Greedy rows pass one-hot ``p``, which makes the rule
-"accept while the draft is the argmax".
+"accept while the draft is the argmax". The torch reference is
+``decodekit.sampling.reference.verify_reference``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import exponential, mix32, row_keys
+from . import layout
+from ._common import ACCEPT_LANE, exponential, mix32, row_keys
+from .launch import launch, next_pow2
 
-ACCEPT_LANE = tl.constexpr(0x7FFFFFFF)  # hash lane of the acceptance uniforms (never a token id)
+__all__ = ["aot_configs", "verify"]
 
 
 @triton.jit
@@ -101,9 +106,6 @@ def _verify_kernel(
     tl.store(n_acc_ptr + row, n_acc)
 
 
-BLOCK_VERIFY = 1024
-
-
 def verify(
     p: torch.Tensor,
     q: torch.Tensor | None,
@@ -115,8 +117,8 @@ def verify(
     """Launch :func:`_verify_kernel`.
 
     Parameters: ``p [B, K+1, V]`` and ``q [B, K, V]`` (or None: point masses) fp32
-    contiguous; ``draft [B, K]`` int32; ``n_draft [B]`` int32 (``<= K``); ``seed [B]``
-    int64; ``position [B]`` int64 (the request position of each row's first draft).
+    contiguous; ``draft [B, K]``; ``n_draft [B]`` (``<= K``); ``seed [B]``;
+    ``position [B]`` (the step counter of each row's first draft).
     Returns ``(tokens int64 [B, K+1] padded with -1, n_accepted int32 [B])``.
     """
     B, K1, V = p.shape
@@ -130,11 +132,27 @@ def verify(
             raise ValueError("p and q must be contiguous float32")
     out = torch.empty(B, K + 1, dtype=torch.int64, device=p.device)
     n_acc = torch.empty(B, dtype=torch.int32, device=p.device)
-    _verify_kernel[(B,)](
+    block = min(layout.BLOCK_VERIFY, next_pow2(V))
+    go = launch((B,), block)
+    _verify_kernel[go.grid](
         p, q if q is not None else p,
         draft.to(torch.int32).contiguous(), n_draft.to(torch.int32).contiguous(),
         seed.to(torch.int64).contiguous(), position.to(torch.int64).contiguous(),
         out, n_acc, V, K,
-        HAS_Q=q is not None, BLOCK=min(BLOCK_VERIFY, triton.next_power_of_2(V)),
+        HAS_Q=q is not None, BLOCK=block, num_warps=go.num_warps,
     )
     return out, n_acc
+
+
+SIGNATURE = {"p_ptr": "*fp32", "q_ptr": "*fp32", "draft_ptr": "*i32", "n_draft_ptr": "*i32",
+             "seed_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "n_acc_ptr": "*i32",
+             "V": "i32", "K": "i32"}
+
+
+def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, object], int]]:
+    """``(name, kernel, signature, constexprs, num_warps)`` of every launch at full block
+    width (smaller vocabularies use a smaller power-of-two block)."""
+    for has_q in (False, True):
+        yield "verify", _verify_kernel, SIGNATURE, dict(HAS_Q=has_q, BLOCK=layout.BLOCK_VERIFY), \
+            launch((1,), layout.BLOCK_VERIFY).num_warps
+

@@ -26,7 +26,7 @@ from .. import nvtx
 from .._checks import int_at_least
 from ..outputs import GenerationStatus, StepStats, TextGenerationResponse, TextResponse
 from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from ..sampler import Sampler
+from ..sampling import Sampler
 from ..speculative import DraftModel, LayerSkipDraft, NGramDraft
 from ..speculative.adaptive import AdaptiveK
 from ..speculative.base import SpecStats

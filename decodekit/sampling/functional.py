@@ -1,4 +1,5 @@
-"""Functional conveniences over :class:`~decodekit.Sampler` for one-off calls."""
+"""Functional conveniences over :class:`~decodekit.Sampler` for one-off calls: a
+throw-away sampler with one slot per row."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .params import SamplingParams
+from ..params import SamplingParams
 from .sampler import Sampler
 
 __all__ = ["processed_probs", "sample"]
@@ -46,7 +47,7 @@ def _sampler(
                     raise ValueError(f"output_token_ids entry {int(t)} outside [0, {V})")
         s.accept(list(range(B)), tok.to(logits.device))
     if step:
-        s.iparams[:, 2] += step
+        s.advance(list(range(B)), step)
     return s
 
 

@@ -2,7 +2,14 @@
 
 Every function here is plain, vectorised torch over a batch of rows. The Triton
 kernels in :mod:`decodekit.kernels` compute the same functions; the tests compare
-them element by element (probabilities) and token by token (draws).
+them element by element (probabilities) and token by token (draws):
+
+* ``process`` kernel: :func:`process_logits` (and :func:`window_state` for its window rows);
+* ``select`` kernel: :func:`filter_keep`, :func:`processed_probs_from_logits`,
+  :func:`sample_from_logits`;
+* ``accept`` kernel: :func:`commit_tokens`;
+* ``verify`` kernel: :func:`verify_reference`;
+* the drafters' draw: :func:`draw`.
 
 The processed distribution of one row, in order (see :class:`~decodekit.SamplingParams`):
 
@@ -29,9 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.layout import ACCEPT_LANE, BADSEQ, FLT_MAX, I_FLAGS, I_NGEN, I_NHIST, PENALTY
+
 __all__ = [
+    "ACCEPT_LANE",
     "FLT_MAX",
     "RowState",
+    "commit_tokens",
+    "draw",
+    "exponential_from_bits",
     "exponential_noise",
     "filter_keep",
     "process_logits",
@@ -39,9 +52,9 @@ __all__ = [
     "random_bits",
     "random_bits_at",
     "sample_from_logits",
+    "verify_reference",
+    "window_state",
 ]
-
-FLT_MAX = float(torch.finfo(torch.float32).max)
 _M32 = 0xFFFFFFFF
 _TWO_M32 = 2.0**-32
 
@@ -343,3 +356,141 @@ def sample_from_logits(
         # a row with nothing kept cannot occur for requests the sampler accepted; stay in range
         tok = torch.where(filtered & (first < V), first, tok)
     return tok, l, keep
+
+
+# --------------------------------------------------------------------------- state updates
+def commit_tokens(tokens: torch.Tensor, slots: torch.Tensor, iparams: torch.Tensor,
+                  counts: torch.Tensor | None, hist: torch.Tensor | None, vocab_size: int) -> None:
+    """Reference of the ``accept`` kernel: append ``tokens [B, n]`` (ids outside
+    ``[0, V)`` skipped), column by column, to the state of distinct ``slots [B]``: step
+    counter, penalty counts (+2 per output token) and bad-word history ring, in place."""
+    li = slots.long()
+    flags = iparams[li, I_FLAGS]
+    for j in range(tokens.shape[1]):
+        t = tokens[:, j].long()
+        ok = (t >= 0) & (t < vocab_size)
+        iparams[li, I_NGEN] += ok.to(torch.int32)
+        if counts is not None:
+            pen = ok & ((flags & PENALTY) != 0)
+            counts[li[pen], t[pen]] += 2
+        if hist is not None:
+            on = ok & ((flags & BADSEQ) != 0)
+            s, H = li[on], hist.shape[1]
+            nh = iparams[s, I_NHIST]
+            hist[s, (nh % H).long()] = t[on].to(torch.int32)
+            iparams[s, I_NHIST] = nh + 1
+
+
+def window_state(state: RowState, drafts: torch.Tensor, vocab_size: int,
+                 penalized: torch.Tensor | None = None) -> RowState:
+    """Reference of the process kernel's window rows: the :class:`RowState` of ``R * W`` rows
+    from the state of ``R`` requests and their drafts ``[R, W - 1]``.
+
+    Row ``q * W + j`` is request ``q`` as if ``drafts[q, :j]`` had been accepted: each
+    draft in ``[0, V)`` adds 2 to its penalty count (rows of ``penalized [R]``, default
+    all), 1 to the step counter and extends the bad-word history. The state is not
+    changed.
+    """
+    R, K = drafts.shape
+    W, V, dev = K + 1, vocab_size, drafts.device
+    d = drafts.long()
+    valid = (d >= 0) & (d < V)
+    counted = valid[:, None, :] & (torch.arange(K, device=dev)[None, :] <
+                                   torch.arange(W, device=dev)[:, None])[None]  # [R, W, K]
+    n_prev = counted.sum(-1).to(torch.int32).reshape(-1)  # [R * W]
+    rep = lambda t: None if t is None else t.repeat_interleave(W, dim=0)  # noqa: E731
+    out = RowState(**{f: rep(getattr(state, f)) for f in state.__dataclass_fields__})
+    out.n_gen = out.n_gen + n_prev
+    if state.counts is not None:
+        pen = counted if penalized is None else counted & penalized[:, None, None]
+        add = torch.zeros(R * W, V + 1, dtype=out.counts.dtype, device=dev)
+        idx = torch.where(pen, d[:, None, :], V).reshape(R * W, K)
+        add.scatter_add_(1, idx, torch.full_like(idx, 2, dtype=add.dtype))
+        out.counts = out.counts + add[:, :V]
+    if state.badseq is not None:  # write the drafts into a copy of each ring
+        on = (state.badseq_len > 0).any(-1)
+        H = state.hist.shape[1]
+        rank = valid.long().cumsum(-1) - 1  # history offset of each valid draft
+        pos = (state.n_hist.long()[:, None] + rank) % H  # [R, K]
+        write = (counted & on[:, None, None]).reshape(R * W, K)
+        ring = torch.cat([out.hist, torch.zeros_like(out.hist[:, :1])], 1)
+        col = torch.where(write, pos.repeat_interleave(W, dim=0), H)
+        ring.scatter_(1, col, d.repeat_interleave(W, dim=0).to(ring.dtype))
+        out.hist = ring[:, :H]
+        out.n_hist = out.n_hist + n_prev * on.repeat_interleave(W).to(torch.int32)
+    return out
+
+
+# --------------------------------------------------------------------------- speculative
+def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    r = random_bits_at(seed, position, torch.full_like(position, ACCEPT_LANE))
+    return (r.to(torch.float32) + 0.5) * 2.0**-32
+
+
+def _race(weights: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """argmax_i w_i / E_i per row of ``weights [N, V]`` (noise keyed by seed/position)."""
+    E = exponential_noise(seed, position, weights.shape[1])
+    key = torch.where(weights > 0, weights / E, torch.full_like(weights, -1.0))
+    return key.argmax(-1)
+
+
+def draw(probs: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [N, V]`` (an exponential race keyed by ``seed [N]`` and
+    ``position [N]``; int64 ``[N]``). Drafters pass a salted seed so that their draws are
+    independent of the verification's."""
+    return _race(probs.float(), seed.long(), position.long())
+
+
+def verify_reference(
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    draft: torch.Tensor,
+    n_draft: torch.Tensor,
+    seed: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    residual: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of the verify kernel (same inputs and outputs; see
+    ``triton_kernels/verify.py`` for the rule).
+
+    ``p [B, K+1, V]``, ``q [B, K, V]`` or None (point masses), ``draft [B, K]``,
+    ``n_draft [B]``, ``seed [B]``, ``position [B]`` (step counter of the first draft).
+    Returns ``(tokens int64 [B, K+1] -1 padded, n_accepted int32 [B])``.
+    ``residual="p"`` resamples from ``p`` instead of ``normalize(max(p - q, 0))`` after a
+    rejection: a deliberately wrong rule, kept as the statistical tests' negative control.
+    """
+    B, K1, V = p.shape
+    dev = p.device
+    out = torch.full((B, K1), -1, dtype=torch.int64, device=dev)
+    n_acc = torch.zeros(B, dtype=torch.int32, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    seed, position, n_draft, draft = seed.long(), position.long(), n_draft.long(), draft.long()
+    for j in range(K1 - 1):
+        act = alive & (j < n_draft)
+        if not bool(act.any()):
+            break
+        d = draft[:, j].clamp(0, V - 1)
+        pd = p[rows, j, d]
+        qd = q[rows, j, d] if q is not None else torch.ones_like(pd)
+        ok = _uniform(seed, position + j) * qd < pd
+        acc, rej = act & ok, act & ~ok
+        out[acc, j] = d[acc]
+        n_acc += acc.to(torch.int32)
+        if bool(rej.any()):
+            r = rows[rej]
+            pj = p[r, j]
+            if residual == "p":
+                w = pj
+            elif q is not None:
+                w = (pj - q[r, j]).clamp(min=0)
+            else:
+                w = pj.scatter(1, d[r, None], 0.0)
+            out[r, j] = _race(w, seed[r], position[r] + j)
+        alive &= ~rej
+    if bool(alive.any()):  # the bonus token
+        r = rows[alive]
+        nb = n_draft[r]
+        out[r, nb] = _race(p[r, nb], seed[r], position[r] + nb)
+    return out, n_acc

@@ -1,0 +1,42 @@
+"""The layout shared by the kernels and the slot state: plain Python ints, defined once.
+
+Pure Python (no torch, no triton): ``decodekit.sampling.slot_state`` imports it on machines
+without Triton, and the kernel modules wrap the values they read inside ``@triton.jit``
+code as ``tl.constexpr`` (:mod:`decodekit.kernels._common`).
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- flag bits
+# One int per slot (iparams[:, I_FLAGS]): which features the slot's request uses.
+GREEDY = 1  # temperature 0: argmax, one-hot distribution
+BIAS = 2  # dense bias row (logit_bias, allowed tokens, single-token bad words)
+PENALTY = 4  # repetition / frequency / presence penalties (dense counts row)
+SUPPRESS = 8  # EOS and stop ids suppressed until min_new_tokens are out
+BADSEQ = 16  # multi-token bad words (history ring)
+FILTER = 32  # top-k / top-p / min-p / typical-p (non-greedy rows only)
+LOGPROB = 64  # the request asked for logprobs
+
+# --------------------------------------------------------------------------- packed tables
+# fparams [S, NF] float32 and iparams [S, NI] int32, one row per slot.
+NF = 8
+NI = 8
+F_TEMP, F_TOPP, F_MINP, F_TYP, F_REP, F_FREQ, F_PRES = range(7)
+I_TOPK, I_MINNEW, I_NGEN, I_FLAGS, I_NHIST, I_NLOGPROB = range(6)
+
+# --------------------------------------------------------------------------- launches
+BLOCK_PROCESS = 1024  # columns per tile of the process kernel
+BLOCK_SELECT = 256  # columns per tile of the select kernel (times NUM_PIVOTS pivots)
+BLOCK_VERIFY = 1024  # columns per tile of the verify kernel's races
+NUM_PIVOTS = 16  # threshold pivots tested per pass over a row (select)
+MAX_CHUNKS = 64  # programs per row of the process launch (partials combined by select)
+NPART = 6  # floats per chunk partial: max, sum of exp, race key, raw max, raw sum of exp, -
+
+# --------------------------------------------------------------------------- limits
+MAX_VOCAB = 1 << 24  # token ids stay exact in the fp32 arithmetic of the kernels
+HIST_SLACK = 64  # tokens rollback() may undo at once without losing bad-word history
+MAX_WINDOW_DRAFTS = 64  # drafts per request in one window (held in registers)
+
+# --------------------------------------------------------------------------- randomness
+ACCEPT_LANE = 0x7FFFFFFF  # hash lane of the speculative acceptance uniforms (never a token id)
+FLT_MAX = 3.4028234663852886e38
