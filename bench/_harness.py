@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import re
@@ -62,6 +63,7 @@ def setup(args: argparse.Namespace, default_threads: int = 2) -> torch.device:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # generate_batch's own logger
     load = args.load_avg_start = load_average()
     print(f"device: {device_name(dev)}, {torch.get_num_threads()} torch thread(s), load {load}")
     if dev.type != "cuda" and load is not None and load > 0.5 * (os.cpu_count() or 1):

@@ -224,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--drafter", choices=["ngram", "layerskip", "model", "all"], default="all")
     p.add_argument("--ngram-min-n", type=int, default=1, help="NGramDraft min_n (default 1)")
     p.add_argument("--layerskip-layers", type=layers_arg, metavar="N|I,J,..",
-                   help="LayerSkipDraft layers: the first N or a list (default 16, the best of "
-                        "bench/tools/layerskip_search.py on CPU; 1 with --smoke)")
+                   help="LayerSkipDraft layers: first N or a list (default 16: tools/layerskip_search)")
     p.add_argument("--layerskip-k", type=int, default=3, help="LayerSkipDraft k (default 3)")
     args = p.parse_args(argv)
     dev = H.setup(args)
-    wl = load_workload("random:tiny" if args.smoke else (args.model or ["embedded"])[0], dev, args.dtype)
+    spec = "random:tiny" if args.smoke else (args.model or ["embedded"])[0]
+    wl = load_workload(spec, dev, args.dtype or "fp32")  # fp32 also on CUDA: greedy ties stay exact
     n = H.check_tokens(args.max_new_tokens or (12 if args.smoke else 32 if args.quick else 96))
     repeats = args.repeats or (1 if args.quick or args.smoke else 3)
     b1, big = (2, 8) if args.quick else (2, 2) if args.smoke else (8, 8)  # prompts at B=1; batch

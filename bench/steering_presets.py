@@ -3,7 +3,7 @@ the preset scores (``tests/_preset_scores.py``) over the 20 open prompts of
 ``tests/test_steer_presets.py`` (seeded sampling, t=0.5, top-p 0.9, 80 new tokens, batch 10),
 without steering, at each preset's default strength and at minus that strength.
 
-Usage: ``python -m bench.steering_presets [--threads N] [--out DIR]``
+Usage: ``python -m bench.steering_presets [--quick (4 prompts)] [--threads N] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -33,19 +33,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = {"length": lambda t: float(len(S.words(t))), "sentiment": S.sentiment_score,
               "formality": S.formality_score}
     presets = H.steering_presets()
-    rows, t0 = [], time.perf_counter()
+    rows, t0, n_prompts = [], time.perf_counter(), 4 if args.quick else len(OPEN_PROMPTS)
     for name, strength in [("none", None)] + [(k, s * v) for k, v in presets.items() for s in (1, -1)]:
         kw = {} if strength is None else {"steering_preset": name, "steering_strength": strength}
-        outs = _texts(llm, **kw)
+        outs = _texts(llm, n_prompts, **kw)
         rows.append({"preset": name, "strength": strength,
                      "mean_tokens": sum(len(o.token_ids) for o in outs) / len(outs),
                      "readable": sum(_readable(o.text) for o in outs) / len(outs),
                      **{k: sum(f(o.text) for o in outs) / len(outs) for k, f in scores.items()},
                      "sample": outs[0].text[:160]})
         print(json.dumps(rows[-1]), flush=True)
-    meta = H.metadata(dev, "none (effects, not times)", prompts=len(OPEN_PROMPTS),
+    meta = H.metadata(dev, "none (effects, not times)", prompts=n_prompts, quick=args.quick,
                       seconds=round(time.perf_counter() - t0, 1))
-    body = ["- 20 open-ended chat prompts, seeded sampling (t=0.5, top-p 0.9), 80 new tokens, batch 10", "",
+    body = [f"- {n_prompts} open-ended chat prompts, seeded sampling (t=0.5, top-p 0.9), 80 new tokens, "
+            "batch 10", "",
             H.table(["preset", "strength", "mean tokens", "sentiment", "formality", "readable"],
                     [[r["preset"], H.f(r["strength"], "{:+.2f}"), H.f(r["mean_tokens"]),
                       H.f(r["sentiment"], "{:+.4f}"), H.f(r["formality"], "{:+.4f}"),

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = H.setup(args)
     import decodekit
 
-    wl = load_workload("random:tiny" if args.smoke else (args.model or ["embedded"])[0], dev, args.dtype)
+    spec = "random:tiny" if args.smoke else (args.model or ["embedded"])[0]
+    wl = load_workload(spec, dev, args.dtype or "fp32")  # fp32 also on CUDA: greedy ties stay exact
     n = H.check_tokens(args.max_new_tokens or (12 if args.smoke else 48))
     top_n = args.top or (2 if args.smoke else 3 if args.quick else 4)
     repeats = args.repeats or (1 if args.quick or args.smoke else 2)
