@@ -80,6 +80,8 @@ def make_logits(dist: str, batch: int, vocab: int, dtype: torch.dtype, device: t
 @dataclass
 class Case:
     name: str
+    dist: str
+    dtype: str
     setting: Setting
     batch: int
     vocab: int
@@ -99,7 +101,7 @@ def make_case(name: str, dist: str, dtype: str, batch: int, vocab: int, dev: tor
         prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=gen)
         out = torch.randint(0, vocab, (batch, OUTPUT_LEN), generator=gen)
         history, output = torch.cat([prompt, out], dim=1).to(dev), out.to(dev)
-    return Case(name, st, batch, vocab, logits, prompt, output, history)
+    return Case(name, dist, dtype, st, batch, vocab, logits, prompt, output, history)
 
 
 def decodekit_fn(c: Case, dev: torch.device, backend: str) -> Callable[[], Any]:
@@ -181,7 +183,7 @@ def run_case(c: Case, dev: torch.device, timing: H.Timing, interpret: bool,
     times = {k: v[0] for k, v in res.items()}
     base, nbytes = times["decodekit"], c.batch * c.vocab * c.logits.element_size()
     floor = bw.floor_ms(nbytes)
-    return {"setting": c.name, "dist": "", "dtype": "", "batch": c.batch, "vocab": c.vocab,
+    return {"setting": c.name, "dist": c.dist, "dtype": c.dtype, "batch": c.batch, "vocab": c.vocab,
             "logits_bytes": nbytes, "floor_us": floor * 1e3,
             "times_us": {k: None if t is None else t * 1e3 for k, t in times.items()},
             "ratios": {k: None if t is None or not base or k == "decodekit" else t / base
@@ -246,7 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for batch in batches:
                         row = run_case(make_case(name, dist, dtype, batch, vocab, dev), dev,
                                        timing, interpret, bw)
-                        row.update(dist=dist, dtype=dtype)
                         rows.append(row)
                         print(f"{name:<9} {dist:<6} {dtype} B={batch:<4} V={vocab:<7} floor "
                               f"{row['floor_us']:.2f} us | " + " | ".join(

@@ -54,8 +54,12 @@ def layer_norms(wl: Workload, prompts: list[list[int]]) -> list[float]:
     attention sink, left out), read by temporary forward hooks."""
     layers = H.decoder_layers(wl.model)
     norms: list[list[torch.Tensor]] = [[] for _ in layers]
-    record = lambda i: lambda m, a, out: norms[i].append(  # noqa: B023
-        (out[0] if isinstance(out, tuple) else out)[0, 1:].float().norm(dim=-1).cpu())
+
+    def record(i: int) -> Any:
+        def hook(module: Any, args: Any, out: Any) -> None:  # out: [1, T, H] (or a tuple of it)
+            norms[i].append((out[0] if isinstance(out, tuple) else out)[0, 1:].float().norm(dim=-1).cpu())
+        return hook
+
     handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
     try:
         for p in prompts:

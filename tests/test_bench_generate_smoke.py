@@ -47,4 +47,5 @@ def test_generate_bench_smoke(tmp_path: Path) -> None:
         assert r["requests"] == 4 and r["max_batch_size"] == 2
         assert r["decodekit"]["tokens"] == r["hf"]["tokens"] == 4 * 4  # EOS off on both sides
         assert r["decodekit"]["tok_s"] > 0 and r["hf"]["tok_s"] > 0 and r["ratio"] > 0
+        assert r["decodekit"]["gb_s"] > 0 and r["hf"]["gb_s"] > 0 and r["floor_tok_s"] > 0
     assert 0 <= serve["greedy"]["greedy_rows_identical"] <= 1
