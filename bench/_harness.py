@@ -367,6 +367,13 @@ def steering_presets() -> dict[str, float]:
     return {k: p.default_strength for k, p in PRESETS.items()}
 
 
+def step_stats(gen: Any) -> tuple[float, float, float, int]:
+    """``(forward_s, sample_s, total_s, kv_len)`` of ``gen``'s last ``next_token`` call
+    (``TokenGenerator.stats``, a ``decodekit.generator.StepStats``; the slot cache's KV length)."""
+    st = gen.stats
+    return st.forward_s, st.sample_s, st.total_s, int(gen.cache.kv_len)
+
+
 def forward_alone(gen: Any, batch: int, kv_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``(bind, forward)``: one eager model forward, ``batch`` x 1 token over ``kv_len`` positions
     of ``gen``'s slot cache, every input prepared here and the cache bound by ``bind()``

@@ -78,7 +78,6 @@ def step_point(wl: Workload, gen: Any, setting: str, batch: int, n: int, repeats
     prompts = [all_prompts[i % len(all_prompts)] for i in range(batch)]
     ids, mask = left_pad(prompts, wl.pad_id, dev)
     params = dk_params(setting, n, batch)
-    on_step = lambda: (gen.stats.forward_s, gen.stats.sample_s, gen.stats.total_s, gen.cache.kv_len)
     row: dict[str, Any] = {"section": "step", "model": wl.name, "dtype": wl.dtype_name,
                            "setting": setting, "batch": batch, "max_new_tokens": n,
                            "decode_tokens": batch * (n - 1), "status": "ok"}
@@ -87,7 +86,7 @@ def step_point(wl: Workload, gen: Any, setting: str, batch: int, n: int, repeats
         H.timed_generate(gen, prompts, dk_params(setting, 4, batch), dev)  # warm-up, both sides
         hf_generate(wl, ids, mask, setting, 4, dev)
         for _ in range(repeats):
-            dk.append(H.timed_generate(gen, prompts, params, dev, on_step=on_step))
+            dk.append(H.timed_generate(gen, prompts, params, dev, on_step=lambda: H.step_stats(gen)))
             for k in sorted({s[3] for s in dk[-1].per_step}):
                 bind, fn = H.forward_alone(gen, batch, k)
                 bind()
@@ -256,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["embedded", "random:llama-1b"] if cuda else ["embedded"]))
     batches = args.batch or ([1, 2] if args.smoke else [1, 8, 32] if cuda else [1, 8])
     n = H.check_tokens(args.max_new_tokens or (
-        4 if args.smoke else (64 if args.quick else 128) if cuda else (16 if args.quick else 32)))
-    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 3)
+        6 if args.smoke else (64 if args.quick else 128) if cuda else (16 if args.quick else 32)))
+    repeats = args.repeats or (2 if args.quick or args.smoke else 3)
     requests = args.requests or (4 if args.smoke else 8 if args.quick else 32 if cuda else 16)
     settings = args.settings or list(SETTINGS)
     bw = H.measure_bandwidth(dev, quick=args.quick or args.smoke)
