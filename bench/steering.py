@@ -179,6 +179,15 @@ def checks(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
             if half else None, "deterministic": all(r["deterministic"] for r in ok)}
 
 
+def line(r: dict[str, Any]) -> str:
+    head = f"({r['letter']}) {r['config']:<22} {r['mode']} B={r['batch']:<3} | "
+    if "tok_s" not in r:
+        return head + r["status"]
+    return (head + f"{r['tok_s']:.1f} tok/s ({H.f(r['gb_s'])} GB/s) | overhead {r['overhead_pct']:+.1f}% "
+            f"(paired {r['overhead_pct_paired']:+.1f}%) | rows = (a) "
+            f"{r['rows_identical_to_baseline']}/{r['batch']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = H.parser("bench.steering", "Decode tok/s with per-request steering (none, idle hooks, one "
                  "layer, all layers, per-request vectors, half steered).")
@@ -203,12 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     hooks0 = H.layer_hook_count(wl.model)
     print(f"model: {wl.description}, {len(norms)} layers; median hidden-state norms "
           f"{min(norms):.1f} .. {max(norms):.1f}")
-    rows = [r for mode in modes for b in batches for r in run_point(wl, mode, b, args, n, norms, dev, hooks0)]
-    for r in rows:
-        print(f"({r['letter']}) {r['config']:<22} {r['mode']} B={r['batch']:<3} | " + (
-            f"{r['tok_s']:.1f} tok/s ({H.f(r['gb_s'])} GB/s) | overhead {r['overhead_pct']:+.1f}% (paired "
-            f"{r['overhead_pct_paired']:+.1f}%) | rows = (a) {r['rows_identical_to_baseline']}/{r['batch']}"
-            if "tok_s" in r else r["status"]))
+    rows: list[dict[str, Any]] = []
+    for mode, b in [(m, b) for m in modes for b in batches]:
+        new = run_point(wl, mode, b, args, n, norms, dev, hooks0)
+        print("\n".join(line(r) for r in new), flush=True)
+        rows += new
     tc = checks(rows, "cuda" if cuda else "cpu")
     pct = lambda x: H.f(x, "{:+.1f}%")
     body = [
