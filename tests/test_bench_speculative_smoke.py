@@ -1,7 +1,6 @@
-"""Smoke test of the speculative-decoding benchmark harness (bench/speculative.py) at a tiny
-size: a random tiny llama with an in-process word-level tokenizer, repetitive token prompts,
-B 1 and 2, 12 new tokens, with and without each drafter (NGramDraft, LayerSkipDraft after
-the subset search, DraftModel with a random tiny draft)."""
+"""Smoke tests of bench/speculative.py and bench/tools/layerskip_search.py at a tiny size (random
+tiny llama, word-level tokenizer, 12 new tokens): every drafter against plain decoding, HF prompt
+lookup and plain generate at B=1, greedy outputs identical to plain decoding; the subset search."""
 
 from __future__ import annotations
 
@@ -12,92 +11,61 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-METADATA_KEYS = {
-    "device", "device_slug", "torch", "transformers", "python", "command", "timestamp",
-    "threads", "load_avg_1m", "load_avg_1m_end", "repeats", "model", "max_new_tokens",
-    "k_sweep", "targets", "drafters", "layerskip_search",
-}
-DRAFTERS = {"ngram", "layerskip", "model"}
+METADATA_KEYS = {"device", "device_slug", "torch", "triton", "transformers", "python", "command",
+                 "timestamp", "timing_method", "load_avg_1m_start", "load_avg_1m_end", "repeats", "model",
+                 "max_new_tokens", "k_sweep", "hf_prompt_lookup", "layerskip", "best_vs_best"}
 
 
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _run(tmp_path: Path, module: str) -> dict:
+    cmd = [sys.executable, "-m", module, "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return json.loads(next(tmp_path.glob("*.json")).read_text())
+
+
+def _pos(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_speculative_bench_smoke(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "bench.speculative", "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-    files = sorted(tmp_path.glob("speculative-*.json"))
-    assert len(files) == 1, files
-    md = files[0].with_suffix(".md")
-    assert md.is_file()
-    md_text = md.read_text()
-    assert "| drafter | kind |" in md_text
-    assert "LayerSkip subset search" in md_text
-    data = json.loads(files[0].read_text())
-
-    meta = data["metadata"]
+    data = _run(tmp_path, "bench.speculative")
+    meta, rows = data["metadata"], data["rows"]
     assert METADATA_KEYS <= meta.keys(), METADATA_KEYS - meta.keys()
-    assert "bench.speculative" in meta["command"]
-    assert meta["smoke"] is True and meta["max_new_tokens"] == 12
-    assert meta["drafter_option"] == "all"
-    assert {d["name"] for d in meta["drafters"]} == DRAFTERS
-    targets = meta["targets"]
-    assert targets["greedy_mismatches_total"] == 0
-    assert DRAFTERS <= targets.keys()
+    assert meta["smoke"] is True and meta["max_new_tokens"] == 12 and meta["greedy_mismatches"] == 0
+    assert len(meta["best_vs_best"]) == 4 + 4  # (copy, open) x settings: B=1 best vs best, B=2
+    assert "Best vs best" in next(tmp_path.glob("*.md")).read_text()
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
 
-    rows = data["rows"]
-    assert {r["drafter"] for r in rows} == DRAFTERS
-    points = {(r["drafter"], r["kind"], r["setting"], r["batch"], r["k"]) for r in rows}
-    assert {("ngram", "copy", "greedy", 1, k) for k in (2, 4, 6)} <= points
-    assert {("ngram", kind, s, b, 4) for kind in ("copy", "open") for s in ("greedy", "t0.7")
-            for b in (1, 2)} <= points
-    ls_rows = [r for r in rows if r["drafter"] == "layerskip"]
-    assert {(r["kind"], r["setting"], r["batch"]) for r in ls_rows} == {
-        ("open", s, b) for s in ("greedy", "t0.7") for b in (1, 2)}
-    dm_rows = [r for r in rows if r["drafter"] == "model"]
-    assert {(r["kind"], r["setting"], r["batch"], r["k"]) for r in dm_rows} == {
-        ("open", "greedy", b, 4) for b in (1, 2)}
-
-    for row in rows:
-        assert row["status"] == "ok", row["status"]
-        for side in ("plain", "spec"):
-            assert _finite(row[side]["tok_s"]) and row[side]["tok_s"] > 0, (side, row[side])
-            assert _finite(row[side]["tokens_per_step"]), row[side]
-            assert all(0 < g <= row["requests_per_repeat"] * 12
-                       for g in row[side]["generated_tokens_all"]), row[side]
-        assert _finite(row["speedup"]) and row["speedup"] > 0
-        assert 0.0 <= row["spec"]["acceptance_rate"] <= 1.0
-        if row["setting"] == "greedy":
-            assert row["greedy_requests_compared"] > 0
-            assert row["greedy_mismatches"] == 0, row
-        else:
-            assert row["greedy_mismatches"] is None
-        if row["drafter"] != "ngram" and row["batch"] == 1:  # the model drafters ran
-            assert row["spec"]["drafted"] > 0, row
-            assert _finite(row["spec"]["mean_accepted_length"]), row["spec"]
-            assert row["spec"]["mean_accepted_length"] >= 1.0
-    copy_greedy = [r for r in rows if r["drafter"] == "ngram" and r["kind"] == "copy"
+    sides = {(r["drafter"], r["kind"], r["setting"], r["batch"], r["side"]) for r in rows}
+    b1 = {"plain", "ngram k=2", "ngram k=4", "ngram k=6", "hf", "hf lookup K=4", "hf lookup K=10"}
+    for kind in ("copy", "open"):
+        for st in ("greedy", "t0.7"):
+            assert {("ngram", kind, st, 1, s) for s in b1} <= sides
+            assert {("ngram", kind, st, 2, s) for s in ("plain", "ngram k=4")} <= sides
+            assert {("layerskip", "open", st, b, s) for b in (1, 2) for s in ("plain", "layerskip k=3")} \
+                <= sides
+    assert {("model", "open", "greedy", b, "model k=4") for b in (1, 2)} <= sides
+    for r in rows:
+        assert _pos(r["tok_s"]) and _pos(r["speedup"]) and _pos(r["gb_s"]) and _pos(r["floor_tok_s"]), r
+        assert r["tokens_per_step"] >= 1.0
+        if r["setting"] == "greedy" and r["side"] not in ("plain", "hf"):
+            assert r["greedy_compared"] > 0
+            if not r["side"].startswith("hf"):
+                assert r["greedy_mismatches"] == 0, r  # speculation never changes greedy tokens
+        if r["side"] != "plain" and not r["side"].startswith("hf") and r["batch"] == 1 \
+                and r["drafter"] != "ngram":
+            assert r["drafted"] > 0, r  # the model drafters ran
+    copy_greedy = [r for r in rows if r["side"].startswith("ngram") and r["kind"] == "copy"
                    and r["setting"] == "greedy"]
-    assert any(r["spec"]["accepted"] > 0 for r in copy_greedy)  # the drafter did something
+    assert any(r["accepted"] > 0 for r in copy_greedy)
 
-    # the layer-skip search: 2 subsets of the tiny model's 2 layers x k in {2, 3, 4}
-    search = meta["layerskip_search"]
-    assert search["n_layers"] == 2 and search["candidates"] == len(search["entries"]) == 6
-    assert search["greedy_mismatches"] == 0
-    for e in search["entries"]:
-        assert e["status"] == "ok", e
-        assert e["greedy_mismatches"] == 0, e
-        assert 0 < e["kept_layers"] < 2 and e["k"] in (2, 3, 4)
-        assert _finite(e["tok_s"]) and _finite(e["speedup_est"]) and e["drafted"] > 0, e
-        assert 0.0 <= e["acceptance_rate"] <= 1.0
-    timed = [e for e in search["entries"] if "timed" in e]
-    assert len(timed) == 2
-    for e in timed:
-        assert _finite(e["timed"]["speedup"]) and e["timed"]["greedy_mismatches"] == 0, e
-    best = search["best"]
-    assert best["speedup"] == max(e["timed"]["speedup"] for e in timed)
-    assert all(r["layers"] == best["layers"] and r["k"] == best["k"] for r in ls_rows)
+
+def test_layerskip_search_smoke(tmp_path: Path) -> None:
+    data = _run(tmp_path, "bench.tools.layerskip_search")
+    meta, entries = data["metadata"], data["rows"]
+    assert meta["n_layers"] == 2 and len(entries) == 2 * 3  # 2 subsets of 2 layers x k in {2, 3, 4}
+    assert all(e["status"] == "ok" and e["greedy_mismatches"] == 0 for e in entries), entries
+    timed = [e for e in entries if "timed_speedup" in e]
+    assert len(timed) == 2 and all(_pos(e["timed_speedup"]) for e in timed)
+    assert meta["best"]["timed_speedup"] == max(e["timed_speedup"] for e in timed)
+    assert meta["best_flags"].startswith("--layerskip-layers ")
