@@ -10,7 +10,7 @@ Calls nothing but the sampler outputs it holds.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +19,7 @@ from ..outputs import LogProbabilities, SamplerOutput
 __all__ = ["PendingTokens"]
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """One pending token: on the device (``output`` + ``row``) or on the host (``token``)."""
 
     output: SamplerOutput | None = None
