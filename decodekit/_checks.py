@@ -61,7 +61,10 @@ def check_float(name: str, value: Any, ok: Callable[[float], bool], requirement:
     """``float(value)`` for a real number (not bool, not NaN) with ``ok(value)``."""
     if not is_real(value):
         raise ValueError(f"{name} must be a real number {requirement}, got {describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range (10**400)
+        raise ValueError(f"{name} must be {requirement}, got an int too large for a float") from None
     if math.isnan(value) or not ok(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
     return value

@@ -9,25 +9,39 @@ import dataclasses
 import functools
 import math
 import numbers
-import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._checks import as_items, check_float, check_int, describe, token_id
+from .patterns import MAX_STOP_PATTERN_CHARS, compile_stop_pattern
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "SamplingParams"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "LIMITS", "SamplingParams"]
 
 #: Number of tokens the token generator produces when ``SamplingParams.max_new_tokens`` is None.
 DEFAULT_MAX_NEW_TOKENS = 256
 
 _MAX_SEED = 2**63 - 1
 _MAX_LOGPROBS = 20
+_MAX_INT32 = 2**31 - 1  # top_k, min_new_tokens, step counters live in int32 device tables
+_FLT_MAX = 3.4028234663852886e38  # logit_bias values are fp32 on the device
+#: Positive temperatures below this are refused: logits / T overflows fp32 (use 0 for greedy).
+MIN_TEMPERATURE = 1e-5
+#: Size limits of one request's settings, each refused with a ``ValueError`` naming it.
+LIMITS = {
+    "logit_bias entries": 65536,
+    "stop strings": 64,
+    "stop string characters": 1024,
+    "stop_pattern characters": MAX_STOP_PATTERN_CHARS,
+    "bad_words_token_ids entries": 4096,
+    "bad word tokens": 128,
+}
 _BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "detokenize", "skip_special_tokens")
 # name -> (check, allowed range in words); NaN always fails.
 _FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "temperature": (lambda v: 0 <= v < math.inf, "finite and >= 0 (0 means greedy)"),
+    "temperature": (lambda v: v == 0 or MIN_TEMPERATURE <= v < math.inf,
+                    f"finite and >= 0: 0 (greedy) or >= {MIN_TEMPERATURE} (smaller ones overflow fp32)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "typical_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -37,9 +51,9 @@ _FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 # name -> (check, allowed range in words, None allowed)
 _INT_RULES: dict[str, tuple[Callable[[int], bool], str, bool]] = {
-    "top_k": (lambda v: v >= -1, ">= -1 (0 or -1 disables it)", False),
-    "min_new_tokens": (lambda v: v >= 0, ">= 0", False),
-    "max_new_tokens": (lambda v: v >= 1, ">= 1 or None", True),
+    "top_k": (lambda v: -1 <= v <= _MAX_INT32, ">= -1 and <= 2**31 - 1 (0 or -1 disables it)", False),
+    "min_new_tokens": (lambda v: 0 <= v <= _MAX_INT32, ">= 0 and <= 2**31 - 1", False),
+    "max_new_tokens": (lambda v: 1 <= v <= _MAX_INT32, ">= 1 and <= 2**31 - 1, or None", True),
     "seed": (lambda v: 0 <= v <= _MAX_SEED, f"in [0, 2**63 - 1] ({_MAX_SEED}) or None", True),
     "logprobs": (lambda v: 0 <= v <= _MAX_LOGPROBS, f"in [0, {_MAX_LOGPROBS}] or None", True),
 }
@@ -63,27 +77,48 @@ def _logit_bias(bias: Any) -> Mapping[int, float] | None:
     if not isinstance(bias, Mapping):
         raise ValueError(f"logit_bias must be a mapping {{token_id: bias}} or None, "
                          f"got {describe(bias)}")
+    if len(bias) > LIMITS["logit_bias entries"]:
+        raise ValueError(f"logit_bias must have at most {LIMITS['logit_bias entries']} entries, "
+                         f"got {len(bias)}")
     out: dict[int, float] = {}
     for key, value in bias.items():
         tid = token_id("logit_bias keys", key)
         out[tid] = check_float(f"logit_bias[{tid}]", value,
-                                lambda v: v == -math.inf or math.isfinite(v),
-                                "finite or -inf (bans the token)")
+                               lambda v: v == -math.inf or -_FLT_MAX <= v <= _FLT_MAX,
+                               "within the float32 range or -inf (bans the token)")
     return types.MappingProxyType(out) if out else None
 
 
-def _check_pattern(pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"stop_pattern must be a regular expression string or None, "
-                         f"got {describe(pattern)}")
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"stop_pattern must be a valid regular expression, got "
-                         f"{pattern!r}: {exc}") from None
-    if compiled.search("") is not None:
-        raise ValueError(f"stop_pattern must not match the empty string (it would stop "
-                         f"generation at once), got {pattern!r}")
+def _stop_strings(stop: Any) -> tuple[str, ...] | None:
+    stop = [stop] if isinstance(stop, str) else as_items("stop", stop)
+    if len(stop) > LIMITS["stop strings"]:
+        raise ValueError(f"stop must have at most {LIMITS['stop strings']} strings, got {len(stop)}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop must contain non-empty strings, got {describe(s)}")
+        if len(s) > LIMITS["stop string characters"]:
+            raise ValueError(f"stop strings must be at most {LIMITS['stop string characters']} "
+                             f"characters, got one of {len(s)}")
+    return tuple(stop) or None
+
+
+def _bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
+    words = []
+    items = as_items("bad_words_token_ids", value)
+    if len(items) > LIMITS["bad_words_token_ids entries"]:
+        raise ValueError(f"bad_words_token_ids must have at most {LIMITS['bad_words_token_ids entries']} "
+                         f"entries, got {len(items)}")
+    for word in items:
+        ids = tuple(token_id("bad_words_token_ids", t)
+                    for t in as_items("bad_words_token_ids entries", word, ordered=True))
+        if not ids:
+            raise ValueError("bad_words_token_ids entries must be non-empty sequences of "
+                             "token ids >= 0, got an empty sequence")
+        if len(ids) > LIMITS["bad word tokens"]:
+            raise ValueError(f"bad_words_token_ids entries must have at most {LIMITS['bad word tokens']} "
+                             f"tokens, got {len(ids)}")
+        words.append(ids)
+    return tuple(words) or None
 
 
 @dataclass(frozen=True)
@@ -118,8 +153,9 @@ class SamplingParams:
     stop : Sequence[str] or None
         Non-empty stop strings; a single string is wrapped into a 1-tuple.
     stop_pattern : str or None
-        Regex that ends generation when found in the text; it must compile and must not match
-        the empty string.
+        Regular expression (RE2 syntax, matched in linear time: no lookaround or
+        backreferences) that ends generation when found in the text; it must not be able to
+        match an empty string.
     seed : int or None
         Per-request RNG seed in [0, 2**63 - 1].
     logprobs : int or None
@@ -132,6 +168,7 @@ class SamplingParams:
     ------
     ValueError
         For any invalid field; the message names the field, the value and the allowed range.
+        Size limits: :data:`LIMITS`.
     """
 
     temperature: float = 1.0
@@ -181,23 +218,11 @@ class SamplingParams:
                              "ids >= 0, got an empty sequence (nothing could be sampled)")
         set_("stop_token_ids", _id_set("stop_token_ids", self.stop_token_ids) or None)
         if self.bad_words_token_ids is not None:
-            words = []
-            for word in as_items("bad_words_token_ids", self.bad_words_token_ids):
-                ids = tuple(token_id("bad_words_token_ids", t)
-                            for t in as_items("bad_words_token_ids entries", word, ordered=True))
-                if not ids:
-                    raise ValueError("bad_words_token_ids entries must be non-empty sequences of "
-                                     "token ids >= 0, got an empty sequence")
-                words.append(ids)
-            set_("bad_words_token_ids", tuple(words) or None)
+            set_("bad_words_token_ids", _bad_words(self.bad_words_token_ids))
         if self.stop is not None:
-            stop = [self.stop] if isinstance(self.stop, str) else as_items("stop", self.stop)
-            for s in stop:
-                if not isinstance(s, str) or not s:
-                    raise ValueError(f"stop must contain non-empty strings, got {describe(s)}")
-            set_("stop", tuple(stop) or None)
+            set_("stop", _stop_strings(self.stop))
         if self.stop_pattern is not None:
-            _check_pattern(self.stop_pattern)
+            compile_stop_pattern(self.stop_pattern)
 
     def _plain_fields(self) -> dict[str, Any]:
         """Field values by name, with ``logit_bias`` as a plain dict."""

@@ -11,7 +11,6 @@ May call: :mod:`.detokenize`, the params.
 from __future__ import annotations
 
 import numbers
-import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 from .. import _checks as checks
 from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from ..patterns import compile_stop_pattern
 from .detokenize import IncrementalDetokenizer
 
 __all__ = ["Commit", "EOSTracker", "FinishReason", "StopReason"]
@@ -57,6 +57,57 @@ class Commit:
     finished: bool
     finish_reason: FinishReason | None
     stop_reason: StopReason
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP failure table: ``f[i]`` = length of the longest proper prefix of ``s[:i + 1]`` that
+    is also its suffix."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class _StopStrings:
+    """Incremental matching of stop strings, one KMP automaton each: memory linear in the
+    strings' lengths and O(1) amortised work per character and string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self._fail = [_prefix_function(s) for s in stops]
+        self._state = [0] * len(stops)  # characters of each string matched at the text's end
+
+    def feed(self, text: str, base: int) -> tuple[int, int, str] | None:
+        """Advance over ``text`` (starting at output position ``base``); return the first stop
+        string completed in it as ``(end, start, string)`` (the longest of those ending at the
+        same place), or None."""
+        first = None
+        for i, ch in enumerate(text):
+            done = None
+            for k, s in enumerate(self.stops):
+                st, fail = self._state[k], self._fail[k]
+                if st == len(s):
+                    st = fail[st - 1]
+                while st and s[st] != ch:
+                    st = fail[st - 1]
+                if s[st] == ch:
+                    st += 1
+                self._state[k] = st
+                if st == len(s) and (done is None or len(s) > len(done)):
+                    done = s
+            if done is not None and first is None:
+                first = (base + i + 1, base + i + 1 - len(done), done)
+        return first
+
+    def partial(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string (text
+        that must be held back: it may still become a stop string)."""
+        return max((st for st, s in zip(self._state, self.stops, strict=True) if st < len(s)), default=0)
 
 
 class EOSTracker:
@@ -158,14 +209,12 @@ class EOSTracker:
         self._min_new = params.min_new_tokens
         self._include_stop = params.include_stop_str_in_output
 
-        self._stops: tuple[str, ...] = tuple(params.stop or ())
-        self._max_stop_len = max((len(s) for s in self._stops), default=0)
-        self._stop_prefixes = frozenset(s[:k] for s in self._stops for k in range(1, len(s)))
-        self._pattern = None if params.stop_pattern is None else re.compile(params.stop_pattern)
+        self._stops = _StopStrings(tuple(params.stop or ()))
+        self._pattern = None if params.stop_pattern is None else compile_stop_pattern(params.stop_pattern)
         self._pattern_pos = 0     # regex search start (after matches skipped by min_new_tokens)
         self._pattern_floor = 0   # matches ending at or before this are ignored
 
-        needs_text = bool(self._stops) or self._pattern is not None
+        needs_text = bool(self._stops.stops) or self._pattern is not None
         self._returns_text = tokenizer is not None and params.detokenize
         self._detok = (IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                               skip_special_tokens=params.skip_special_tokens)
@@ -322,41 +371,31 @@ class EOSTracker:
             return self._finish("stop", done_seq, cut=self._text_len_before[-len(done_seq)])
         old_held = len(self._held)
         delta = self._push(tid)
+        stop_hit = self._stops.feed(delta, self._emitted_len + old_held) if delta else None
         if not can_stop:
             self._pattern_floor = self._emitted_len + len(self._held)
         elif delta:
-            hit = self._search(delta, old_held)
+            hit = self._search(stop_hit)
             if hit is not None:
                 return self._finish("stop", hit[1], cut=hit[0])
         if n >= self._max_new:
             return self._finish("length", None, flush=True)
         return False
 
-    def _search(self, delta: str, old_held: int) -> tuple[int, str] | None:
-        """Find the first stop string / pattern match that ends in ``delta``.
-
-        Returns the cut position in the output text and the stop reason, or None.
-        """
-        best: tuple[int, int, str] | None = None  # (end, start, reason), output coordinates
-        if self._stops:
-            # Earlier text cannot start a match: the held-back tail covers every live prefix.
-            keep = min(old_held, self._max_stop_len - 1)
-            window = self._held[old_held - keep:]
-            base = self._emitted_len + old_held - keep
-            for stop in self._stops:
-                i = window.find(stop, max(0, keep - len(stop) + 1))
-                if i >= 0:
-                    cand = (base + i + len(stop), base + i, stop)
-                    if best is None or cand[:2] < best[:2]:
-                        best = cand
+    def _search(self, stop_hit: tuple[int, int, str] | None) -> tuple[int, str] | None:
+        """The first stop point ending in the newest text: the first stop string completed in
+        it (``stop_hit``: end, start, string) or the first ``stop_pattern`` match (RE2, linear
+        time), whichever ends first. Returns the cut position in the output text and the stop
+        reason, or None."""
+        best = stop_hit  # (end, start, reason), output coordinates
         if self._pattern is not None:
             text = self._emitted_text() + self._held
             m = self._pattern.search(text, self._pattern_pos)
-            while m is not None and m.end() <= self._pattern_floor:
+            while m is not None and (m.end() <= self._pattern_floor or m.end() == m.start()):
                 self._pattern_pos = max(m.end(), m.start() + 1)
                 m = self._pattern.search(text, self._pattern_pos)
             if m is not None:
-                cand = (m.end(), m.start(), self._pattern.pattern)
+                cand = (m.end(), m.start(), self._params.stop_pattern)
                 if best is None or cand[:2] < best[:2]:
                     best = cand
         if best is None:
@@ -372,11 +411,7 @@ class EOSTracker:
 
     def _release(self) -> None:
         """Stream the held text that can no longer be cut."""
-        limit = len(self._held)
-        for k in range(min(limit, self._max_stop_len - 1), 0, -1):
-            if self._held[-k:] in self._stop_prefixes:
-                limit -= k
-                break
+        limit = len(self._held) - min(self._stops.partial(), len(self._held))
         if self._active:
             longest = max(m for _, m in self._active)
             limit = min(limit, self._text_len_before[-longest] - self._emitted_len)
