@@ -12,8 +12,16 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16}
+
 __all__ = [
     "as_items",
+    "check_device",
+    "check_dtype",
     "check_float",
     "check_int",
     "describe",
@@ -94,3 +102,38 @@ def token_ids(name: str, value: Any, vocab_size: int | None = None) -> list[int]
             if t >= vocab_size:
                 raise ValueError(f"{name} entry {t} outside [0, {vocab_size})")
     return out
+
+
+def check_dtype(name: str, value: Any) -> torch.dtype | None:
+    """None, a floating ``torch.dtype`` or one of :data:`DTYPE_NAMES` (``"bfloat16"``, ...)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in DTYPE_NAMES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPE_NAMES)} or a torch dtype, "
+                             f"got {value!r}")
+        return DTYPE_NAMES[value]
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{name} must be a floating torch dtype or one of {sorted(DTYPE_NAMES)}, "
+                         f"got {describe(value)}")
+    return value
+
+
+def check_device(name: str, value: Any) -> torch.device | None:
+    """None or a device that exists here (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...)."""
+    if value is None:
+        return None
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', "
+                         f"got {describe(value)}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {str(dev)!r} but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} is {str(dev)!r} but there are {torch.cuda.device_count()} "
+                             "CUDA devices")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"{name} must be 'cpu' or a CUDA device, got {str(dev)!r}")
+    return dev

@@ -25,7 +25,9 @@ class TextGenerationContext:
     ``slot`` is its KV-cache slot while it runs (None before admission and after release);
     ``length`` counts the tokens in that slot's cache (the newest sampled token is not in it
     yet). ``speculate = False`` turns the generator's drafter off for this request;
-    ``spec_stats`` counts its speculation. ``steering`` steers it alone.
+    ``spec_stats`` counts its speculation. ``steering`` steers it alone. ``seed`` keys its
+    randomness: ``params.seed``, or one the generator drew when it made the context (so a
+    retried call samples the same tokens).
     """
 
     request_id: str
@@ -41,6 +43,7 @@ class TextGenerationContext:
     speculate: bool = True
     spec_stats: SpecStats = field(default_factory=SpecStats)
     steering: Steering | None = None
+    seed: int | None = None  # the seed of its randomness (params.seed, or drawn at creation)
 
     @property
     def text(self) -> str:

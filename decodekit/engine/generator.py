@@ -14,9 +14,11 @@ May call: :mod:`.runner` (forwards), the sampler, :mod:`decodekit.speculative.st
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +40,7 @@ from .model_adapter import ModelAdapter, Prompt
 from .pending import PendingTokens
 from .runner import ModelRunner
 from .slots import SlotTable
+from .transaction import CallTransaction
 
 __all__ = ["TokenGenerator"]
 
@@ -88,6 +91,11 @@ class TokenGenerator:
         int_at_least("max_seq_len", max_seq_len, 2)
         k = _speculative_k(draft, num_speculative_tokens)
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
+        limit = self.adapter.max_positions
+        if limit is not None and max_seq_len + (k + 1 if k else 0) > limit:
+            extra = f" + {k + 1} speculative positions" if k else ""
+            raise ValueError(f"max_seq_len {max_seq_len}{extra} exceeds the {limit} learned positions "
+                             f"of {self.adapter.name}")
         self.adapter.self_test()
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         # k + 1 scratch positions: a verification window never writes past the cache
@@ -96,8 +104,10 @@ class TokenGenerator:
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
                                logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
         self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
-        self._contexts: dict[str, TextGenerationContext] = {}
+        self._contexts: dict[str, TextGenerationContext] = {}  # admitted (hold a slot)
+        self._issued: weakref.WeakValueDictionary[str, TextGenerationContext] = weakref.WeakValueDictionary()
         self._steered: set[int] = set()  # slots whose steering rows are written
+        self._lock = threading.RLock()  # one call at a time: concurrent callers wait
         self.speculative: SpeculativeStep | None = None
         if draft is not None:
             drafter = draft.build(self.runner, self.sampler)
@@ -181,27 +191,46 @@ class TokenGenerator:
                              f"{self.max_seq_len} - max_new_tokens {max_new}); shorten it, lower "
                              "max_new_tokens, or set truncate_prompt_tokens")
         self.sampler.check(params, ids)  # masks that could leave nothing to sample, etc.
-        rid = request_id if request_id is not None else uuid.uuid4().hex
-        if rid in self._contexts:
-            raise ValueError(f"request_id {rid!r} is already in use")
         eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
                          prompt_token_ids=ids, default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-        return TextGenerationContext(rid, ids, params, eos, steering=steering)
+        with self._lock:
+            rid = self._new_request_id(request_id)
+            seed = params.seed if params.seed is not None else self.sampler.new_seed()
+            ctx = TextGenerationContext(rid, ids, params, eos, steering=steering, seed=seed)
+            self._issued[rid] = ctx
+        return ctx
+
+    def _new_request_id(self, request_id: str | None) -> str:
+        """``request_id`` (or a fresh one) if no live context of this generator has it."""
+        if request_id is None:
+            return uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty str or None, got {request_id!r}")
+        other = self._issued.get(request_id)
+        live = other is not None and other.status is GenerationStatus.ACTIVE
+        if request_id in self._contexts or live:
+            raise ValueError(f"request_id {request_id!r} is already in use by a live context "
+                             "(release it first)")
+        return request_id
 
     def release(self, context_or_request_id: TextGenerationContext | str) -> None:
         """Free a request's slot; an active request ends CANCELLED. Unknown ids: ``KeyError``."""
         given = context_or_request_id
         rid = given.request_id if isinstance(given, TextGenerationContext) else given
-        ctx = self._contexts.pop(rid, None)
-        if ctx is None:
-            if isinstance(given, TextGenerationContext) and given.slot is None:
-                if given.status is GenerationStatus.ACTIVE:  # never started: cancel it
-                    given.status = GenerationStatus.CANCELLED
-                return
-            raise KeyError(f"unknown request_id {rid!r}")
-        if ctx.status is GenerationStatus.ACTIVE:
-            ctx.status = GenerationStatus.CANCELLED
-        self._free_slot(ctx)
+        with self._lock:
+            ctx = self._contexts.get(rid)
+            if isinstance(given, TextGenerationContext) and ctx is not given:
+                if given.slot is None:  # never admitted (or long released): cancel it, touch nothing else
+                    if given.status is GenerationStatus.ACTIVE:
+                        given.status = GenerationStatus.CANCELLED
+                    return
+                raise ValueError(f"context {rid!r} belongs to another generator")
+            if ctx is None:
+                raise KeyError(f"unknown request_id {rid!r}")
+            del self._contexts[rid]
+            if ctx.status is GenerationStatus.ACTIVE:
+                ctx.status = GenerationStatus.CANCELLED
+            self._free_slot(ctx)
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -215,35 +244,66 @@ class TokenGenerator:
         at once; call :meth:`release` to forget them.
         """
         int_at_least("num_steps", num_steps, 1)
-        t0, stats = time.perf_counter(), StepStats()
-        with nvtx.nvtx_range("decodekit.step", len(batch)):
+        with self._lock, nvtx.nvtx_range("decodekit.step", len(batch)):
+            t0, stats = time.perf_counter(), StepStats()
             self._check_batch(batch)
             live, fresh = self._admit_all(batch)
             pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
-            self._prefill_all(fresh, pending, stats)
-            steps = {c.request_id: int(c in fresh) for c in live}
-            for _ in range(num_steps):
-                rows = [c for c in live if steps[c.request_id] < num_steps
-                        and self._room(c, pending.count(c.request_id))]
-                if not rows:
-                    break
-                self._step(rows, pending, stats)
-                for c in rows:
-                    steps[c.request_id] += 1
-            host = pending.to_host()
+            spec: list[tuple[TextGenerationContext, int, int]] = []  # (ctx, drafted, accepted)
+            tx = CallTransaction(live, self.sampler, self.runner, self.speculative)
+            try:
+                self._prefill_all(fresh, pending, stats)
+                self._decode(live, fresh, num_steps, pending, spec, stats)
+                host = pending.to_host()
+            except BaseException:
+                self._undo(tx, pending, fresh)
+                raise
             out = {rid: TextGenerationResponse([], c.status) for rid, c in batch.items()}
+            self._count_speculation(spec)
             for c in live:
                 out[c.request_id] = self._commit(c, *host[c.request_id], stats)
         stats.batch_size, stats.total_s = len(live), time.perf_counter() - t0
         self.stats = stats
         return out
 
+    def _decode(self, live: list[TextGenerationContext], fresh: list[TextGenerationContext], num_steps: int,
+                pending: PendingTokens, spec: list, stats: StepStats) -> None:
+        """Up to ``num_steps`` decode steps (a prefill counts as one) over the rows with room."""
+        steps = {c.request_id: int(c in fresh) for c in live}
+        for _ in range(num_steps):
+            rows = [c for c in live if steps[c.request_id] < num_steps
+                    and self._room(c, pending.count(c.request_id))]
+            if not rows:
+                return
+            self._step(rows, pending, spec, stats)
+            for c in rows:
+                steps[c.request_id] += 1
+
+    def _undo(self, tx: CallTransaction, pending: PendingTokens, fresh: list[TextGenerationContext]) -> None:
+        """A call failed: back to its start; the contexts it admitted leave their slots."""
+        try:
+            tx.roll_back(pending)
+        finally:
+            for ctx in fresh:
+                self._unadmit(ctx)
+
+    def _count_speculation(self, spec: list[tuple[TextGenerationContext, int, int]]) -> None:
+        """Speculation counters of a call, counted once it succeeded."""
+        for c, drafted, accepted in spec:
+            c.spec_stats.add(drafted, accepted, self.speculative.k)
+            self.speculative.stats.add(drafted, accepted, self.speculative.k)
+
     # ------------------------------------------------------------------ admission
     def _check_batch(self, batch: Mapping[str, TextGenerationContext]) -> None:
         """Validate the whole batch before touching any state, so an error leaves every
         context as it was (nothing half-admitted, no sampled token lost)."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a mapping {{request_id: TextGenerationContext}}, got "
+                            f"{type(batch).__name__}")
         new = 0
         for rid, ctx in batch.items():
+            if not isinstance(ctx, TextGenerationContext):
+                raise TypeError(f"batch[{rid!r}] must be a TextGenerationContext, got {type(ctx).__name__}")
             if rid != ctx.request_id:
                 raise ValueError(f"batch key {rid!r} != context.request_id {ctx.request_id!r}")
             if ctx.is_done:
@@ -251,6 +311,9 @@ class TokenGenerator:
             if ctx.slot is None:
                 if rid in self._contexts:
                     raise ValueError(f"request_id {rid!r} is already running")
+                if self._issued.get(rid) is not ctx:
+                    raise ValueError(f"context {rid!r} was not made by this generator's new_context "
+                                     "(its prompt and settings were checked against another one)")
                 new += 1
             elif self._contexts.get(rid) is not ctx:
                 raise ValueError(f"context {rid!r} belongs to another generator")
@@ -289,7 +352,7 @@ class TokenGenerator:
         slot = self.slots.lowest_free()
         if slot is None:
             raise RuntimeError(f"all {self.max_batch_size} slots are busy: release finished requests first")
-        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids)  # may refuse: the slot stays free
+        self.sampler.add(slot, ctx.params, ctx.prompt_token_ids, seed=ctx.seed)  # may refuse: slot stays free
         if ctx.steering is not None:
             try:
                 self._check_steering(ctx.steering)  # (the field may have changed since new_context)
@@ -328,15 +391,9 @@ class TokenGenerator:
     # ------------------------------------------------------------------ forwards
     def _prefill_all(self, fresh: list[TextGenerationContext], pending: PendingTokens,
                      stats: StepStats) -> None:
-        """Prefill new requests, one forward per run of contiguous slots; on failure every
-        admission of this call is undone (the contexts stay as they were)."""
-        try:
-            for run in _contiguous_runs(fresh):
-                self._prefill(run, pending, stats)
-        except BaseException:
-            for ctx in fresh:
-                self._unadmit(ctx)
-            raise
+        """Prefill new requests, one forward per run of contiguous slots."""
+        for run in _contiguous_runs(fresh):
+            self._prefill(run, pending, stats)
 
     def _prefill(self, run: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
         prompts = [c.prompt_token_ids for c in run]
@@ -349,15 +406,16 @@ class TokenGenerator:
                     self.speculative.admit(slots, prompts, [c.steering for c in run])
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
                 res = self.sampler.sample(logits, slots)
+                pending.add_sampled([c.request_id for c in run], res)
                 self.runner.set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
-        pending.add_sampled([c.request_id for c in run], res)
         stats.prefill_tokens += n_tokens
         for c, p in zip(run, prompts, strict=True):
             c.length = len(p)
 
-    def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
+    def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
+              stats: StepStats) -> None:
         """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
-        if self.speculative is not None and self._speculate(rows, pending, stats):
+        if self.speculative is not None and self._speculate(rows, pending, spec, stats):
             return
         slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
@@ -365,26 +423,27 @@ class TokenGenerator:
                 logits, idx = self.runner.decode(slots, self.slots.lengths())
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(rows)):
                 res = self.sampler.sample(logits, slots)
+                pending.add_sampled([c.request_id for c in rows], res)
                 self.runner.set_last_tokens(idx, res.token_ids)
-        pending.add_sampled([c.request_id for c in rows], res)
         for c in rows:
             c.length += 1
         stats.steps += 1
 
-    def _speculate(self, rows: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> bool:
+    def _speculate(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
+                   stats: StepStats) -> bool:
         """A speculative step; False (nothing done) when no row has a draft."""
-        spec = self.speculative
+        counts, step = spec, self.speculative
         host = pending.to_host([c.request_id for c in rows])  # drafters read tokens on the host
         seen = [c.tokens + host[c.request_id][0] for c in rows]
-        requests = spec.requests(rows, seen, self.max_seq_len)
-        result = None if requests is None else spec.run(rows, requests, self.slots.lengths(), stats)
+        requests = step.requests(rows, seen, self.max_seq_len)
+        result = None if requests is None else step.run(rows, requests, self.slots.lengths(), stats)
         if result is None:
             return False  # a plain step draws the same tokens, cheaper
         for c, r in zip(rows, result, strict=True):
             pending.add_host(c.request_id, r.tokens, r.logprobs)
             c.length += len(r.tokens)
             if r.drafted:
-                c.spec_stats.add(r.drafted, r.accepted, spec.k)
+                counts.append((c, r.drafted, r.accepted))
         return True
 
     # ------------------------------------------------------------------ finishing

@@ -19,6 +19,7 @@ runner, the steering hooks and the drafters.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import _checks as checks
 from .kv_cache import SlotKVCache, attention_masks
 
 __all__ = [
@@ -154,8 +156,9 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """Every EOS id the tokenizer, generation config and model config name."""
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any, vocab: int | None = None) -> list[int]:
+    """Every EOS id the tokenizer, generation config and model config name (ids outside the
+    vocabulary, as some configs carry, can never be sampled and are left out)."""
     ids: set[int] = set()
     for src in (getattr(tokenizer, "eos_token_id", None),
                 getattr(getattr(model, "generation_config", None), "eos_token_id", None),
@@ -163,7 +166,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
         if src is None:
             continue
         ids.update([src] if isinstance(src, int) else list(src))
-    return sorted(ids)
+    return sorted(i for i in ids if vocab is None or 0 <= i < vocab)
 
 
 def mask_layout(model: torch.nn.Module) -> tuple[str, dict[str, int | None]]:
@@ -183,6 +186,19 @@ def mask_layout(model: torch.nn.Module) -> tuple[str, dict[str, int | None]]:
     if "create_sliding_window_causal_mask" in src and window is not None:
         return "single", {"all": window}
     return "single", {"all": None}
+
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """Positions a model with LEARNED absolute position embeddings can encode (GPT-2's 1024),
+    or None for relative schemes (RoPE, ALiBi) without a hard limit."""
+    cfg = getattr(model, "config", None)
+    declared = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, torch.nn.Embedding) and (leaf == "wpe" or "position" in leaf):
+            n = int(module.num_embeddings)
+            return min(n, int(declared)) if declared else n
+    return None
 
 
 @torch.inference_mode()
@@ -217,14 +233,22 @@ class ModelAdapter:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, device=None, dtype=None) -> None:
-        first = next(model.parameters())
-        self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype or first.dtype
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError(f"model {type(model).__name__} has no parameters")
+        self.device = checks.check_device("device", device) or first.device
+        self.dtype = checks.check_dtype("dtype", dtype) or first.dtype
+        if (first.device, first.dtype) != (self.device, self.dtype):
+            # a converted copy: the caller's model (maybe in use by another generator) stays as it is
+            model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size(self.model)
-        self.eos_token_ids = eos_token_ids(self.model, tokenizer)
+        self.eos_token_ids = eos_token_ids(self.model, tokenizer, self.vocab_size)
         self.cache_kw = cache_kwarg(self.model)
+        self.max_positions = learned_position_limit(self.model)
         try:
             self.mask_kind, self.windows = mask_layout(self.model)
         except (TypeError, OSError) as e:
@@ -252,22 +276,30 @@ class ModelAdapter:
         return out.logits[:, -keep:, :]
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text, chat messages (the tokenizer's chat template with the
-        generation prompt) or token ids (checked against the vocabulary)."""
+        """Token ids of a prompt: text, chat messages (a list of ``{"role", "content"}`` dicts,
+        rendered with the tokenizer's chat template and the generation prompt) or a 1-D
+        sequence of token ids (list, tuple, tensor or array; ints in the vocabulary).
+        Anything else is a ``ValueError`` (no silent coercion of floats, bools or bytes)."""
         if isinstance(prompt, str):
+            self._need_tokenizer("a text prompt")
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        if isinstance(prompt, (bytes, bytearray, Mapping)) or not hasattr(prompt, "__len__"):
+            raise ValueError("prompt must be text, a list of chat messages ({'role': ..., 'content': ...}) "
+                             f"or a 1-D sequence of token ids, got {checks.describe(prompt)[:200]}")
+        if len(prompt) and all(isinstance(m, Mapping) for m in prompt):
+            self._need_tokenizer("a chat prompt")
             ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
             if isinstance(ids, Mapping) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        ids = [int(t) for t in prompt]
-        for t in ids:
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt token id {t} outside [0, {self.vocab_size})")
-        return ids
+        if getattr(prompt, "ndim", 1) != 1:
+            raise ValueError(f"prompt token ids must be 1-D, got shape {tuple(prompt.shape)} "
+                             "(pass one prompt per context)")
+        return checks.token_ids("prompt token ids", prompt, self.vocab_size)
+
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer; this generator has none (pass token ids)")
 
     @torch.inference_mode()
     def self_test(self) -> None:

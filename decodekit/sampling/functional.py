@@ -23,8 +23,8 @@ def _sampler(
     step: int,
     eos_token_ids: Sequence[int] | None,
 ) -> Sampler:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[0] < 1:
+        raise ValueError(f"logits must be [B, V] with B >= 1, got shape {tuple(logits.shape)}")
     B, V = logits.shape
     plist = [params] * B if isinstance(params, SamplingParams) else list(params)
     if len(plist) != B:

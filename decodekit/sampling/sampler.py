@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_device, check_int
 from ..kernels import layout as L
 from ..kernels.launch import row_split
 from ..outputs import SamplerOutput
@@ -117,16 +117,17 @@ class Sampler:
         backend: str = "auto",
         seed: int | None = None,
     ) -> None:
-        if not isinstance(vocab_size, int) or not 1 <= vocab_size <= L.MAX_VOCAB:
-            raise ValueError(f"vocab_size must be an int in [1, {L.MAX_VOCAB}], got {vocab_size!r}")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        vocab_size = check_int("vocab_size", vocab_size, lambda v: 1 <= v <= L.MAX_VOCAB,
+                               f"in [1, {L.MAX_VOCAB}]")
+        max_batch_size = check_int("max_batch_size", max_batch_size, lambda v: v >= 1, ">= 1")
+        if seed is not None:
+            seed = check_int("seed", seed, lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1] or None")
         if logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-        self.device = torch.device(device if device is not None else
-                                   "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = check_device("device", device) or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend = backend
@@ -151,13 +152,21 @@ class Sampler:
     # ------------------------------------------------------------------ slots
     def add(self, slot: int, params: SamplingParams,
             prompt_token_ids: Sequence[int] | torch.Tensor | None = None, *,
-            eos_token_ids: Iterable[int] | None = None) -> None:
+            eos_token_ids: Iterable[int] | None = None, seed: int | None = None) -> None:
         """Put a request in ``slot`` (which must be free) with its settings and prompt.
+        ``seed`` seeds a request whose ``params.seed`` is None (default: :meth:`new_seed`).
 
         Raises ``ValueError`` for a bad slot, token ids outside ``[0, V)`` or a request
         whose masks leave no token to sample.
         """
-        self.state.add(slot, params, prompt_token_ids, eos_token_ids)
+        if seed is not None:
+            seed = check_int("seed", seed, lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1] or None")
+        self.state.add(slot, params, prompt_token_ids, eos_token_ids, seed)
+
+    def new_seed(self) -> int:
+        """A seed for an unseeded request, from the sampler's generator (``Sampler(seed=...)``
+        makes the sequence reproducible)."""
+        return self.state.new_seed()
 
     def check(self, params: SamplingParams,
               prompt_token_ids: Sequence[int] | torch.Tensor | None = None, *,
@@ -334,11 +343,55 @@ class Sampler:
 
     def rollback(self, slots: Slots, token_ids: torch.Tensor | Sequence) -> None:
         """Undo :meth:`accept` of ``token_ids [B, n]`` (negative ids skipped): step counters,
-        penalty counts and bad-word history go back. At most ``HIST_SLACK`` tokens per row
-        may be rolled back at once. Device ops only."""
+        penalty counts and bad-word history go back. At most ``HIST_SLACK`` (64) tokens per
+        row that uses multi-token bad words (:meth:`restore` has no limit). Host ids are
+        checked against ``V``; on a CPU sampler the penalty counts are checked too (a token
+        that was never accepted is a ``ValueError``); device ids are not read back."""
+        slots = self.state.slot_list(slots)
         idx = self.state.index(slots)
+        tok = self._token_matrix(token_ids, len(slots))
+        n = int(tok.shape[1])
+        if n > L.HIST_SLACK and self.state.union_flags(slots) & L.BADSEQ:
+            raise ValueError(f"rollback of {n} tokens per row: at most {L.HIST_SLACK} for requests "
+                             "with multi-token bad words (use checkpoint/restore)")
+        self.state.rollback(idx, tok)
+        if self.device.type == "cpu" and self.state.counts is not None:
+            self._check_rollback_counts(slots, idx, tok)
+
+    def checkpoint(self, slots: Slots) -> tuple:
+        """An opaque device snapshot of ``slots`` for :meth:`restore` (no sync)."""
+        return self.state.checkpoint(self.state.index(slots))
+
+    def restore(self, checkpoint: tuple, token_ids: torch.Tensor | Sequence) -> None:
+        """Bring the checkpoint's slots back to when it was taken, given every token committed
+        to them since (``token_ids [B, n]`` in the checkpoint's slot order, -1 padded)."""
+        tok = self._token_matrix(token_ids, int(checkpoint[0].shape[0]))
+        self.state.restore(checkpoint, tok)
+
+    def _token_matrix(self, token_ids: torch.Tensor | Sequence, rows: int) -> torch.Tensor:
+        """``[B]`` / ``[B, n]`` ids (host ids checked against ``V``) as int64 ``[B, n]`` on the device."""
+        if not isinstance(token_ids, torch.Tensor) or token_ids.device.type == "cpu":
+            host = torch.as_tensor(token_ids)
+            if host.is_floating_point() or host.dtype == torch.bool:
+                raise ValueError(f"token_ids must be integers, got {host.dtype}")
+            if host.numel() and bool((host >= self.vocab_size).any()):
+                raise ValueError(f"token_ids entry {int(host.max())} outside [0, {self.vocab_size})")
+            token_ids = host
         tok = self.state.upload(token_ids).long()
-        self.state.rollback(idx, tok[:, None] if tok.dim() == 1 else tok)
+        tok = tok[:, None] if tok.dim() == 1 else tok
+        if tok.dim() != 2 or tok.shape[0] != rows:
+            raise ValueError(f"token_ids must be [B] or [B, n] with B={rows}, got {tuple(tok.shape)}")
+        return tok
+
+    def _check_rollback_counts(self, slots: list[int], idx: torch.Tensor, tok: torch.Tensor) -> None:
+        """After a rollback on a CPU sampler: no penalty count may have gone negative (a token
+        rolled back that was never accepted); if one did, the rollback is undone first."""
+        li = idx.long()[:, None].expand_as(tok)
+        pen = (tok >= 0) & ((self.state.iparams[idx.long(), L.I_FLAGS] & L.PENALTY) != 0)[:, None]
+        if bool((pen & (self.state.counts[li, tok.clamp(min=0)] < 0)).any()):
+            self.state.accept(idx, tok, self.state.union_flags(slots))
+            raise ValueError("rollback of a token that was never accepted (its penalty count would go "
+                             "negative)")
 
     # ------------------------------------------------------------------ helpers
     def _prepare(self, logits: torch.Tensor, slots: Slots) -> torch.Tensor:

@@ -128,9 +128,13 @@ class SlotState:
             raise ValueError("bad_words_token_ids and logit_bias ban the whole vocabulary")
         return prompt, eos
 
+    def new_seed(self) -> int:
+        """A seed for an unseeded request, from this state's own generator."""
+        return int(torch.randint(0, 2**63 - 1, (1,), generator=self._gen).item())
+
     def add(self, slot: int, params: SamplingParams,
             prompt_token_ids: Sequence[int] | torch.Tensor | None = None,
-            eos_token_ids: Iterable[int] | None = None) -> None:
+            eos_token_ids: Iterable[int] | None = None, seed: int | None = None) -> None:
         """Put a request in free ``slot``: every table row is built on the host, then each
         table is written once."""
         self.check_slot(slot)
@@ -150,8 +154,8 @@ class SlotState:
             rows.iparams[L.I_NHIST] = len(prompt)
         self.fparams[slot].copy_(rows.fparams)
         self.iparams[slot].copy_(rows.iparams)
-        self.seed[slot] = params.seed if params.seed is not None else int(
-            torch.randint(0, 2**63 - 1, (1,), generator=self._gen).item())
+        self.seed[slot] = params.seed if params.seed is not None else (
+            seed if seed is not None else self.new_seed())
         self._flags[slot] = rows.flags
         self._nlogprobs[slot] = -1 if params.logprobs is None else params.logprobs
         self._live[slot] = True
@@ -184,13 +188,14 @@ class SlotState:
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.n_slots:
             raise ValueError(f"slot must be an int in [0, {self.n_slots}), got {slot!r}")
 
-    def index(self, slots: Slots) -> torch.Tensor:
-        """int32 ``[B]`` slot indices on the device. A list is checked (in range, live,
-        distinct) and uploaded without blocking; a tensor is taken as is (not read back)."""
+    def slot_list(self, slots: Slots) -> list[int]:
+        """``slots`` as a checked host list: ints in range, live, distinct. A tensor is read
+        back to the host first (a sync for a device tensor: pass lists in per-step code)."""
         if isinstance(slots, torch.Tensor):
-            if slots.dim() != 1:
-                raise ValueError(f"slots must be 1-D, got shape {tuple(slots.shape)}")
-            return slots.to(device=self.device, dtype=torch.int32)
+            if slots.dim() != 1 or slots.is_floating_point() or slots.dtype == torch.bool:
+                raise ValueError(f"slots must be a 1-D integer tensor, got {slots.dtype} "
+                                 f"{tuple(slots.shape)}")
+            slots = slots.tolist()
         slots = list(slots)
         for s in slots:
             self.check_slot(s)
@@ -198,7 +203,12 @@ class SlotState:
                 raise KeyError(f"slot {s} is not in use")
         if len(set(slots)) != len(slots):
             raise ValueError("slots must not repeat within one batch")
-        return self.upload(torch.tensor(slots, dtype=torch.int32))
+        return slots
+
+    def index(self, slots: Slots) -> torch.Tensor:
+        """int32 ``[B]`` slot indices on the device, checked (:meth:`slot_list`) and uploaded
+        without blocking."""
+        return self.upload(torch.tensor(self.slot_list(slots), dtype=torch.int32))
 
     def upload(self, values: torch.Tensor | Sequence) -> torch.Tensor:
         """``values`` on the device without blocking the host: host data goes through
@@ -211,8 +221,8 @@ class SlotState:
         return t.to(self.device)
 
     def _host_list(self, slots: Slots) -> Iterable[int]:
-        """The slots a host summary covers: every slot for a device tensor (not read back)."""
-        return range(self.n_slots) if isinstance(slots, torch.Tensor) else slots
+        """The slots a host summary covers."""
+        return self.slot_list(slots) if isinstance(slots, torch.Tensor) else slots
 
     def union_flags(self, slots: Slots) -> int:
         """OR of the feature flags of ``slots`` (host mirrors)."""
@@ -267,6 +277,27 @@ class SlotState:
 
         accept(tokens.to(torch.int32).contiguous(), idx, self.iparams, t.counts, t.hist,
                self.vocab_size)
+
+    def checkpoint(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Device copies of what :meth:`restore` brings back for slots ``idx``: their integer
+        parameter rows (step counters, history lengths) and bad-word rings."""
+        li = idx.long()
+        return li, self.iparams[li].clone(), None if self.hist is None else self.hist[li].clone()
+
+    def restore(self, checkpoint: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                tokens: torch.Tensor) -> None:
+        """Back to ``checkpoint``, given every token committed to its slots since it was taken
+        (``tokens [B, n]``, -1 padded): penalty counts by subtraction, the rest copied back.
+        Any number of tokens (the rings are copied back whole)."""
+        li, iparams, hist = checkpoint
+        if self.counts is not None and tokens.numel():
+            pen = (tokens >= 0) & ((self.iparams[li, L.I_FLAGS] & L.PENALTY) != 0)[:, None]
+            rows = li[:, None].expand_as(tokens)
+            self.counts.index_put_((rows, tokens.clamp(min=0)), torch.where(pen, -2, 0).to(torch.int32),
+                                   accumulate=True)
+        self.iparams[li] = iparams
+        if hist is not None and self.hist is not None and hist.shape[1] == self.hist.shape[1]:
+            self.hist[li] = hist
 
     def rollback(self, idx: torch.Tensor, tokens: torch.Tensor) -> None:
         """Undo :meth:`accept` of ``tokens [B, n]`` (negative ids skipped): step counters,

@@ -108,6 +108,10 @@ class Drafter(Protocol):
     def release(self, slot: int) -> None:
         """The request in ``slot`` is gone."""
 
+    def truncate(self, slot: int, length: int) -> None:
+        """The target's cache for ``slot`` holds ``length`` tokens again (a call was undone):
+        a drafter with its own cache must not count on more."""
+
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
         """Drafts for ``requests`` (None when no row has any)."""
 

@@ -142,25 +142,30 @@ class ModelDrafter:
         cur = torch.zeros(n, dtype=torch.long, device=dev)
         greedy = sp.all_greedy(slots)
         drafts, qs = [], []
-        for j in range(K):
-            q = sp.probs(logits.index_select(0, idx), slots)  # [R, V]
-            x = q.argmax(-1) if greedy else sp.draw(q, slots, salt=DRAFT_SALT)  # greedy q is one-hot
-            x = torch.where(n_draft > j, x, -1)
-            sp.accept(slots, x)  # tentatively, so penalties see the earlier drafts
-            drafts.append(x)
-            qs.append(q)
-            if j + 1 < K:
-                cur.index_copy_(0, idx, x.clamp(min=0))
-                p = (last + (j + 1)).clamp(max=size - 1)[:, None]
-                logits = self.forward(cur[:, None], p, p[:, 0] + 1, kv_len)
-        tokens = torch.stack(drafts, 1)
-        sp.rollback(slots, tokens)
-        return Drafts(tokens, budgets, torch.stack(qs, 1))
+        try:
+            for j in range(K):
+                q = sp.probs(logits.index_select(0, idx), slots)  # [R, V]
+                x = q.argmax(-1) if greedy else sp.draw(q, slots, salt=DRAFT_SALT)  # greedy q is one-hot
+                x = torch.where(n_draft > j, x, -1)
+                sp.accept(slots, x)  # tentatively, so penalties see the earlier drafts
+                drafts.append(x)
+                qs.append(q)
+                if j + 1 < K:
+                    cur.index_copy_(0, idx, x.clamp(min=0))
+                    p = (last + (j + 1)).clamp(max=size - 1)[:, None]
+                    logits = self.forward(cur[:, None], p, p[:, 0] + 1, kv_len)
+        finally:  # the sampler state is left as it was, also when a forward fails
+            if drafts:
+                sp.rollback(slots, torch.stack(drafts, 1))
+        return Drafts(torch.stack(drafts, 1), budgets, torch.stack(qs, 1))
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
         pass
 
     def release(self, slot: int) -> None:
+        pass
+
+    def truncate(self, slot: int, length: int) -> None:
         pass
 
     def committed(self, requests: Sequence[DraftRequest], accepted: Sequence[int], window: int) -> None:
@@ -194,6 +199,9 @@ class DraftModelDrafter(ModelDrafter):
     def release(self, slot: int) -> None:
         self.length[slot] = 0
         self._steer(slot, None, 0)
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.length[slot] = min(self.length[slot], length)
 
     def committed(self, requests: Sequence[DraftRequest], accepted: Sequence[int], window: int) -> None:
         """The draft cache holds the newest token and the drafts up to ``window - 2``, so it is

@@ -76,6 +76,9 @@ class _NGramDrafter:
     def release(self, slot: int) -> None:
         pass
 
+    def truncate(self, slot: int, length: int) -> None:
+        pass
+
     def committed(self, requests, accepted, window) -> None:
         pass
 

@@ -63,7 +63,7 @@ class SpeculativeStep:
                  adaptive: AdaptiveK) -> None:
         self.drafter, self.runner, self.sampler = drafter, runner, sampler
         self.k, self.adaptive = k, adaptive
-        self.stats = SpecStats()
+        self.stats = SpecStats()  # counted by the generator once a call succeeds
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
         """Requests just prefilled into the contiguous ``slots``."""
@@ -73,6 +73,10 @@ class SpeculativeStep:
 
     def release(self, slot: int) -> None:
         self.drafter.release(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """The target's cache for ``slot`` holds ``length`` tokens again (a call was undone)."""
+        self.drafter.truncate(slot, length)
 
     def requests(self, rows: Sequence[Any], tokens: Sequence[Sequence[int]], max_seq_len: int
                  ) -> list[DraftRequest] | None:
@@ -111,7 +115,6 @@ class SpeculativeStep:
         for r, (d, o, a) in enumerate(zip(drafts.lengths, out_h, acc_h, strict=True)):
             result.append(SpecRow(o[: a + 1], [None] * (a + 1) if lps is None else lps[r][: a + 1], d, a))
             if d:
-                self.stats.add(d, a, self.k)
                 self.adaptive.update(requests[r].slot, d, a)
         return result
 
