@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ DEMO_SETTINGS: list[tuple[str, SamplingParams]] = [
 
 
 CHECK_VOCAB = 1000  # the exactness check's vocabulary (one slot per draw)
+MAX_LAYERS = 4096  # layer indices accepted on the command line
 
 
 def zipf_logits(vocab_size: int, exponent: float = 1.1, seed: int = 0) -> torch.Tensor:
@@ -130,16 +132,26 @@ def _unit(name: str, lo: float, hi: float, lo_open: bool = False):
     return parse
 
 
-def _int_at_least(name: str, lo: int):
+def _int_at_least(name: str, lo: int, hi: int = 2**63 - 1):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{lo}, {hi}], got {v}")
         return v
     return parse
+
+
+def _device(text: str) -> str:
+    from ._checks import check_device
+
+    try:
+        check_device("--device", text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_layers(text: str) -> int | list[int]:
@@ -151,9 +163,13 @@ def parse_layers(text: str) -> int | list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            a, b = int(lo), int(hi or lo)
+            if not 0 <= a <= b < MAX_LAYERS:
+                raise ValueError
+            out.extend(range(a, b + 1))
     except ValueError:
-        raise ValueError(f"layers must look like 12 or 0-7,10,12-13, got {text!r}") from None
+        raise ValueError(f"layers must look like 12 or 0-7,10,12-13 (indices in [0, {MAX_LAYERS})), "
+                         f"got {text!r}") from None
     if not out:
         raise ValueError(f"layers must look like 12 or 0-7,10,12-13, got {text!r}")
     return out
@@ -283,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_int_at_least("--top-k", -1), default=0)
     g.add_argument("--top-p", type=_unit("--top-p", 0.0, 1.0, lo_open=True), default=0.9)
     g.add_argument("--min-p", type=_unit("--min-p", 0.0, 1.0), default=0.0)
-    g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None)
+    g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None, help="in [0, 2**63 - 1]")
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
     g.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH",
@@ -297,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.safetensors, or a .gguf control vector)")
     g.add_argument("--steer-strength", type=_unit("--steer-strength", -1e3, 1e3), default=None,
                    help="steering strength (default: the preset's, else 1.0)")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=_device, default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     st = sub.add_parser("steer", help="steering vectors")
     st_sub = st.add_subparsers(dest="steer_command", required=True)
@@ -308,13 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--method", choices=["mean_diff", "pca"], default="mean_diff")
     tr.add_argument("--model", default=None, help="local model folder or .gguf file")
     tr.add_argument("--token-index", type=int, default=-1)
-    tr.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=16)
-    tr.add_argument("--device", default=None)
+    tr.add_argument("--batch-size", type=_int_at_least("--batch-size", 1, 4096), default=16)
+    tr.add_argument("--device", type=_device, default=None)
     demo = sub.add_parser("demo", help="batched sampler demo with an exactness check")
-    demo.add_argument("--vocab-size", type=int, default=32000)
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--draws", type=int, default=20000)
-    demo.add_argument("--device", default=None)
+    demo.add_argument("--vocab-size", type=_int_at_least("--vocab-size", 100, 1 << 20), default=32000)
+    demo.add_argument("--steps", type=_int_at_least("--steps", 1, 10_000), default=8)
+    demo.add_argument("--draws", type=_int_at_least("--draws", 100, 10_000_000), default=20000)
+    demo.add_argument("--device", type=_device, default=None)
     demo.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
     return parser
 
@@ -322,17 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return run_generate(args)
-    if args.command == "steer":
-        return run_steer_train(args)
-    if args.command == "demo":
-        if args.vocab_size < 100:
-            parser.error("--vocab-size must be >= 100")
-        if args.steps < 1 or args.draws < 100:
-            parser.error("--steps must be >= 1 and --draws >= 100")
+    command = "steer train" if args.command == "steer" else args.command
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "steer":
+            return run_steer_train(args)
+        if args.backend == "triton" and not torch.cuda.is_available() and args.device != "cpu":
+            raise ValueError("--backend triton needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
         return run_demo(args.vocab_size, args.steps, args.draws, args.device, args.backend)
-    return 2
+    except KeyboardInterrupt:
+        print(f"decodekit {command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as e:
+        # every failure is one line, never a traceback (DECODEKIT_TRACEBACK=1 shows it)
+        if os.environ.get("DECODEKIT_TRACEBACK"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"decodekit {command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

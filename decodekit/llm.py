@@ -100,6 +100,9 @@ class LLM:
         """
         steering = self.steering(steering_vector, steering_strength, steering_preset, steering_positions,
                                  steering_op)
+        if isinstance(prompts, Mapping):
+            raise ValueError("prompts: a chat is a list of messages [{'role': ..., 'content': ...}], "
+                             "and several prompts a list of those; got a single dict")
         if isinstance(prompts, torch.Tensor):  # [T] one prompt of ids, [N, T] N prompts
             prompts = prompts.tolist()
             if prompts and isinstance(prompts[0], int):

@@ -7,7 +7,7 @@ converted weights and tokenizer are cached as safetensors under
 ``$DECODEKIT_CACHE`` (default ``~/.cache/decodekit``), so later loads take seconds.
 Nothing here ever contacts a model hub.
 
-May call: transformers' loaders; nothing else in decodekit.
+May call: transformers' loaders, the validators.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ import copy
 import hashlib
 import importlib.util
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "embedded_gguf_path", "load"]
+from ._checks import check_device, check_dtype
+
+__all__ = ["DEFAULT_MODEL", "atomic_store", "cache_dir", "embedded_gguf_path", "load"]
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,14 +63,9 @@ def _offline() -> None:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    dtype = check_dtype("dtype", dtype)
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in table:
-            raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-        return table[dtype]
     return dtype
 
 
@@ -115,13 +114,42 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(
         d, gguf_file=name, dtype=torch.float32, local_files_only=True
     )
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    atomic_store(target, lambda folder: _save_plain(model, tok, folder))
+    return model.to(dtype), tok
+
+
+def atomic_store(target: Path, write) -> None:
+    """Write a cache entry atomically: into a private temporary folder, then renamed into
+    place. The temporary folder never outlives this call, whatever happens (a racing process
+    that finished first, a full or read-only disk: the cache is an optimisation, not fatal),
+    and temporaries that dead processes left behind are removed first."""
+    _remove_stale_temporaries(target)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        _save_plain(model, tok, tmp)
+        write(tmp)
         os.replace(tmp, target)
     except OSError:
-        pass  # a read-only or racing cache is not fatal: we still have the model in memory
-    return model.to(dtype), tok
+        pass  # e.g. another process renamed its copy into place first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove ``<target>.tmp<pid>-*`` folders whose process is gone."""
+    for tmp in target.parent.glob(f"{target.name}.tmp*"):
+        pid = tmp.name[len(target.name) + 4:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None):
@@ -143,23 +171,25 @@ def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=No
 
     hf_logging.disable_progress_bar()
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = check_device("device", device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = _resolve_dtype(dtype, dev)
-    if name_or_path is None:
-        model, tok = _load_gguf(embedded_gguf_path(), dt)
-    else:
-        path = Path(name_or_path).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            model, tok = _load_gguf(path, dt)
-        elif path.is_dir():
+    path = embedded_gguf_path() if name_or_path is None else Path(name_or_path).expanduser()
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf")):
+        raise FileNotFoundError(
+            f"model {str(name_or_path)!r} is neither a local model folder nor a .gguf file "
+            "(decodekit never downloads from a model hub); omit it to use the embedded "
+            f"{DEFAULT_MODEL}")
+    try:
+        if path.is_dir():
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True)
         else:
-            raise FileNotFoundError(
-                f"model {str(name_or_path)!r} is neither a local model folder nor a .gguf file "
-                "(decodekit never downloads from a model hub); omit it to use the embedded "
-                f"{DEFAULT_MODEL}"
-            )
+            model, tok = _load_gguf(path, dt)
+    except (ImportError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # corrupt / truncated files, missing weights: say which file
+        raise ValueError(f"cannot load the model at {str(path)!r}: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]) from e
     model = model.to(dev).eval()
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token

@@ -338,3 +338,154 @@ def test_19_learned_positions_limit_max_seq_len():
     while not c.is_done:
         gen.next_token({c.request_id: c}, num_steps=8)
     assert len(c.generated_token_ids) == 45
+
+
+# ------------------------------------------------------------------------------------ files
+def test_10_non_finite_steering_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from decodekit import Steering, SteeringVector
+    good = SteeringVector({1: torch.ones(64)})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            SteeringVector({1: torch.full((64,), bad)})
+    with pytest.raises(ValueError, match="strength"):
+        Steering(good, strength=1e300)
+    with pytest.raises(ValueError, match="overflows"):
+        Steering(SteeringVector({1: torch.full((64,), 1e30)}), strength=1e10)
+    with pytest.raises(ValueError, match="divisor"):
+        good / float("nan")
+    with pytest.raises(ValueError, match="scale"):
+        good * float("inf")
+    with pytest.raises(ValueError, match="strength"):
+        Steering(good, strength=10**400)
+    path = tmp_path / "nan.safetensors"
+    save_file({"layer.1": torch.full((64,), float("nan"))}, str(path))
+    with pytest.raises(ValueError, match="finite"):
+        SteeringVector.load(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".gguf"])
+def test_11_corrupt_steering_files_are_value_errors(tmp_path, suffix):
+    import random
+
+    from decodekit import SteeringVector
+    path = tmp_path / f"v{suffix}"
+    SteeringVector({i: torch.randn(64) for i in range(1, 4)}, model_name="m").save(path)
+    data = path.read_bytes()
+    rng = random.Random(11)
+    cases = [data[:n] for n in (0, 8, len(data) // 2, len(data) - 1)]
+    for _ in range(40):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        cases.append(bytes(b))
+    for blob in cases:
+        path.write_bytes(blob)
+        try:
+            SteeringVector.load(path)
+        except ValueError:
+            pass  # refused, naming the problem; a flip in tensor data may also load fine
+
+
+def test_12_load_errors_are_value_errors(tmp_path):
+    from decodekit import load
+    from decodekit.loading import embedded_gguf_path
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(embedded_gguf_path().read_bytes()[:4096])
+    with pytest.raises(ValueError, match="t.gguf"):
+        load(truncated)
+    empty = tmp_path / "folder"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="folder"):
+        load(empty)
+    with pytest.raises(ValueError, match="device"):
+        load(device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load(device="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        load(dtype="float8")
+    upper = tmp_path / "MODEL.GGUF"
+    upper.symlink_to(embedded_gguf_path())
+    model, tok = load(upper)  # (the converted cache is shared: a fast load)
+    assert model.config.vocab_size == len(tok) or model.config.vocab_size > 0
+
+
+def test_14_cache_writes_leave_no_temporaries(tmp_path):
+    from decodekit.loading import atomic_store
+    target = tmp_path / "entry"
+    stale = tmp_path / "entry.tmp999999999-dead"  # a process that died mid-write
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+
+    def write(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    atomic_store(target, write)
+    assert (target / "config.json").is_file()
+    atomic_store(target, write)  # a racing process that finished second: its copy is dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+    def failing(folder):
+        folder.mkdir()
+        raise OSError("disk full")
+
+    atomic_store(tmp_path / "other", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+CLI_ABUSE = [
+    ["generate", "hi", "--seed", "99999999999999999999"],
+    ["generate", "hi", "--device", "foo"],
+    ["generate", "hi", "--draft", "layerskip:0-99999999999", "--max-new-tokens", "2"],
+    ["demo", "--vocab-size", "100000000"],
+    ["demo", "--device", "foo"],
+    ["demo", "--backend", "triton", "--steps", "1", "--draws", "100"],
+]
+
+
+@pytest.mark.parametrize("argv", CLI_ABUSE, ids=[" ".join(a[:3]) for a in CLI_ABUSE])
+def test_13_cli_abuse_is_one_error_line(argv, capsys):
+    from decodekit.cli import main
+    if argv[:3] == ["demo", "--backend", "triton"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present: --backend triton is valid")
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: usage + one error line
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "error" in err, err
+
+
+@pytest.mark.parametrize("kind", ["truncated gguf", "weightless folder", "corrupt steer", "unwritable -o"])
+def test_13_cli_bad_files_are_one_error_line(kind, tmp_path, capsys):
+    from decodekit.cli import main
+    from decodekit.loading import embedded_gguf_path
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(embedded_gguf_path().read_bytes()[:2048])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    corrupt = tmp_path / "v.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"positive": "yes", "negative": "no"}\n')
+    argv = {"truncated gguf": ["generate", "hi", "--model", str(bad)],
+            "weightless folder": ["generate", "hi", "--model", str(folder)],
+            "corrupt steer": ["generate", "hi", "--steer", str(corrupt), "--max-new-tokens", "2"],
+            "unwritable -o": ["steer", "train", "--pairs", str(pairs), "--layers", "1",
+                              "-o", "/nonexistent/dir/v.safetensors"]}[kind]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error" in err, err
+
+
+def test_18_llm_generate_refuses_a_bare_message_dict():
+    from _models import tiny_model
+
+    from decodekit import LLM
+    llm = LLM(model=tiny_model("llama"), tokenizer=word_tokenizer(), max_batch_size=1, max_seq_len=64)
+    with pytest.raises(ValueError, match="list of messages"):
+        llm.generate({"role": "user", "content": "hi"})

@@ -39,8 +39,22 @@ Directions = Mapping[int, torch.Tensor]
 
 def save(path: str | os.PathLike[str], directions: Directions, *, model_name: str | None,
          method: str | None, metadata: Mapping[str, str]) -> None:
-    """Write ``{layer: fp32 tensor [H]}`` to ``path`` (GGUF if it ends in ``.gguf``)."""
+    """Write ``{layer: fp32 tensor [H]}`` to ``path`` (GGUF if it ends in ``.gguf``). A folder
+    that does not exist is a ``ValueError``; a write that fails is an ``OSError``."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write steering vector {str(path)!r}: folder {str(path.parent)!r} "
+                         "does not exist")
+    try:
+        _save(path, directions, model_name, method, metadata)
+    except OSError:
+        raise
+    except Exception as e:  # the writers' own error types
+        raise OSError(f"cannot write steering vector {str(path)!r}: {type(e).__name__}: {e}") from None
+
+
+def _save(path: Path, directions: Directions, model_name: str | None, method: str | None,
+          metadata: Mapping[str, str]) -> None:
     if path.suffix.lower() == ".gguf":
         _save_gguf(path, directions, model_name, method, metadata)
         return
@@ -52,12 +66,27 @@ def save(path: str | os.PathLike[str], directions: Directions, *, model_name: st
 
 
 def load(path: str | os.PathLike[str]) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """``(directions, {"model_name", "method", "metadata"})`` read from ``path``."""
+    """``(directions, {"model_name", "method", "metadata"})`` read from ``path``. A missing,
+    truncated or corrupt file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"steering vector file {str(path)!r} does not exist")
-    if path.suffix.lower() == ".gguf":
-        return _load_gguf(path)
+    try:
+        directions, meta = _load_gguf(path) if path.suffix.lower() == ".gguf" else _load_safetensors(path)
+    except Exception as e:  # truncated or byte-flipped files fail in many ways inside the readers
+        raise ValueError(f"steering vector file {str(path)!r} is not a valid "
+                         f"{'GGUF control vector' if path.suffix.lower() == '.gguf' else 'safetensors'} "
+                         f"file ({type(e).__name__}: {e})"[:500]) from None
+    if not isinstance(meta.get("metadata") or {}, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in (meta.get("metadata") or {}).items()):
+        raise ValueError(f"steering vector file {str(path)!r}: metadata must map str to str")
+    for key in ("model_name", "method"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ValueError(f"steering vector file {str(path)!r}: {key} must be a string")
+    return directions, meta
+
+
+def _load_safetensors(path: Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
     directions: dict[int, torch.Tensor] = {}
@@ -79,7 +108,7 @@ def _save_gguf(path: Path, directions: Directions, model_name: str | None, metho
 
     if 0 in directions:
         warnings.warn("steering vector has layer 0: saved as direction.0, which llama.cpp rejects "
-                      "(it never steers block 0); repeng and decodekit read it", stacklevel=4)
+                      "(it never steers block 0); repeng and decodekit read it", stacklevel=5)
     writer = gguf.GGUFWriter(str(path), _GGUF_ARCH)
     writer.add_string(f"{_GGUF_ARCH}.model_hint", model_name or "")
     writer.add_int32(f"{_GGUF_ARCH}.layer_count", len(directions))

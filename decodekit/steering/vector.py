@@ -32,12 +32,13 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import describe, is_int, is_real
+from .._checks import check_float, describe, is_int, is_real
 
 __all__ = ["SteeringVector", "Steering", "POSITION_END"]
 
 #: Exclusive end of an unbounded position range ("all", "generated", ``slice(k, None)``).
 POSITION_END = 1 << 62
+_FLT_MAX = 3.4028234663852886e38
 
 _POSITION_KINDS = ("all", "prompt", "generated")
 _OPS = ("add", "ablate", "clamp")
@@ -58,7 +59,11 @@ def _direction(layer: Any, value: Any) -> tuple[int, torch.Tensor]:
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"steering vector layer {layer}: expected a 1-D tensor [hidden_size], "
                          f"got shape {tuple(t.shape)}")
-    return int(layer), t.to(device="cpu", dtype=torch.float32).clone().contiguous()
+    t = t.to(device="cpu", dtype=torch.float32).clone().contiguous()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"steering vector layer {layer}: every value must be finite in float32 "
+                         "(got NaN or inf)")
+    return int(layer), t
 
 
 class SteeringVector(Mapping[int, torch.Tensor]):
@@ -176,9 +181,8 @@ class SteeringVector(Mapping[int, torch.Tensor]):
             scale = scale.item()
         if not is_real(scale):
             return NotImplemented
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {scale!r}")
-        return self._derived({k: t * float(scale) for k, t in self.items()})
+        scale = check_float("scale", scale, math.isfinite, "finite")
+        return self._derived({k: t * scale for k, t in self.items()})
 
     __rmul__ = __mul__
 
@@ -187,7 +191,8 @@ class SteeringVector(Mapping[int, torch.Tensor]):
             return NotImplemented
         if divisor == 0:
             raise ZeroDivisionError("cannot divide a steering vector by 0")
-        return self._derived({k: t / float(divisor) for k, t in self.items()})
+        divisor = check_float("divisor", divisor, math.isfinite, "finite and non-zero")
+        return self._derived({k: t / divisor for k, t in self.items()})
 
     def __neg__(self) -> SteeringVector:
         return self._derived({k: -t for k, t in self.items()})
@@ -269,12 +274,16 @@ class Steering:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", SteeringVector.coerce(self.vector))
-        if not is_real(self.strength) or not math.isfinite(float(self.strength)):
-            raise ValueError(f"strength must be a finite real number, got {describe(self.strength)}")
-        object.__setattr__(self, "strength", float(self.strength))
+        strength = check_float("strength", self.strength, lambda v: abs(v) <= _FLT_MAX,
+                               "a finite real number within the float32 range")
+        object.__setattr__(self, "strength", strength)
         if self.op not in _OPS:
             raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))}, got {describe(self.op)}")
         _check_positions(self.positions)
+        for layer, v in self.vector.items():  # what the hooks add: strength * v, in float32
+            if not bool(torch.isfinite(v * torch.tensor(strength, dtype=torch.float32)).all()):
+                raise ValueError(f"strength {strength!r} times the vector of layer {layer} overflows "
+                                 "float32")
 
     def position_range(self, prompt_len: int) -> tuple[int, int]:
         """Half-open range ``[lo, hi)`` of absolute positions steered, for a prompt of ``prompt_len``."""
