@@ -10,7 +10,8 @@ as if they had been returned. With it, a retry samples them again: the randomnes
 
 The KV cache itself needs nothing: positions past a row's length are masked and overwritten.
 
-May call: the sampler (checkpoint / restore), the runner, the speculative step.
+May call: the sampler (checkpoint / restore), the runner, the speculative step (its adaptive
+state and draft caches).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CallTransaction:
         self.checkpoint = sampler.checkpoint(slots) if slots else None
         self.idx = runner.upload(slots) if slots else None
         self.last = None if self.idx is None else runner.last_tokens.index_select(0, self.idx)
+        self.spec = None if speculative is None else speculative.checkpoint(slots)
 
     def roll_back(self, pending: PendingTokens) -> None:
         """Undo everything the call did to its contexts' slots, given its pending tokens (the
@@ -55,5 +57,5 @@ class CallTransaction:
         self.runner.set_last_tokens(self.idx, self.last)
         for c, length in zip(self.contexts, self.lengths, strict=True):
             c.length = length
-            if self.speculative is not None:
-                self.speculative.truncate(c.slot, length)
+        if self.speculative is not None:
+            self.speculative.restore(self.spec, {c.slot: c.length for c in self.contexts})

@@ -12,6 +12,7 @@ Plain host arithmetic; calls nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["AdaptiveK"]
@@ -95,6 +96,17 @@ class AdaptiveK:
             st.misses += 1
         elif accepted:
             st.misses = 0
+
+    def snapshot(self, slots: list[int]) -> dict[int, _State | None]:
+        """Copies of the slots' states, for :meth:`restore` (a failed call is undone)."""
+        return {s: None if s not in self._states else dataclasses.replace(self._states[s]) for s in slots}
+
+    def restore(self, snapshot: dict[int, _State | None]) -> None:
+        for s, st in snapshot.items():
+            if st is None:
+                self._states.pop(s, None)
+            else:
+                self._states[s] = st
 
     def misses(self, slot: int) -> int:
         """Rests in a row that ended in a rejected probe (0 after an accepted draft)."""

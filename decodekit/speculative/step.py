@@ -74,9 +74,16 @@ class SpeculativeStep:
     def release(self, slot: int) -> None:
         self.drafter.release(slot)
 
-    def truncate(self, slot: int, length: int) -> None:
-        """The target's cache for ``slot`` holds ``length`` tokens again (a call was undone)."""
-        self.drafter.truncate(slot, length)
+    def checkpoint(self, slots: list[int]) -> dict:
+        """What a failed call must give back for ``slots``: their adaptive draft lengths."""
+        return self.adaptive.snapshot(slots)
+
+    def restore(self, checkpoint: dict, lengths: dict[int, int]) -> None:
+        """Undo a failed call: adaptive state back, draft caches cut to the target's
+        ``lengths`` (slot -> tokens in its cache again)."""
+        self.adaptive.restore(checkpoint)
+        for slot, length in lengths.items():
+            self.drafter.truncate(slot, length)
 
     def requests(self, rows: Sequence[Any], tokens: Sequence[Sequence[int]], max_seq_len: int
                  ) -> list[DraftRequest] | None:
