@@ -212,21 +212,36 @@ def timed_generate(gen: Any, prompts: Sequence[list[int]], params: Sequence[Any]
     return run
 
 
-def step_clock() -> Any:
+@contextlib.contextmanager
+def step_clock(model: torch.nn.Module) -> Any:
     """A transformers ``StoppingCriteria`` that never stops and records ``(perf_counter, length)``
-    each time ``generate`` calls it: once per step, after the step's tokens are chosen."""
+    once per step, after the step's tokens are chosen: only the first call after a forward of
+    ``model`` counts (transformers 5.17's assisted generation also checks the candidates before
+    the step's forward). A context manager: the forward hook is removed on exit."""
     from transformers import StoppingCriteria
 
     class StepClock(StoppingCriteria):
         def __init__(self) -> None:
             self.stamps: list[tuple[float, int]] = []
+            self.forwards = self.stamped = 0
 
         def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-            synchronize(input_ids.device)
-            self.stamps.append((time.perf_counter(), input_ids.shape[1]))
+            if self.forwards > self.stamped:
+                synchronize(input_ids.device)
+                self.stamps.append((time.perf_counter(), input_ids.shape[1]))
+                self.stamped = self.forwards
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    return StepClock()
+    clock = StepClock()
+
+    def count(*_: Any) -> None:
+        clock.forwards += 1
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield clock
+    finally:
+        handle.remove()
 
 
 def max_seq(prompts: Sequence[list[int]], n: int) -> int:

@@ -55,10 +55,10 @@ def hf_generate(wl: Workload, ids: torch.Tensor, mask: torch.Tensor, setting: st
                 dev: torch.device) -> tuple[float, list[float], torch.Tensor]:
     """``model.generate`` of exactly ``n`` tokens per row: (wall s, step intervals, new tokens).
     Steps are timed by a no-op StoppingCriteria stamping ``perf_counter`` once per token."""
-    clock = H.step_clock()
-    wall, out = H.timed_call(lambda: wl.model.generate(
-        input_ids=ids, attention_mask=mask, stopping_criteria=[clock],
-        generation_config=hf_config(setting, n, wl.pad_id)), dev)
+    with H.step_clock(wl.model) as clock:
+        wall, out = H.timed_call(lambda: wl.model.generate(
+            input_ids=ids, attention_mask=mask, stopping_criteria=[clock],
+            generation_config=hf_config(setting, n, wl.pad_id)), dev)
     new, stamps = out[:, ids.shape[1]:].cpu(), [t for t, _ in clock.stamps]
     if new.shape[1] != n or len(stamps) != n:
         raise RuntimeError(f"model.generate: {new.shape[1]} tokens, {len(stamps)} steps for {n}")
@@ -136,10 +136,15 @@ def serve_point(wl: Workload, setting: str, requests: int, max_batch: int, n: in
     prompts = [all_prompts[i % len(all_prompts)] for i in range(requests)]
     params = dk_params(setting, n, requests)
     cfg = hf_config(setting, n, wl.pad_id)
+    import inspect
+
     from transformers import ContinuousBatchingConfig
 
-    # a paged cache as large as decodekit's slot cache (max_batch x max_seq_len positions)
-    cb = ContinuousBatchingConfig(num_blocks=-(-max_batch * H.max_seq(prompts, n) // 256), page_size=256)
+    # a paged cache as large as decodekit's slot cache (max_batch x max_seq_len positions);
+    # the page size is ``block_size`` before transformers 5.2x, ``page_size`` after
+    page_kw = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters \
+        else "block_size"
+    cb = ContinuousBatchingConfig(num_blocks=-(-max_batch * H.max_seq(prompts, n) // 256), **{page_kw: 256})
     row: dict[str, Any] = {"section": "serve", "model": wl.name, "setting": setting,
                            "requests": requests, "max_batch_size": max_batch, "max_new_tokens": n,
                            "status": "ok"}

@@ -77,11 +77,12 @@ def hf_side(wl: Workload, temperature: float, lookup: int | None) -> Side:
     def run(prompts: list[list[int]], seeds: list[int], n: int) -> Run:
         total = Run()
         for p, s in zip(prompts, seeds, strict=True):
-            clock = H.step_clock()
             torch.manual_seed(s)
-            out = wl.model.generate(torch.tensor([p], device=wl.model.device), max_new_tokens=n,
-                                    pad_token_id=wl.pad_id, disable_compile=True, stopping_criteria=[clock],
-                                    **({"prompt_lookup_num_tokens": lookup} if lookup else {}), **sample)
+            with H.step_clock(wl.model) as clock:
+                out = wl.model.generate(
+                    torch.tensor([p], device=wl.model.device), max_new_tokens=n, pad_token_id=wl.pad_id,
+                    disable_compile=True, stopping_criteria=[clock],
+                    **({"prompt_lookup_num_tokens": lookup} if lookup else {}), **sample)
             (t0, l0), (t1, l1) = clock.stamps[0], clock.stamps[-1]
             total.add(Run(t1 - t0, l1 - l0, len(clock.stamps) - 1, len(clock.stamps) - 1,
                           tokens=[out[0, len(p):].tolist()]))
