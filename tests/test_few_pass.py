@@ -1,8 +1,9 @@
 """The three-pass filtering algorithm (decodekit.sampling.few_pass) against the reference
 filter (transformers' warper semantics, decodekit.sampling.reference.filter_keep): the same
-kept set (on flat rows of 1e5 tokens: up to fp32 rounding of the masses) for every mix of top-k / top-p / min-p / typical-p on flat, peaked, Zipf and
-partly banned rows at real vocabulary sizes, within three passes over the row and no
-fallback; and wrong guesses (bands moved at random) never give a wrong set, only fallbacks."""
+kept set (on flat rows of 1e5 tokens: up to fp32 rounding of the masses) for every mix of
+top-k / top-p / min-p / typical-p on flat, peaked, Zipf and partly banned rows at real
+vocabulary sizes, within three passes over the row and no fallback; and wrong guesses
+(bands moved at random) never give a wrong set, only fallbacks."""
 
 from __future__ import annotations
 

@@ -30,7 +30,20 @@ BLOCK_SELECT = 256  # columns per tile of the select kernel (times NUM_PIVOTS pi
 BLOCK_VERIFY = 1024  # columns per tile of the verify kernel's races
 NUM_PIVOTS = 16  # threshold pivots tested per pass over a row (select)
 MAX_CHUNKS = 64  # programs per row of the process launch (partials combined by select)
-NPART = 6  # floats per chunk partial: max, sum of exp, race key, raw max, raw sum of exp, -
+NPART = 6  # floats per chunk partial: max, sum of exp, race key, raw max, raw sum of exp,
+#            smallest finite processed value
+
+# --------------------------------------------------------------------------- banded filtering
+# (decodekit.sampling.few_pass: the algorithm and its argument; triton_kernels.bands)
+NBINS = 1024  # histogram bins of d = max - l per row; the last one is the tail (d > range)
+RMAX = 64.0  # widest range of d the bins cover
+MARGIN = 1  # bins added on each side of a guessed threshold bin ...
+SIDE = 4  # ... and more until the band holds this many tokens on each side of it
+CAP = 4096  # candidates per row gathered by the gather pass
+NBAND = 4  # bands per row (top-k cut, top-p cut, typical-p's two edges)
+NREG = 8  # regions per row between the bands (NBAND + 1, padded to a power of two)
+NPLAN = 16  # int32 per row of the plan: band lows [NBAND], band highs [NBAND], candidates
+BLOCK_BANDS = 1024  # columns per tile of the histogram and gather passes
 
 # --------------------------------------------------------------------------- limits
 MAX_VOCAB = 1 << 24  # token ids stay exact in the fp32 arithmetic of the kernels

@@ -207,6 +207,7 @@ def _process_kernel(
     best_i = tl.full([], 0, tl.int32)
     raw_m = tl.full([], -float("inf"), tl.float32)
     raw_s = tl.full([], 0.0, tl.float32)
+    l_min = tl.full([], float("inf"), tl.float32)
     start0 = c * chunk
     end = tl.minimum(start0 + chunk, V)
     for start in range(start0, end, BLOCK):
@@ -222,6 +223,7 @@ def _process_kernel(
         if WRITE_WORK:
             tl.store(work_ptr + row * V + offs, l, mask=inb)
         nm, s_run = _online_lse(l, m_run, s_run)
+        l_min = tl.minimum(l_min, tl.min(tl.where(l > -float("inf"), l, float("inf")), axis=0))
         best, best_i = _race_tile(l, banned, offs, start, m_run, nm, best, best_i, race, k1, k2)
         m_run = nm
 
@@ -231,6 +233,7 @@ def _process_kernel(
     tl.store(pf + 2, best)
     tl.store(pf + 3, raw_m)
     tl.store(pf + 4, raw_s)
+    tl.store(pf + 5, l_min)
     tl.store(part_i_ptr + row * n_chunks + c, best_i)
 
 

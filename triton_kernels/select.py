@@ -19,6 +19,10 @@ pivots at once, shrinking the bracket ``NP + 1``-fold, so 32-bit keys converge i
 ``32 / log2(NP + 1)`` passes over an L2-resident row. The draw is the exponential race
 ``argmax e_i / E_i`` over the kept tokens with the same noise as launch 1.
 
+Rows that filter by top-k, top-p or typical-p normally arrive resolved by the banded
+launches (:mod:`decodekit.kernels.bands`: three passes in all); the pivot search here is
+their fallback and the path of min-p-only rows (one race pass).
+
 Rows map to slots through ``slots`` (several rows may share a slot when nothing is
 committed: the window rows of speculative decoding).
 """
@@ -92,7 +96,9 @@ def _search(work_row, V, lo, hi, m, floor_key, min_e, c, dmode: tl.constexpr, kk
     ``pred(lo)`` must hold and ``pred(hi)`` must not; the predicate is monotone.
     """
     j = tl.arange(0, NP).to(tl.int64)
+    n_pass = 0
     while hi - lo > 1:
+        n_pass += 1
         piv = lo + ((hi - lo) * (j + 1)) // (NP + 1)
         cnt, mass = _stats_ge(work_row, V, piv, m, floor_key, min_e, c, dmode, BLOCK, NP)
         if strict:
@@ -101,7 +107,7 @@ def _search(work_row, V, lo, hi, m, floor_key, min_e, c, dmode: tl.constexpr, kk
             pred = (cnt >= kk) & (mass >= thr)
         lo = tl.maximum(lo, tl.max(tl.where(pred, piv, lo), axis=0))
         hi = tl.minimum(hi, tl.min(tl.where(pred, hi, piv), axis=0))
-    return lo
+    return lo, n_pass
 
 
 @triton.jit
@@ -164,9 +170,11 @@ def _typical_threshold(work_row, V, m, tkey, min_e, typ, BLOCK: tl.constexpr, NP
         s1 += tl.sum(tl.where(ok & (e > 0), e * (l - m), 0.0), axis=0)
     ent = tl.log(zsum) - s1 / zsum
     c = m + tl.log(zsum) - ent
-    dkey = _search(work_row, V, tl.full([], -1, tl.int64), tl.full([], KEY_POS_INF + 1, tl.int64),
-                   m, tkey, min_e, c, True, 0, zsum * (1.0 - typ), True, BLOCK, NP)
-    if dkey < 0:  # 1 - typical_p rounded to 1: keep the closest token, like HF
+    dkey, n_pass = _search(work_row, V, tl.full([], -1, tl.int64), tl.full([], KEY_POS_INF + 1, tl.int64),
+                           m, tkey, min_e, c, True, 0, zsum * (1.0 - typ), True, BLOCK, NP)
+    n_pass += 1
+    if dkey < 0:
+        n_pass += 1  # 1 - typical_p rounded to 1: keep the closest token, like HF
         dmin = tl.full([], KEY_POS_INF, tl.int64)
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -175,7 +183,7 @@ def _typical_threshold(work_row, V, m, tkey, min_e, typ, BLOCK: tl.constexpr, NP
             dk = float_key(tl.abs(l - c)).to(tl.int64)
             dmin = tl.minimum(dmin, tl.min(tl.where(ok, dk, KEY_POS_INF), axis=0))
         dkey = dmin
-    return c, dkey
+    return c, dkey, n_pass
 
 
 @triton.jit
@@ -188,19 +196,23 @@ def _thresholds(work_row, V, m, slot, fparams_ptr, iparams_ptr,
     typ = tl.load(fparams_ptr + slot * NF + F_TYP)
     tkey = tl.full([], KEY_NEG_INF, tl.int64)
     hi0 = float_key(m).to(tl.int64) + 1
+    n_pass = 0
     if top_k > 0:
-        tkey = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
-                       tl.minimum(top_k, V), -1.0, False, BLOCK, NP)
+        tkey, n = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
+                          tl.minimum(top_k, V), -1.0, False, BLOCK, NP)
+        n_pass += n
     if top_p < 1.0:
         one = tl.full([1], 0, tl.int64) + tkey
         _, zk1 = _stats_ge(work_row, V, one, m, tkey, 0.0, 0.0, False, BLOCK, 1)
-        tkey = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
-                       0, top_p * tl.sum(zk1, axis=0), False, BLOCK, NP)
+        tkey, n = _search(work_row, V, tkey, hi0, m, tkey, 0.0, 0.0, False,
+                          0, top_p * tl.sum(zk1, axis=0), False, BLOCK, NP)
+        n_pass += n + 1
     c = tl.full([], 0.0, tl.float32)
     dkey = tl.full([], KEY_POS_INF, tl.int64)
     if typ < 1.0:
-        c, dkey = _typical_threshold(work_row, V, m, tkey, min_e, typ, BLOCK, NP)
-    return tkey, min_e, c, dkey
+        c, dkey, n = _typical_threshold(work_row, V, m, tkey, min_e, typ, BLOCK, NP)
+        n_pass += n
+    return tkey, min_e, c, dkey, n_pass
 
 
 @triton.jit
@@ -250,12 +262,14 @@ def _select_kernel(
     counts_ptr, hist_ptr,                # [S, V] i32, [S, H] i32
     work_ptr,                            # [N, V] f32 processed logits
     part_f_ptr, part_i_ptr,              # [N, C, NPART] f32, [N, C] i32
+    fin_i_ptr, fin_f_ptr,                # [N, 4] i32, [N, 4] f32: banded results (BANDS)
     out_tok_ptr, out_lp_ptr,             # [N] int64, [N] f32
     probs_ptr,                           # [N, V] f32 (PROBS mode)
+    passes_ptr,                          # [N] i32: passes over each row (COUNT)
     V, n_chunks, H,
     HAS_FILTER: tl.constexpr, HAS_PENALTY: tl.constexpr, HAS_HIST: tl.constexpr,
-    LOGPROB: tl.constexpr, PROBS: tl.constexpr, COMMIT: tl.constexpr,
-    BLOCK: tl.constexpr, NP: tl.constexpr,
+    LOGPROB: tl.constexpr, PROBS: tl.constexpr, COMMIT: tl.constexpr, BANDS: tl.constexpr,
+    COUNT: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * V can pass 2**31
     slot = tl.load(slots_ptr + row).to(tl.int64)
@@ -267,14 +281,31 @@ def _select_kernel(
     dkey = tl.full([], KEY_POS_INF, tl.int64)
     min_e = tl.full([], 0.0, tl.float32)
     c = tl.full([], 0.0, tl.float32)
+    n_pass = 0
     if HAS_FILTER:
         if ((flags & F_FILTER) != 0) & (~greedy):
-            tkey, min_e, c, dkey = _thresholds(work_row, V, m, slot, fparams_ptr, iparams_ptr,
-                                               BLOCK, NP)
-            k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
-            tok, zk = _race_kept(work_row, V, m, tkey, min_e, c, dkey, k1, k2, LOGPROB, PROBS, BLOCK)
+            status = 0
+            if BANDS:
+                status = tl.load(fin_i_ptr + row * 4)
+            if status == 1:  # thresholds and token from the banded launches
+                tok = tl.load(fin_i_ptr + row * 4 + 1).to(tl.int64)
+                tkey = tl.load(fin_i_ptr + row * 4 + 2).to(tl.int64)
+                dkey = tl.load(fin_i_ptr + row * 4 + 3).to(tl.int64)
+                zk = tl.load(fin_f_ptr + row * 4)
+                c = tl.load(fin_f_ptr + row * 4 + 1)
+                min_e = tl.load(fparams_ptr + slot * NF + F_MINP)
+                if LOGPROB == 2:  # mask `work` for the alternatives (one more pass)
+                    _race_kept(work_row, V, m, tkey, min_e, c, dkey, 0, 0, LOGPROB, True, BLOCK)
+                    n_pass += 1
+            else:  # pivot search (no bands for this row, or their verification failed)
+                tkey, min_e, c, dkey, n = _thresholds(work_row, V, m, slot, fparams_ptr, iparams_ptr,
+                                                      BLOCK, NP)
+                k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
+                tok, zk = _race_kept(work_row, V, m, tkey, min_e, c, dkey, k1, k2, LOGPROB, PROBS, BLOCK)
+                n_pass += n + 1
     if PROBS:
         _write_probs(work_row, probs_ptr + row * V, V, m, zk, tkey, min_e, c, dkey, greedy, tok, BLOCK)
+        n_pass += 1
     else:
         tl.store(out_tok_ptr + row, tok)
         if LOGPROB == 1:
@@ -284,6 +315,8 @@ def _select_kernel(
         if COMMIT:
             commit_token(slot, tok, flags, iparams_ptr, counts_ptr, hist_ptr, V, H,
                          HAS_PENALTY, HAS_HIST)
+    if COUNT:
+        tl.atomic_add(passes_ptr + row, n_pass)
 
 
 def select(
@@ -305,6 +338,8 @@ def select(
     has_filter: bool,
     logprob_mode: int,
     commit: bool,
+    bands: tuple[torch.Tensor, torch.Tensor] | None = None,
+    passes: torch.Tensor | None = None,
 ) -> None:
     """Launch :func:`_select_kernel` (grid ``[N]``) after
     :func:`~decodekit.kernels.process.process_logits`.
@@ -312,7 +347,9 @@ def select(
     ``probs`` given: write the processed distribution ``[N, V]`` and draw nothing.
     Otherwise write ``out_tok [N]`` (and ``out_lp [N]`` when ``logprob_mode`` is 1 raw /
     2 processed) and, with ``commit``, append the tokens to the slots' state (the slots
-    must then be distinct).
+    must then be distinct). ``bands``: ``(fin_i, fin_f)`` of
+    :func:`~decodekit.kernels.bands.banded_filter` (rows it resolved skip the pivot search).
+    ``passes [N]`` int32: add the passes over each row made here.
     """
     N, V = logits.shape
     if chunks > layout.MAX_CHUNKS:
@@ -327,12 +364,15 @@ def select(
         hist if hist is not None else dummy,
         work if work is not None else fparams,
         part_f, part_i,
+        bands[0] if bands is not None else dummy, bands[1] if bands is not None else fparams,
         out_tok if out_tok is not None else seed,
         out_lp if out_lp is not None else fparams,
         probs if probs is not None else fparams,
+        passes if passes is not None else dummy,
         V, chunks, hist.shape[1] if hist is not None else 1,
         HAS_FILTER=has_filter, HAS_PENALTY=counts is not None, HAS_HIST=hist is not None,
         LOGPROB=logprob_mode, PROBS=probs is not None, COMMIT=commit,
+        BANDS=bands is not None and has_filter, COUNT=passes is not None,
         BLOCK=layout.BLOCK_SELECT, NP=layout.NUM_PIVOTS, num_warps=go.num_warps,
     )
 
@@ -342,8 +382,9 @@ def _signature(ldt: str) -> dict[str, str]:
     return {
         "logits_ptr": ldt, "stride_l": "i32", "slots_ptr": "*i32", "fparams_ptr": "*fp32",
         "iparams_ptr": "*i32", "seed_ptr": "*i64", "counts_ptr": "*i32", "hist_ptr": "*i32",
-        "work_ptr": "*fp32", "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "out_tok_ptr": "*i64",
-        "out_lp_ptr": "*fp32", "probs_ptr": "*fp32", "V": "i32", "n_chunks": "i32", "H": "i32",
+        "work_ptr": "*fp32", "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "fin_i_ptr": "*i32",
+        "fin_f_ptr": "*fp32", "out_tok_ptr": "*i64", "out_lp_ptr": "*fp32", "probs_ptr": "*fp32",
+        "passes_ptr": "*i32", "V": "i32", "n_chunks": "i32", "H": "i32",
     }
 
 
@@ -359,7 +400,12 @@ def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, objec
                                                   [0, 1, 2], [False, True]):
             if probs and (pen or hist or lp):
                 continue
-            yield "select", _select_kernel, _signature(ldt), dict(
-                HAS_FILTER=filt, HAS_PENALTY=pen, HAS_HIST=hist, LOGPROB=lp, PROBS=probs,
-                COMMIT=not probs, BLOCK=layout.BLOCK_SELECT, NP=layout.NUM_PIVOTS), \
-                launch((1,), layout.BLOCK_SELECT).num_warps
+            for bands in ([False, True] if filt else [False]):
+                yield "select", _select_kernel, _signature(ldt), dict(
+                    HAS_FILTER=filt, HAS_PENALTY=pen, HAS_HIST=hist, LOGPROB=lp, PROBS=probs,
+                    COMMIT=not probs, BANDS=bands, COUNT=False, BLOCK=layout.BLOCK_SELECT,
+                    NP=layout.NUM_PIVOTS), launch((1,), layout.BLOCK_SELECT).num_warps
+    yield "select_count", _select_kernel, _signature("*fp32"), dict(
+        HAS_FILTER=True, HAS_PENALTY=False, HAS_HIST=False, LOGPROB=0, PROBS=False, COMMIT=True,
+        BANDS=True, COUNT=True, BLOCK=layout.BLOCK_SELECT, NP=layout.NUM_PIVOTS), \
+        launch((1,), layout.BLOCK_SELECT).num_warps

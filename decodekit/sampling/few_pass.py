@@ -1,5 +1,5 @@
-"""Filtering in three passes over the row: the algorithm of the sampler's next select
-kernels, step by step in torch (one row, fp32), and their oracle.
+"""Filtering in three passes over the row: the algorithm of the banded select launches
+(:mod:`decodekit.kernels.bands`), step by step in torch (one row, fp32), and their oracle.
 
 Every filter keeps an interval of the processed logits ``l`` (top-k, top-p and min-p a top
 interval, typical-p a band around ``c``; see :func:`decodekit.sampling.reference.filter_keep`).
@@ -27,7 +27,11 @@ of tokens closer to ``c`` than a distance: a region contributes to them as a who
 threshold falls inside it, which the verification detects (the guess only decides where the
 candidates are, never the answer). When it fails -- a band wider than ``CAP`` tokens, a guess
 off by more than the margin -- the row falls back to the pivot search (bounded: 32-bit keys,
-``NUM_PIVOTS`` pivots per pass), counted separately. Masses are summed in a different order
+``NUM_PIVOTS`` pivots per pass), counted separately. The kernels find the same thresholds
+without sorting (bisections over the candidates' fp32 keys: the k-th largest, the smallest
+value whose mass above stays below the target, the smallest distance whose mass reaches it)
+and guess typical-p's band by bisection rather than by sorting the bins; the answer is the
+same, only the guess may differ. Masses are summed in a different order
 than the reference's sort, so a token within fp32 rounding of a threshold may differ, as with
 any two implementations.
 """
@@ -39,13 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CAP", "MARGIN", "NBINS", "RMAX", "SIDE", "FewPass", "few_pass_keep"]
+from ..kernels.layout import CAP, MARGIN, NBINS, RMAX, SIDE
 
-NBINS = 1024  # histogram bins per row; the last one is the tail (d > R)
-RMAX = 64.0  # widest range of d = m - l the bins cover (exp(-64) of the max's mass)
-MARGIN = 1  # bins added on each side of a guessed threshold bin ...
-SIDE = 4  # ... and more until the band holds this many tokens on each side of it
-CAP = 4096  # candidates per row gathered by pass 3
+__all__ = ["CAP", "MARGIN", "NBINS", "RMAX", "SIDE", "FewPass", "few_pass_keep"]
 
 
 @dataclass

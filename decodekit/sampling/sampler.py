@@ -148,6 +148,7 @@ class Sampler:
         self._part_f = torch.empty(max_batch_size * L.MAX_CHUNKS * L.NPART, device=self.device)
         self._part_i = torch.empty(max_batch_size * L.MAX_CHUNKS, dtype=torch.int32,
                                    device=self.device)
+        self._band_buf = None  # kernels.bands.BandBuffers, made on the first filtered step
 
     # ------------------------------------------------------------------ slots
     def add(self, slot: int, params: SamplingParams,
@@ -224,13 +225,14 @@ class Sampler:
         B = logits.shape[0]
         work = self._work_rows(B) if flags & L.FILTER or self.logprobs_mode == "processed" else None
         chunks = self._process(logits, idx, flags, work, need_raw=nlp >= 0)
+        bands = self._bands(work, B, idx, flags, chunks)
         out_tok = torch.empty(B, dtype=torch.int64, device=self.device)
         out_lp = torch.empty(B, dtype=torch.float32, device=self.device) if nlp >= 0 else None
         mode = 0 if nlp < 0 else (1 if self.logprobs_mode == "raw" else 2)
         t, st = self.state.tables(flags), self.state
         select(logits, idx, st.fparams, st.iparams, st.seed, t.counts, t.hist, work,
                self._part_f, self._part_i, out_tok, out_lp, None, chunks=chunks,
-               has_filter=bool(flags & L.FILTER), logprob_mode=mode, commit=True)
+               has_filter=bool(flags & L.FILTER), logprob_mode=mode, commit=True, bands=bands)
         top = None
         if nlp > 0:
             # processed mode: the select kernel wrote -inf over the filtered tokens of `work`
@@ -459,6 +461,20 @@ class Sampler:
                        chunks=chunks, chunk=chunk, need_raw=need_raw, drafts=drafts)
         return chunks
 
+    def _bands(self, work: torch.Tensor | None, N: int, rows_slot: torch.Tensor, flags: int,
+               chunks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Launches 2-5 when rows filter: thresholds in three passes (``kernels.bands``)."""
+        if not flags & L.FILTER or work is None:
+            return None
+        from ..kernels.bands import BandBuffers, banded_filter
+
+        if self._band_buf is None:
+            self._band_buf = BandBuffers(self.device)
+        st = self.state
+        banded_filter(work, N, rows_slot, st.fparams, st.iparams, st.seed, self._part_f, self._band_buf,
+                      chunks=chunks, chunk=row_split(N, self.vocab_size, self.device, L.BLOCK_PROCESS)[1])
+        return self._band_buf.fin_i, self._band_buf.fin_f
+
     def _probs_triton(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,
                       drafts: torch.Tensor | None = None) -> torch.Tensor:
         """Processed distributions fp32 ``[N, V]`` in two launches (window rows with ``drafts``)."""
@@ -467,11 +483,12 @@ class Sampler:
         N, V = logits.shape
         work = self._work_rows(N)
         chunks = self._process(logits, rows_slot, flags, work, need_raw=False, drafts=drafts)
+        bands = self._bands(work, N, rows_slot, flags, chunks)
         out = torch.empty(N, V, dtype=torch.float32, device=self.device)
         st = self.state
         select(logits, rows_slot, st.fparams, st.iparams, st.seed, None, None, work,
                self._part_f, self._part_i, None, None, out, chunks=chunks,
-               has_filter=bool(flags & L.FILTER), logprob_mode=0, commit=False)
+               has_filter=bool(flags & L.FILTER), logprob_mode=0, commit=False, bands=bands)
         return out
 
     def _sample_reference(self, logits: torch.Tensor, slots: Slots, idx: torch.Tensor,
