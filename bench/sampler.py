@@ -106,6 +106,11 @@ def make_case(name: str, dist: str, dtype: str, batch: int, vocab: int, dev: tor
 
 def decodekit_fn(c: Case, dev: torch.device, backend: str) -> Callable[[], Any]:
     """A step of :class:`decodekit.Sampler` (slots as a device int32 tensor, as a scheduler keeps)."""
+    s, slots = make_sampler(c, dev, backend)
+    return lambda: s.sample(c.logits, slots).token_ids
+
+
+def make_sampler(c: Case, dev: torch.device, backend: str) -> tuple[Any, torch.Tensor]:
     from decodekit import Sampler, SamplingParams
 
     params = SamplingParams(**c.setting.params,
@@ -115,8 +120,21 @@ def decodekit_fn(c: Case, dev: torch.device, backend: str) -> Callable[[], Any]:
         s.add(b, params.replace(seed=1000 + b), None if c.prompt is None else c.prompt[b])
     if c.output is not None:
         s.accept(list(range(c.batch)), c.output)
-    slots = torch.arange(c.batch, dtype=torch.int32, device=dev)
-    return lambda: s.sample(c.logits, slots).token_ids
+    return s, torch.arange(c.batch, dtype=torch.int32, device=dev)
+
+
+def kernel_passes(c: Case, dev: torch.device) -> dict[str, Any]:
+    """Passes over each row (max over the batch) counted by the kernels, banded and with the
+    pivot search alone, and the bytes per row they move: the first pass reads the logits and
+    writes the fp32 processed row when later passes need it; later passes read that row."""
+    s, slots = make_sampler(c, dev, "triton")
+    out: dict[str, Any] = {}
+    for name, banded in (("banded", True), ("pivot", False)):
+        n = int(s.passes(c.logits, slots, banded=banded)[1].max())
+        later = 4 * c.vocab * (n - 1)
+        out[name] = {"passes": n, "bytes_per_row": c.vocab * c.logits.element_size()
+                     + (4 * c.vocab if n > 1 else 0) + later}
+    return out
 
 
 def hf_fn(c: Case) -> Callable[[], Any]:
@@ -180,6 +198,8 @@ def run_case(c: Case, dev: torch.device, timing: H.Timing, interpret: bool,
         res["decodekit_interp"] = (
             time_impl(lambda: decodekit_fn(c, dev, "triton"), dev, H.Timing(warmup=0, repeats=1))
             if c.batch * c.vocab <= INTERPRET_MAX_ELEMS else (None, "n/a (B*V too large)"))
+    passes = kernel_passes(c, dev) if dev.type == "cuda" or (
+        interpret and c.batch * c.vocab <= INTERPRET_MAX_ELEMS) else None
     times = {k: v[0] for k, v in res.items()}
     base, nbytes = times["decodekit"], c.batch * c.vocab * c.logits.element_size()
     floor = bw.floor_ms(nbytes)
@@ -188,8 +208,30 @@ def run_case(c: Case, dev: torch.device, timing: H.Timing, interpret: bool,
             "times_us": {k: None if t is None else t * 1e3 for k, t in times.items()},
             "ratios": {k: None if t is None or not base or k == "decodekit" else t / base
                        for k, t in times.items()},
-            "decodekit_over_floor": None if base is None else base / floor,
+            "decodekit_over_floor": None if base is None else base / floor, "passes": passes,
             "status": {k: v[1] for k, v in res.items()}}
+
+
+def passes_only(args: Any, dev: torch.device) -> int:
+    """``--passes``: the kernels' pass counts and bytes per row at B=1 and real vocabularies
+    (in Triton's interpreter on CPU), banded vs pivot search; no timing."""
+    rows = []
+    for name in args.settings or [k for k in SETTINGS if k != "greedy"]:
+        for dist in args.dists or ["flat", "peaked"]:
+            for vocab in args.vocab or [32000, 128256, 151936]:
+                c = make_case(name, dist, "bf16", 1, vocab, dev)
+                rows.append({"setting": name, "dist": dist, "vocab": vocab, **kernel_passes(c, dev)})
+                print(f"{name:<9} {dist:<6} V={vocab:<7} banded {rows[-1]['banded']} | pivot "
+                      f"{rows[-1]['pivot']}", flush=True)
+    body = ["- bf16 logits, B=1; bytes per row: one read of the logits, the fp32 processed row written "
+            "when later passes read it, and one read of it per later pass", "",
+            H.table(["setting", "logits", "V", "passes", "bytes/row", "pivot passes", "pivot bytes/row"],
+                    [[r["setting"], r["dist"], r["vocab"], r["banded"]["passes"],
+                      r["banded"]["bytes_per_row"], r["pivot"]["passes"], r["pivot"]["bytes_per_row"]]
+                     for r in rows])]
+    H.report("sampler-passes", "Sampler passes over the row", args, H.metadata(dev, "pass counters"),
+             rows, body)
+    return 0
 
 
 def cell(row: dict[str, Any], impl: str) -> str:
@@ -209,8 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dists", nargs="+", choices=("flat", "peaked"))
     p.add_argument("--interpret", action="store_true",
                    help="CPU: also run the Triton kernels in Triton's interpreter (tiny sizes)")
+    p.add_argument("--passes", action="store_true", help="only count the kernels' passes (B=1; "
+                   "the interpreter on CPU)")
     args = p.parse_args(argv)
+    if args.passes and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
     dev = H.setup(args, default_threads=1)
+    if args.passes:
+        return passes_only(args, dev)
     cuda = dev.type == "cuda"
     interpret = args.interpret and not cuda
     if interpret:
@@ -264,10 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- in parentheses: baseline time / decodekit time (> 1: decodekit faster)",
         "- HF chain (then softmax + torch.multinomial; argmax for greedy): " + "; ".join(
             f"{k}: {', '.join(v) or 'none'}" for k, v in meta["hf_chain"].items()), "",
-        H.table(["setting", "logits", "dtype", "B", "V", "floor us", "x floor",
+        H.table(["setting", "logits", "dtype", "B", "V", "floor us", "x floor", "passes (pivot)",
                  *[names[k] for k in impls]],
                 [[r["setting"], r["dist"], r["dtype"], r["batch"], r["vocab"], H.f(r["floor_us"], "{:.2f}"),
-                  H.f(r["decodekit_over_floor"]), *[cell(r, k) for k in impls]] for r in rows])]
+                  H.f(r["decodekit_over_floor"]), "-" if not r["passes"] else
+                  f"{r['passes']['banded']['passes']} ({r['passes']['pivot']['passes']})",
+                  *[cell(r, k) for k in impls]] for r in rows])]
     H.report("sampler" + ("-interpret" if interpret else ""), "Sampler benchmark", args, meta,
              rows, body)
     return 1 if any(r["status"][k].startswith("error") for r in rows for k in REQUIRED) else 0

@@ -11,11 +11,6 @@ import math
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from decodekit.kernels import layout as L
-from decodekit.kernels.bands import BandBuffers, banded_filter
-from decodekit.kernels.launch import row_split
-from decodekit.kernels.process import process_logits
-from decodekit.kernels.select import select
 
 from decodekit import Sampler, SamplingParams
 
@@ -35,30 +30,13 @@ def _row(kind: str, V: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, combos: list[tuple], seed: int, banded: bool):
-    """Tokens of one step (nothing committed) and the passes each row took."""
+    """Tokens of one step (nothing committed) and the passes each row took; without
+    ``banded`` the select launch searches every threshold with its pivot passes."""
     N, V = logits.shape
-    dev = torch.device(KERNEL_DEVICE)
-    s = Sampler(V, N, dev, backend="triton")
+    s = Sampler(V, N, KERNEL_DEVICE, backend="triton")
     for i, (k, p, mp, t) in enumerate(combos):
         s.add(i, SamplingParams(temperature=0.8, top_k=k, top_p=p, min_p=mp, typical_p=t, seed=seed + i))
-    st, idx = s.state, torch.arange(N, dtype=torch.int32, device=dev)
-    chunks, chunk = row_split(N, V, dev, L.BLOCK_PROCESS)
-    work = torch.empty(N, V, device=dev)
-    part_f = torch.empty(N * chunks * L.NPART, device=dev)
-    part_i = torch.empty(N * chunks, dtype=torch.int32, device=dev)
-    passes = torch.ones(N, dtype=torch.int32, device=dev)  # the process launch reads each row once
-    logits = logits.to(dev)
-    process_logits(logits, idx, st.fparams, st.iparams, st.seed, None, None, None, None, None, None,
-                   work, part_f, part_i, chunks=chunks, chunk=chunk, need_raw=False)
-    bands = None
-    if banded:
-        buf = BandBuffers(dev)
-        banded_filter(work, N, idx, st.fparams, st.iparams, st.seed, part_f, buf, chunks=chunks,
-                      chunk=chunk, passes=passes)
-        bands = (buf.fin_i, buf.fin_f)
-    tok = torch.empty(N, dtype=torch.int64, device=dev)
-    select(logits, idx, st.fparams, st.iparams, st.seed, None, None, work, part_f, part_i, tok, None,
-           None, chunks=chunks, has_filter=True, logprob_mode=0, commit=False, bands=bands, passes=passes)
+    tok, passes = s.passes(logits.to(KERNEL_DEVICE), list(range(N)), banded=banded)
     return tok.cpu(), passes.cpu()
 
 

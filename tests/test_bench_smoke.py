@@ -36,3 +36,17 @@ def test_sampler_bench_quick(tmp_path: Path) -> None:
         assert row["floor_us"] > 0 and row["decodekit_over_floor"] > 1
         assert row["ratios"]["torch_ref"] > 0 and row["ratios"]["hf_chain"] > 0
         assert row["times_us"]["flashinfer"] is None  # CPU
+
+
+def test_sampler_bench_passes(tmp_path: Path) -> None:
+    """``--passes``: the kernels' own pass counts (the interpreter on CPU), banded vs pivot
+    search, and the bytes per row that follow from them."""
+    cmd = [sys.executable, "-m", "bench.sampler", "--passes", "--vocab", "4096", "--settings",
+           "topk_topp", "temp", "--dists", "flat", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "sampler-passes-cpu.json").read_text())["rows"]}
+    assert rows["topk_topp"]["banded"]["passes"] == 3 < rows["topk_topp"]["pivot"]["passes"]
+    assert rows["temp"]["banded"]["passes"] == rows["temp"]["pivot"]["passes"] == 1
+    assert rows["temp"]["banded"]["bytes_per_row"] == 4096 * 2  # one read of the bf16 logits
+    assert rows["topk_topp"]["banded"]["bytes_per_row"] == 4096 * (2 + 4 + 2 * 4)

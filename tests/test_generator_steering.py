@@ -166,3 +166,39 @@ def test_steering_errors():
     with pytest.raises(ValueError, match="steering=False"):
         off.new_context(PROMPTS[0], _params(), steering=Steering(vec(1)))
     assert gen.free_slots == [0, 1] and not gen.runner.hooks.active  # nothing admitted
+
+
+def test_steered_batches_replay_decode_graphs():
+    """With decode graphs (simulated on CPU: the captured forwards replayed eagerly on the
+    same static buffers), steered and mixed batches replay the steered graph set, captured
+    before any request existed, instead of running eagerly, and give the tokens and
+    logprobs of the eager generator; unsteered batches keep the plain set. Control: the
+    steering changes the tokens, so a graph without it would fail."""
+    from decodekit.engine.graphs import eager_capture
+
+    replays = {"n": 0}
+
+    def counting(fn, device):
+        replay, out = eager_capture(fn, device)
+
+        def run():
+            replays["n"] += 1
+            replay()
+        return run, out
+
+    model = tiny_model("llama")
+    steerings = [Steering(vec(1), 1.0), None, Steering(vec(2, (1,)), 2.0, op="clamp"),
+                 Steering(vec(3), 1.0, op="ablate", positions="generated")]
+    eager = _generate(TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64),
+                      PROMPTS, steerings, num_steps=1)
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    gen.runner.enable_graphs(capture=counting)
+    assert gen.runner.steered_graphs is not None and not gen.runner.steered_graphs.failed
+    graphed = _generate(gen, PROMPTS, steerings, num_steps=1)
+    assert replays["n"] == 9  # 10 tokens: one from the prefill, then 9 decode steps, all replayed
+    for (tok_g, lp_g), (tok_e, lp_e) in zip(graphed, eager, strict=True):
+        assert tok_g == tok_e
+        torch.testing.assert_close(torch.tensor(lp_g), torch.tensor(lp_e), atol=1e-5, rtol=0)
+    unsteered = _generate(gen, PROMPTS, [None] * 4, num_steps=1)
+    assert unsteered[1] == graphed[1] and unsteered[0][0] != graphed[0][0]
+    assert replays["n"] == 18

@@ -63,11 +63,12 @@ class ModelRunner:
             else:  # the hooks live as long as the runner
                 weakref.finalize(self, self.hooks.remove)
         self.graphs: DecodeGraphs | None = None
+        self.steered_graphs: DecodeGraphs | None = None  # captured with steering on every layer
 
     # ------------------------------------------------------------------ basics
     @property
     def steered(self) -> bool:
-        """Whether any slot is steered now (graphs hold no steering: such steps run eagerly)."""
+        """Whether any slot is steered now (decode then replays :attr:`steered_graphs`)."""
         return self.hooks is not None and self.hooks.active
 
     def upload(self, values: Sequence[int]) -> torch.Tensor:
@@ -120,20 +121,21 @@ class ModelRunner:
     def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode forward for ``slots``: each one's newest token at position ``lengths[slot]``.
 
-        Runs slots ``0 .. max(slots)`` (a CUDA graph of the bucket when one is ready and no slot
-        is steered). Returns ``(logits [R, V] of the rows in order, slot index int64 [R] on the
-        device)``.
+        Runs slots ``0 .. max(slots)`` (a CUDA graph of the bucket when one is ready: the steered
+        set when a slot is steered). Returns ``(logits [R, V] of the rows in order, slot index
+        int64 [R] on the device)``.
         """
         n = max(slots) + 1
-        graphs = self.graphs is not None and self.graphs.ready(n) and not self.steered
-        n_fill = self.graphs.bucket(n) if graphs else n  # a graph runs its whole bucket
+        g = self.steered_graphs if self.steered else self.graphs
+        graphs = g is not None and g.ready(n)
+        n_fill = g.bucket(n) if graphs else n  # a graph runs its whole bucket
         pos, length = self._idle_rows(lengths, n_fill)
         for s in slots:
             pos[s], length[s] = lengths[s], lengths[s] + 1
         idx = self.upload(list(slots))
         with nvtx_range("decodekit.forward", n_fill):
             if graphs:
-                logits = self.graphs.run(n_fill, self.upload(pos), self.upload(length))
+                logits = g.run(n_fill, self.upload(pos), self.upload(length))
             else:
                 longest = max(length[s] for s in slots)
                 logits = self.forward(self.last_tokens[:n, None], self.upload(pos)[:, None],
@@ -187,6 +189,14 @@ class ModelRunner:
             b = pos.shape[0]
             return self.forward(self.last_tokens[:b, None], pos, length, 0, self.max_seq_len)
 
+        def steered(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+            with self.hooks.every_layer():  # the tables are read inside the graph
+                return forward(pos, length)
+
         self.graphs = DecodeGraphs(forward, self.max_slots, self.device, capture)
+        if self.hooks is not None:
+            self.steered_graphs = DecodeGraphs(steered, self.max_slots, self.device, capture)
         with torch.inference_mode():
-            self.graphs.capture_all()
+            for g in (self.graphs, self.steered_graphs):
+                if g is not None:
+                    g.capture_all()

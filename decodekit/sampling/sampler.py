@@ -248,6 +248,32 @@ class Sampler:
             return ref.processed_probs_from_logits(logits, self.state.rows(idx))
         return self._probs_triton(logits, idx, self.state.union_flags(slots))
 
+    def passes(self, logits: torch.Tensor, slots: Slots, *,
+               banded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Profiling aid (Triton backend): the tokens a sampling step would draw for
+        ``logits [B, V]`` and how many passes over each row it makes (int32 ``[B]``: the
+        process pass, the banded passes, the select passes; counted by the kernels). Commits
+        nothing; runs the counting variants of the kernels. ``banded=False`` skips the banded
+        launches: every threshold by the select launch's pivot search (their fallback)."""
+        if self.backend != "triton":
+            raise ValueError("passes() counts the Triton kernels' passes: use backend='triton'")
+        from ..kernels.select import select
+
+        idx = self._prepare(logits, slots)
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
+        flags, B = self.state.union_flags(slots), logits.shape[0]
+        work = self._work_rows(B) if flags & L.FILTER else None
+        chunks = self._process(logits, idx, flags, work, need_raw=False)
+        count = torch.ones(B, dtype=torch.int32, device=self.device)  # the process pass
+        bands = self._bands(work, B, idx, flags, chunks, count) if banded else None
+        tok = torch.empty(B, dtype=torch.int64, device=self.device)
+        t, st = self.state.tables(flags), self.state
+        select(logits, idx, st.fparams, st.iparams, st.seed, t.counts, t.hist, work,
+               self._part_f, self._part_i, tok, None, None, chunks=chunks,
+               has_filter=bool(flags & L.FILTER), logprob_mode=0, commit=False, bands=bands,
+               passes=count)
+        return tok, count
+
     def processed_logprobs(self, logits: torch.Tensor, slots: Slots) -> torch.Tensor:
         """What ``logprobs_mode="processed"`` reports, fp32 ``[B, V]``: the log-softmax of the
         processed logits with filtered tokens at -inf; commits nothing. Torch ops on any
@@ -462,7 +488,7 @@ class Sampler:
         return chunks
 
     def _bands(self, work: torch.Tensor | None, N: int, rows_slot: torch.Tensor, flags: int,
-               chunks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+               chunks: int, passes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Launches 2-5 when rows filter: thresholds in three passes (``kernels.bands``)."""
         if not flags & L.FILTER or work is None:
             return None
@@ -472,7 +498,8 @@ class Sampler:
             self._band_buf = BandBuffers(self.device)
         st = self.state
         banded_filter(work, N, rows_slot, st.fparams, st.iparams, st.seed, self._part_f, self._band_buf,
-                      chunks=chunks, chunk=row_split(N, self.vocab_size, self.device, L.BLOCK_PROCESS)[1])
+                      chunks=chunks, chunk=row_split(N, self.vocab_size, self.device, L.BLOCK_PROCESS)[1],
+                      passes=passes)
         return self._band_buf.fin_i, self._band_buf.fin_f
 
     def _probs_triton(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,

@@ -98,6 +98,7 @@ class SteeringHooks:
         self._rows_at: list[set[int]] = [set() for _ in range(n)]  # rows with a nonzero term
         self._proj_at: list[set[int]] = [set() for _ in range(n)]  # rows with c != 0
         self._cuda = torch.cuda.is_available()
+        self._every_layer = False  # set by every_layer(): inject on every layer (graph capture)
         # prepend: steering acts as part of the layer, so every other forward hook (transformers'
         # output_hidden_states recorders, installed once on first use, included) sees its result
         self._handles = [layer.register_forward_hook(functools.partial(self._hook, i), prepend=True)
@@ -213,6 +214,22 @@ class SteeringHooks:
         finally:
             self.unbind()
 
+    @property
+    def capturing_every_layer(self) -> bool:
+        """Inside :meth:`every_layer`."""
+        return self._every_layer
+
+    @contextlib.contextmanager
+    def every_layer(self) -> Iterator[None]:
+        """Inject on every layer, whichever rows are set (``skip_idle_layers`` ignored): the
+        forwards inside are what a CUDA graph must hold to serve any steering set later. Rows
+        bound to table row 0 still come out bit-identical (they get ``+ 0.0``)."""
+        old, self._every_layer = self._every_layer, True
+        try:
+            yield
+        finally:
+            self._every_layer = old
+
     def _hook(self, layer: int, module: torch.nn.Module, args: Any, output: Any) -> Any:
         h = output[0] if isinstance(output, tuple) else output
         out = self.apply(layer, h)
@@ -224,7 +241,8 @@ class SteeringHooks:
         """Layer ``layer``'s output ``h [B, q, H]`` steered with the bound rows (``h`` itself
         when nothing is bound or no row steers that layer). What the forward hook does."""
         idx = self._idx
-        if idx is None or (self.skip_idle_layers and not self._rows_at[layer]):
+        skip = self.skip_idle_layers and not self._every_layer
+        if idx is None or (skip and not self._rows_at[layer]):
             return h
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or tuple(h.shape[:2]) != tuple(idx.shape):
             raise ValueError(f"steering: layer {layer} output {getattr(h, 'shape', type(h).__name__)} does "
@@ -236,7 +254,7 @@ class SteeringHooks:
 
     def _inject(self, layer: int, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         x = h.to(self.dtype)  # [B, q, H]
-        if not self.skip_idle_layers or self._proj_at[layer]:
+        if not self.skip_idle_layers or self._every_layer or self._proj_at[layer]:
             u = F.embedding(idx, self._u[layer])  # [B, q, H]
             c = F.embedding(idx, self._c[layer])  # [B, q, 1]
             x = x + c * (x * u).sum(-1, keepdim=True) * u
@@ -253,8 +271,9 @@ class SteeringHooks:
 
 @contextlib.contextmanager
 def maybe_bound(hooks: SteeringHooks | None, first_row: int, positions: torch.Tensor) -> Iterator[None]:
-    """``hooks.bound(...)`` when some row is steered; nothing at all otherwise."""
-    if hooks is None or not hooks.active:
+    """``hooks.bound(...)`` when some row is steered (or inside :meth:`~SteeringHooks.every_layer`:
+    a graph capture); nothing at all otherwise."""
+    if hooks is None or not (hooks.active or hooks.capturing_every_layer):
         yield
         return
     with hooks.bound(first_row, positions):
