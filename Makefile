@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 PROMPT ?= Write a haiku about the sea.
 
-.PHONY: install generate demo test test-slow test-all test-oldest bench lint clean
+.PHONY: install generate demo test test-slow test-all test-oldest bench gpu-check lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,18 @@ test-oldest: $(OLDEST)/bin/.installed
 
 bench: install
 	$(BIN)/python -m bench.sampler
+
+# One-call GPU check (tools/gpu_check.py): correctness, then timings, in about 8 minutes, nothing
+# fetched. Runs with the machine's python (GPU_PY) and writes under OUT (default bench/results).
+# SMOKE=1: the same phases at toy sizes on any device, in the project's venv (CI runs it).
+GPU_PY ?= python3
+gpu-check:
+	@if [ "$(SMOKE)" = 1 ]; then \
+	  $(MAKE) --no-print-directory install && d=$(or $(OUT),/tmp/decodekit-gpu-check) && \
+	  $(BIN)/python tools/gpu_check.py --smoke --out $$d --results $$d; \
+	else \
+	  d=$(or $(OUT),bench/results) && $(GPU_PY) tools/gpu_check.py --out $$d/gpu-check --results $$d; \
+	fi
 
 lint: install
 	$(BIN)/ruff check decodekit triton_kernels tests bench

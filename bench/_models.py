@@ -29,6 +29,11 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                      tie_word_embeddings=True, max_position_embeddings=8192),
+    # Qwen2.5-0.5B's shape (as a Llama: no attention bias), for its vocabulary
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, head_dim=64, vocab_size=151936,
+                         tie_word_embeddings=True, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     # the smoke tests' model
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024),

@@ -54,8 +54,8 @@ def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: bool = False) -> list[int]:
     """transformers' own greedy continuation of one prompt (the oracle)."""
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, disable_compile=True,
                          max_new_tokens=max_new_tokens, min_new_tokens=0 if eos else max_new_tokens,
                          eos_token_id=EOS_ID if eos else None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
