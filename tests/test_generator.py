@@ -773,3 +773,32 @@ def test_failed_prefill_leaves_contexts_unadmitted(monkeypatch):
                 gen.release(batch.pop(rid))
     assert a.generated_token_ids == hf_greedy(model, [5, 6, 7], 5)
     assert b.generated_token_ids == hf_greedy(model, [8, 9], 5)
+
+
+def test_graph_capture_failure_falls_back_for_that_bucket_only():
+    """A bucket whose capture raises (simulated on CPU) says which bucket fell back and why,
+    leaves the others captured, and its decodes run eagerly with the right tokens."""
+    from decodekit.engine.graphs import eager_capture
+
+    model = tiny_model("llama")
+    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64, cuda_graphs=False)
+    calls = {"n": 0}
+
+    def flaky(fn, device):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second bucket of the plain set (batch 2)
+            raise RuntimeError("capture exploded")
+        return eager_capture(fn, device)
+
+    with pytest.warns(UserWarning, match=r"batch 2, running eagerly \(RuntimeError: capture exploded\)"):
+        gen.runner.enable_graphs(capture=flaky)
+    assert gen.runner.graphs.failed == {2} and sorted(gen.runner.graphs.graphs) == [1, 4]
+    prompts = [[1, 5, 6, 7], [1, 9, 10]]
+    ctxs = [gen.new_context(p, greedy(6), str(i)) for i, p in enumerate(prompts)]
+    batch = {c.request_id: c for c in ctxs}
+    while batch:
+        for rid, r in gen.next_token(batch).items():
+            if r.is_done:
+                gen.release(batch.pop(rid))
+    for c, p in zip(ctxs, prompts, strict=True):
+        assert c.generated_token_ids == hf_greedy(model, p, 6)
