@@ -39,6 +39,8 @@ from ._common import (
     I_FLAGS,
     I_NGEN,
     I_TOPK,
+    KEY_NEG_INF,
+    KEY_POS_INF,
     MAX_CHUNKS,
     NF,
     NI,
@@ -49,9 +51,6 @@ from ._common import (
     row_keys,
 )
 from .launch import launch
-
-KEY_NEG_INF = tl.constexpr(-2139095041)  # float_key(-inf)
-KEY_POS_INF = tl.constexpr(2139095040)  # float_key(+inf)
 
 __all__ = ["aot_configs", "banded_filter"]
 
@@ -246,6 +245,17 @@ def _plan_kernel(hist_ptr, slots_ptr, fparams_ptr, iparams_ptr, part_f_ptr, plan
 
 
 @triton.jit
+def _no_regions(NR: tl.constexpr):
+    """Empty region aggregates ``[NR]``: count, race winner, race key, mass, min-p-kept mass,
+    its ``sum e (l - m)``, value range, min-p-kept value range."""
+    zi = tl.zeros([NR], dtype=tl.int32)
+    zd = tl.zeros([NR], dtype=tl.float64)
+    up = tl.full([NR], float("inf"), tl.float32)
+    down = tl.full([NR], -float("inf"), tl.float32)
+    return zi, zi, tl.full([NR], -1.0, tl.float32), zd, zd, zd, up, down, up, down
+
+
+@triton.jit
 def _gather_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part_f_ptr, plan_ptr,
                    cand_ptr, reg_i_ptr, reg_f_ptr, reg_d_ptr, passes_ptr, V, chunk,
                    NB: tl.constexpr, CAPC: tl.constexpr, NR: tl.constexpr, BLOCK: tl.constexpr,
@@ -264,16 +274,7 @@ def _gather_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part
         bhi = tl.load(plan_ptr + row * NPLAN + NBAND + j)
         bval = bhi >= 0
         r = tl.arange(0, NR)
-        cnt = tl.zeros([NR], dtype=tl.int32)
-        win = tl.zeros([NR], dtype=tl.int32)
-        z = tl.zeros([NR], dtype=tl.float64)
-        kz = tl.zeros([NR], dtype=tl.float64)
-        ks1 = tl.zeros([NR], dtype=tl.float64)
-        lo = tl.full([NR], float("inf"), tl.float32)
-        hi = tl.full([NR], -float("inf"), tl.float32)
-        klo = tl.full([NR], float("inf"), tl.float32)
-        khi = tl.full([NR], -float("inf"), tl.float32)
-        best = tl.full([NR], -1.0, tl.float32)
+        cnt, win, best, z, kz, ks1, lo, hi, klo, khi = _no_regions(NR)
         start0 = c * chunk
         end = tl.minimum(start0 + chunk, V)
         for start in range(start0, end, BLOCK):
@@ -327,16 +328,7 @@ def _gather_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part
 def _combine_regions(reg_i_ptr, reg_f_ptr, reg_d_ptr, row, n_chunks, NR: tl.constexpr):
     """The gather's per-chunk region aggregates of one row, combined in chunk order."""
     r = tl.arange(0, NR)
-    cnt = tl.zeros([NR], dtype=tl.int32)
-    win = tl.zeros([NR], dtype=tl.int32)
-    z = tl.zeros([NR], dtype=tl.float64)
-    kz = tl.zeros([NR], dtype=tl.float64)
-    ks1 = tl.zeros([NR], dtype=tl.float64)
-    lo = tl.full([NR], float("inf"), tl.float32)
-    hi = tl.full([NR], -float("inf"), tl.float32)
-    klo = tl.full([NR], float("inf"), tl.float32)
-    khi = tl.full([NR], -float("inf"), tl.float32)
-    best = tl.full([NR], -1.0, tl.float32)
+    cnt, win, best, z, kz, ks1, lo, hi, klo, khi = _no_regions(NR)
     for cc in range(n_chunks):
         part = row * n_chunks + cc
         cnt += tl.load(reg_i_ptr + (part * NRF_I + 0) * NR + r)

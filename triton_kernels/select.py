@@ -46,6 +46,8 @@ from ._common import (
     I_FLAGS,
     I_NGEN,
     I_TOPK,
+    KEY_NEG_INF,
+    KEY_POS_INF,
     MAX_CHUNKS,
     NF,
     NI,
@@ -59,8 +61,6 @@ from .launch import launch
 
 __all__ = ["aot_configs", "select"]
 
-KEY_NEG_INF = tl.constexpr(-2139095041)  # float_key(-inf)
-KEY_POS_INF = tl.constexpr(2139095040)  # float_key(+inf)
 
 
 @triton.jit
