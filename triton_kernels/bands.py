@@ -348,10 +348,10 @@ def _combine_regions(reg_i_ptr, reg_f_ptr, reg_d_ptr, row, n_chunks, NR: tl.cons
 
 @triton.jit
 def _candidates(work_ptr, cand_ptr, row, V, n, m, inv_w, blo, bval,
-                NB: tl.constexpr, CAPC: tl.constexpr):
-    """The row's ``n <= CAPC`` candidates, in gather order: ``(l, id, e, band, valid)``
-    ``[CAPC]``; ``band`` = the region just above the candidate."""
-    jj = tl.arange(0, CAPC)
+                NB: tl.constexpr, CAPC: tl.constexpr, W: tl.constexpr):
+    """The row's ``n <= W`` candidates (row stride ``CAPC``), in gather order:
+    ``(l, id, e, band, valid)`` ``[W]``; ``band`` = the region just above the candidate."""
+    jj = tl.arange(0, W)
     valid = jj < n
     ids = tl.load(cand_ptr + row * CAPC + jj, mask=valid, other=0)
     l = tl.load(work_ptr + row * V + ids, mask=valid, other=-float("inf"))
@@ -467,9 +467,41 @@ def _typical(l, e, keep, m, kept_r, kz, ks1, klo, khi, t, NR: tl.constexpr, CAPC
 
 
 @triton.jit
+def _resolve(work_ptr, cand_ptr, slot, row, V, n, m, inv_w, blo, bval, fparams_ptr, iparams_ptr, seed_ptr,
+             cnt, win, best, z, kz, ks1, lo, hi, klo, khi,
+             NB: tl.constexpr, CAPC: tl.constexpr, W: tl.constexpr, NR: tl.constexpr):
+    """Exact thresholds and the token of one row from its ``n <= W`` candidates and region
+    aggregates: ``(ok, token, cut, typical centre, distance key, kept mass)``."""
+    l, ids, e, band, valid = _candidates(work_ptr, cand_ptr, row, V, n, m, inv_w, blo, bval, NB, CAPC, W)
+    t = tl.load(fparams_ptr + slot * NF + F_TYP)
+    min_e = tl.load(fparams_ptr + slot * NF + F_MINP)
+    cut, ok = _top_cut(l, e, band, valid, cnt, z, lo, hi, tl.load(iparams_ptr + slot * NI + I_TOPK),
+                       tl.load(fparams_ptr + slot * NF + F_TOPP), NR, W)
+    keep = valid & (l >= cut) & (e >= min_e)
+    kept_r = (cnt > 0) & (lo >= cut)
+    c = 0.0
+    dkey = float_key(tl.full([], float("inf"), tl.float32))
+    if t < 1.0:
+        c, dstar, kept_r, ok_t = _typical(l, e, keep, m, kept_r, kz, ks1, klo, khi, t, NR, W)
+        keep = keep & (tl.abs(l - c) <= dstar)
+        ok = ok & ok_t
+        dkey = float_key(dstar)
+    k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
+    key = tl.where(keep, e / exponential(ids, k1, k2), -1.0)
+    kb = tl.max(key, axis=0)
+    tok_c = tl.sum(tl.where(tl.arange(0, W) == tl.argmax(key, axis=0), ids, 0), axis=0)
+    rb = tl.where(kept_r & (kz > 0), best, -1.0)
+    tok_r = tl.sum(tl.where(tl.arange(0, NR) == tl.argmax(rb, axis=0), win, 0), axis=0)
+    tok = tl.where(tl.max(rb, axis=0) > kb, tok_r, tok_c)
+    zk = (tl.sum(tl.where(kept_r, kz, 0.0), axis=0)
+          + tl.sum(tl.where(keep, e, 0.0).to(tl.float64), axis=0)).to(tl.float32)
+    return ok, tok, cut, c, dkey, zk
+
+
+@triton.jit
 def _finish_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part_f_ptr, plan_ptr,
                    cand_ptr, reg_i_ptr, reg_f_ptr, reg_d_ptr, fin_i_ptr, fin_f_ptr, V, n_chunks,
-                   NB: tl.constexpr, CAPC: tl.constexpr, NR: tl.constexpr):
+                   NB: tl.constexpr, CAPC: tl.constexpr, SMALL: tl.constexpr, NR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + row).to(tl.int64)
     flags = tl.load(iparams_ptr + slot * NI + I_FLAGS)
@@ -487,31 +519,18 @@ def _finish_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part
         blo = tl.load(plan_ptr + row * NPLAN + j)
         bval = tl.load(plan_ptr + row * NPLAN + NBAND + j) >= 0
         n = tl.load(plan_ptr + row * NPLAN + 2 * NBAND)
-        l, ids, e, band, valid = _candidates(work_ptr, cand_ptr, row, V, tl.minimum(n, CAPC), m, inv_w,
-                                             blo, bval, NB, CAPC)
-        t = tl.load(fparams_ptr + slot * NF + F_TYP)
-        min_e = tl.load(fparams_ptr + slot * NF + F_MINP)
-        cut, ok = _top_cut(l, e, band, valid, cnt, z, lo, hi, tl.load(iparams_ptr + slot * NI + I_TOPK),
-                           tl.load(fparams_ptr + slot * NF + F_TOPP), NR, CAPC)
-        keep = valid & (l >= cut) & (e >= min_e)
-        kept_r = (cnt > 0) & (lo >= cut)
-        if t < 1.0:
-            c, dstar, kept_r, ok_t = _typical(l, e, keep, m, kept_r, kz, ks1, klo, khi, t, NR, CAPC)
-            keep = keep & (tl.abs(l - c) <= dstar)
-            ok = ok & ok_t
-            dkey = float_key(dstar)
-        k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
-        key = tl.where(keep, e / exponential(ids, k1, k2), -1.0)
-        kb = tl.max(key, axis=0)
-        tok_c = tl.sum(tl.where(tl.arange(0, CAPC) == tl.argmax(key, axis=0), ids, 0), axis=0)
-        rb = tl.where(kept_r & (kz > 0), best, -1.0)
-        r = tl.arange(0, NR)
-        tok_r = tl.sum(tl.where(r == tl.argmax(rb, axis=0), win, 0), axis=0)
-        tok = tl.where(tl.max(rb, axis=0) > kb, tok_r, tok_c)
-        zk = (tl.sum(tl.where(kept_r, kz, 0.0), axis=0)
-              + tl.sum(tl.where(keep, e, 0.0).to(tl.float64), axis=0)).to(tl.float32)
+        cut = 0.0
+        ok = n <= CAPC
+        if n <= SMALL:  # most rows: a narrow program
+            ok, tok, cut, c, dkey, zk = _resolve(
+                work_ptr, cand_ptr, slot, row, V, n, m, inv_w, blo, bval, fparams_ptr, iparams_ptr, seed_ptr,
+                cnt, win, best, z, kz, ks1, lo, hi, klo, khi, NB, CAPC, SMALL, NR)
+        elif n <= CAPC:
+            ok, tok, cut, c, dkey, zk = _resolve(
+                work_ptr, cand_ptr, slot, row, V, n, m, inv_w, blo, bval, fparams_ptr, iparams_ptr, seed_ptr,
+                cnt, win, best, z, kz, ks1, lo, hi, klo, khi, NB, CAPC, CAPC, NR)
         tkey = float_key(cut)
-        status = tl.where(ok & (n <= CAPC), 1, 2)
+        status = tl.where(ok, 1, 2)
     tl.store(fin_i_ptr + row * NFIN + 0, status)
     tl.store(fin_i_ptr + row * NFIN + 1, tok)
     tl.store(fin_i_ptr + row * NFIN + 2, tkey)
@@ -574,7 +593,8 @@ def banded_filter(work: torch.Tensor, n_rows: int, slots: torch.Tensor, fparams:
     go = launch((n_rows,), layout.CAP)
     _finish_kernel[go.grid](work, slots, fparams, iparams, seed, part_f, buf.plan, buf.cand,
                             buf.reg_i, buf.reg_f, buf.reg_d, buf.fin_i, buf.fin_f, V, chunks,
-                            NB=layout.NBINS, CAPC=layout.CAP, NR=layout.NREG, num_warps=go.num_warps)
+                            NB=layout.NBINS, CAPC=layout.CAP, SMALL=layout.CAP_SMALL, NR=layout.NREG,
+                            num_warps=go.num_warps)
 
 
 # --------------------------------------------------------------------------- AOT configurations
@@ -609,4 +629,5 @@ def _configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, object],
     yield "bands_finish", _finish_kernel, _COMMON | {
         "seed_ptr": "*i64", "plan_ptr": "*i32", "cand_ptr": "*i32", "reg_i_ptr": "*i32",
         "reg_f_ptr": "*fp32", "reg_d_ptr": "*fp64", "fin_i_ptr": "*i32", "fin_f_ptr": "*fp32",
-        "V": "i32", "n_chunks": "i32"}, dict(NB=nb, CAPC=cap, NR=nr), launch((1,), cap).num_warps
+        "V": "i32", "n_chunks": "i32"}, dict(NB=nb, CAPC=cap, SMALL=layout.CAP_SMALL, NR=nr), \
+        launch((1,), cap).num_warps

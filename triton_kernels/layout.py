@@ -40,6 +40,7 @@ RMAX = 64.0  # widest range of d the bins cover
 MARGIN = 1  # bins added on each side of a guessed threshold bin ...
 SIDE = 4  # ... and more until the band holds this many tokens on each side of it
 CAP = 4096  # candidates per row gathered by the gather pass
+CAP_SMALL = 512  # the finish launch's narrow path: rows with at most this many candidates
 NBAND = 4  # bands per row (top-k cut, top-p cut, typical-p's two edges)
 NREG = 8  # regions per row between the bands (NBAND + 1, padded to a power of two)
 NPLAN = 16  # int32 per row of the plan: band lows [NBAND], band highs [NBAND], candidates
