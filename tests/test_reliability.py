@@ -253,13 +253,15 @@ def test_09_sampler_checks_tensor_slots_and_rollbacks(backend):
     s = Sampler(50, 4, "cpu", backend=backend)
     s.add(0, SamplingParams(seed=1, repetition_penalty=1.2, bad_words_token_ids=[[3, 4]]), [1, 2])
     s.add(1, SamplingParams(seed=2))
-    x = torch.randn(2, 50)
+    x = torch.randn(2, 50, generator=torch.Generator().manual_seed(9))
     for bad, err in ((torch.tensor([0, 7]), ValueError), (torch.tensor([0, -1]), ValueError),
                      (torch.tensor([0, 2]), KeyError), (torch.tensor([1, 1]), ValueError),
                      (torch.tensor([0.0, 1.0]), ValueError)):
         with pytest.raises(err):
             s.sample(x, bad)
-    assert s.sample(x, torch.tensor([0, 1])).token_ids.shape == (2,)  # a valid tensor still works
+    drawn = s.sample(x, torch.tensor([0, 1])).token_ids  # a valid tensor still works
+    assert drawn.shape == (2,)
+    never = next(t for t in range(5, 50) if t != int(drawn[0]))  # neither prompt nor output
     with pytest.raises(ValueError, match="outside"):
         s.rollback([0], torch.tensor([[60]]))
     with pytest.raises(ValueError, match="B=1"):
@@ -268,9 +270,9 @@ def test_09_sampler_checks_tensor_slots_and_rollbacks(backend):
         s.rollback([0], torch.full((1, 65), 5))
     if backend == "torch":  # (the count check reads the tables: CPU samplers only)
         with pytest.raises(ValueError, match="never accepted"):
-            s.rollback([0], torch.tensor([[9]]))
-        s.accept([0], torch.tensor([[9]]))
-        s.rollback([0], torch.tensor([[9]]))  # accepted, then rolled back: fine
+            s.rollback([0], torch.tensor([[never]]))
+        s.accept([0], torch.tensor([[never]]))
+        s.rollback([0], torch.tensor([[never]]))  # accepted, then rolled back: fine
 
 
 def test_15_a_second_generator_does_not_convert_the_callers_model():

@@ -374,3 +374,33 @@ def test_adaptive_k_for_model_drafts_and_break_even():
     for _ in range(3):
         ak.update(0, 4, 1)
     assert ak.length(0) == 0
+
+
+def test_ngram_index_agrees_with_the_scan():
+    """The per-request index gives NGramDraft.propose's answer (the plain scan, the oracle)
+    on random token streams grown a few tokens at a time, after truncations and after a
+    stream that is not a continuation; a control index fed other tokens disagrees."""
+    import random
+
+    from decodekit.speculative.ngram import NGramIndex
+
+    rng = random.Random(0)
+    checked = disagree = 0
+    for _ in range(60):
+        cfg = NGramDraft(n=rng.randint(1, 4), k=rng.randint(1, 8), min_n=1)
+        idx, other = NGramIndex(cfg), NGramIndex(cfg)
+        toks: list[int] = []
+        for _ in range(40):
+            toks += [rng.randrange(6) for _ in range(rng.randint(1, 3))]
+            if rng.random() < 0.1:
+                toks = toks[: rng.randint(0, len(toks))]
+                idx.truncate(len(toks))
+            if rng.random() < 0.05:
+                toks = [rng.randrange(6) for _ in range(rng.randint(1, 20))]  # a new request
+            idx.extend(toks)
+            other.extend(toks[:-1] + [(toks[-1] + 1) % 6] if toks else [])
+            for k in (1, 3, 8):
+                assert idx.propose(k) == cfg.propose(toks, k), (toks, k)
+                checked += 1
+                disagree += other.propose(k) != cfg.propose(toks, k)
+    assert checked == 60 * 40 * 3 and disagree > 100

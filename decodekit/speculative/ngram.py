@@ -2,7 +2,10 @@
 most recent earlier occurrence of its last ``n`` tokens in its own prompt and output.
 
 It has no distribution: the verifier treats each proposal as a point mass, which keeps the
-output distribution exactly the target's. Drafting is host work over the request's tokens.
+output distribution exactly the target's. Drafting is host work over the request's tokens:
+per request an index of its n-grams (their latest start), extended as tokens arrive, so a
+lookup costs O(n) whatever the context length (:meth:`NGramDraft.propose` is the plain scan
+it must agree with).
 May call: :mod:`.base`.
 """
 
@@ -16,7 +19,7 @@ import torch
 from .._checks import int_at_least
 from .base import DraftRequest, Drafts
 
-__all__ = ["NGramDraft"]
+__all__ = ["NGramDraft", "NGramIndex"]
 
 
 class NGramDraft:
@@ -62,28 +65,92 @@ class NGramDraft:
         return _NGramDrafter(self, runner.device)
 
 
+class NGramIndex:
+    """The latest start of every ``m``-gram (``min_n <= m <= n``) of a growing token list,
+    counting only the n-grams that end before its last token (so a continuation exists).
+
+    :meth:`propose` equals :meth:`NGramDraft.propose` on the same tokens.
+    """
+
+    def __init__(self, config: NGramDraft) -> None:
+        self.config = config
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens: list[int] = []
+        self.tables: dict[int, dict[tuple[int, ...], int]] = {
+            m: {} for m in range(self.config.min_n, self.config.n + 1)}
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Bring the index to ``tokens``, which must start with the tokens indexed so far
+        (else it is rebuilt from scratch)."""
+        L0 = len(self.tokens)
+        if len(tokens) < L0 or list(tokens[:L0]) != self.tokens:  # a C-speed compare
+            self._reset()  # not a continuation: start again
+            L0 = 0
+        own = self.tokens
+        own.extend(tokens[L0:])
+        # n-grams ending at index e (<= len - 2) become eligible once token e + 1 exists
+        for e in range(max(0, L0 - 1), len(own) - 1):
+            for m, table in self.tables.items():
+                if e + 1 >= m:
+                    table[tuple(own[e + 1 - m: e + 1])] = e + 1 - m
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens (a call undone)."""
+        if length < len(self.tokens):
+            tokens = self.tokens[:length]
+            self._reset()
+            self.extend(tokens)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens following the latest earlier match of the longest suffix."""
+        own, L = self.tokens, len(self.tokens)
+        k = min(k, self.config.k)
+        if k <= 0 or L < 2:
+            return []
+        for m in range(min(self.config.n, L - 1), self.config.min_n - 1, -1):
+            i = self.tables[m].get(tuple(own[L - m:]))
+            if i is not None:
+                return own[i + m: i + m + k]
+        return []
+
+
 class _NGramDrafter:
-    """Prompt lookup for a batch: host proposals, one upload."""
+    """Prompt lookup for a batch: an :class:`NGramIndex` per slot, host proposals, one upload."""
 
     cost = 0.0
 
     def __init__(self, config: NGramDraft, device: torch.device) -> None:
         self.config, self.device = config, device
+        self.index: dict[int, NGramIndex] = {}
 
     def admit(self, slots, prompts, steering) -> None:
-        pass
+        for s, p in zip(slots, prompts, strict=True):
+            self.index[s] = NGramIndex(self.config)
+            self.index[s].extend(p)
 
     def release(self, slot: int) -> None:
-        pass
+        self.index.pop(slot, None)
 
     def truncate(self, slot: int, length: int) -> None:
-        pass
+        if slot in self.index:
+            self.index[slot].truncate(length)
 
     def committed(self, requests, accepted, window) -> None:
         pass
 
+    def _draft(self, r: DraftRequest) -> list[int]:
+        if r.budget <= 0:
+            return []
+        index = self.index.get(r.slot)
+        if index is None:
+            index = self.index[r.slot] = NGramIndex(self.config)
+        index.extend(r.tokens)
+        return index.propose(r.budget)
+
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
-        drafts = [self.config.propose(r.tokens, r.budget) if r.budget > 0 else [] for r in requests]
+        drafts = [self._draft(r) for r in requests]
         K = max(len(d) for d in drafts)
         if K == 0:
             return None
