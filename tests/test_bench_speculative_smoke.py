@@ -18,7 +18,7 @@ METADATA_KEYS = {"device", "device_slug", "torch", "triton", "transformers", "py
 
 def _run(tmp_path: Path, module: str) -> dict:
     cmd = [sys.executable, "-m", module, "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return json.loads(next(tmp_path.glob("*.json")).read_text())
 
