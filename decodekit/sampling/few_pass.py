@@ -166,7 +166,7 @@ def _f32(x: float) -> torch.Tensor:
 
 
 class _Fail(Exception):
-    pass
+    """The verification failed: the row falls back to the pivot search."""
 
 
 def _top_cut(cl: torch.Tensor, ce: torch.Tensor, cband: torch.Tensor, regions: list[_Region],

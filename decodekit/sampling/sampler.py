@@ -224,8 +224,9 @@ class Sampler:
 
         B = logits.shape[0]
         work = self._work_rows(B) if flags & L.FILTER or self.logprobs_mode == "processed" else None
-        chunks = self._process(logits, idx, flags, work, need_raw=nlp >= 0)
-        bands = self._bands(work, B, idx, flags, chunks)
+        split = self._process(logits, idx, flags, work, need_raw=nlp >= 0)
+        bands = self._bands(work, B, idx, flags, split)
+        chunks = split[0]
         out_tok = torch.empty(B, dtype=torch.int64, device=self.device)
         out_lp = torch.empty(B, dtype=torch.float32, device=self.device) if nlp >= 0 else None
         mode = 0 if nlp < 0 else (1 if self.logprobs_mode == "raw" else 2)
@@ -263,9 +264,10 @@ class Sampler:
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         flags, B = self.state.union_flags(slots), logits.shape[0]
         work = self._work_rows(B) if flags & L.FILTER else None
-        chunks = self._process(logits, idx, flags, work, need_raw=False)
+        split = self._process(logits, idx, flags, work, need_raw=False)
         count = torch.ones(B, dtype=torch.int32, device=self.device)  # the process pass
-        bands = self._bands(work, B, idx, flags, chunks, count) if banded else None
+        bands = self._bands(work, B, idx, flags, split, count) if banded else None
+        chunks = split[0]
         tok = torch.empty(B, dtype=torch.int64, device=self.device)
         t, st = self.state.tables(flags), self.state
         select(logits, idx, st.fparams, st.iparams, st.seed, t.counts, t.hist, work,
@@ -471,9 +473,11 @@ class Sampler:
         return self._work
 
     def _process(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,
-                 work: torch.Tensor | None, *, need_raw: bool, drafts: torch.Tensor | None = None) -> int:
+                 work: torch.Tensor | None, *, need_raw: bool, drafts: torch.Tensor | None = None
+                 ) -> tuple[int, int]:
         """Launch 1 over ``logits [N, V]`` (row ``n`` reads slot ``rows_slot[n]``); returns
-        the programs per row that launch 2 combines."""
+        its row split ``(programs per row, columns per program)``, which the later launches
+        share."""
         from ..kernels.process import process_logits
 
         N, V = logits.shape
@@ -485,10 +489,11 @@ class Sampler:
         process_logits(logits, rows_slot, st.fparams, st.iparams, st.seed, t.bias, t.counts,
                        t.suppress, t.badseq, t.badlen, t.hist, work, self._part_f, self._part_i,
                        chunks=chunks, chunk=chunk, need_raw=need_raw, drafts=drafts)
-        return chunks
+        return chunks, chunk
 
     def _bands(self, work: torch.Tensor | None, N: int, rows_slot: torch.Tensor, flags: int,
-               chunks: int, passes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+               split: tuple[int, int], passes: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Launches 2-5 when rows filter: thresholds in three passes (``kernels.bands``)."""
         if not flags & L.FILTER or work is None:
             return None
@@ -498,8 +503,7 @@ class Sampler:
             self._band_buf = BandBuffers(self.device)
         st = self.state
         banded_filter(work, N, rows_slot, st.fparams, st.iparams, st.seed, self._part_f, self._band_buf,
-                      chunks=chunks, chunk=row_split(N, self.vocab_size, self.device, L.BLOCK_PROCESS)[1],
-                      passes=passes)
+                      chunks=split[0], chunk=split[1], passes=passes)
         return self._band_buf.fin_i, self._band_buf.fin_f
 
     def _probs_triton(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,
@@ -509,8 +513,9 @@ class Sampler:
 
         N, V = logits.shape
         work = self._work_rows(N)
-        chunks = self._process(logits, rows_slot, flags, work, need_raw=False, drafts=drafts)
-        bands = self._bands(work, N, rows_slot, flags, chunks)
+        split = self._process(logits, rows_slot, flags, work, need_raw=False, drafts=drafts)
+        bands = self._bands(work, N, rows_slot, flags, split)
+        chunks = split[0]
         out = torch.empty(N, V, dtype=torch.float32, device=self.device)
         st = self.state
         select(logits, rows_slot, st.fparams, st.iparams, st.seed, None, None, work,

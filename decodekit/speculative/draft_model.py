@@ -166,7 +166,7 @@ class ModelDrafter:
         pass
 
     def truncate(self, slot: int, length: int) -> None:
-        pass
+        """Nothing to cut: a drafter on the target's own cache (layer skip) keeps no state."""
 
     def committed(self, requests: Sequence[DraftRequest], accepted: Sequence[int], window: int) -> None:
         pass
