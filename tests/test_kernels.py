@@ -179,6 +179,62 @@ def test_rng_matches_reference_bit_for_bit():
     torch.testing.assert_close(out.cpu(), expect, rtol=1e-6, atol=0)  # a few ulp of log()
 
 
+@triton.jit
+def _bits_kernel(r_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    r = tl.load(r_ptr + offs, mask=offs < N, other=0).to(tl.uint32)
+    tl.store(out_ptr + offs, KC.exponential_bits(r), mask=offs < N)
+
+
+def test_exponential_bits_at_both_ends_match_reference():
+    """Exp(1) from 32 bits (one logarithm shared by both branches) at the branch edge and
+    both tails, where the smallest variate is ``E_MIN`` (the race's skip bound)."""
+    edge = [0, 1, 2, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2**8, 2**32 - 3, 2**32 - 2, 2**32 - 1]
+    rand = torch.randint(0, 2**32, (501,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = torch.tensor(edge + rand, dtype=torch.int64)
+    out = torch.empty(r.shape[0], device=KERNEL_DEVICE)
+    _bits_kernel[(1,)](r.to(KERNEL_DEVICE), out, r.shape[0], BLOCK=1024)
+    expect = ref.exponential_from_bits(r)
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-6, atol=0)
+    assert float(expect.min()) == KC.E_MIN == float(out[len(edge) - 1])
+    v = ((2**32 - 1 - r).double() + 0.5) * 2.0**-32  # race_keys' bound: E >= min(v, 0.69)
+    assert bool((expect.double() >= torch.clamp(v, max=0.69) * (1 - 1e-6)).all())
+
+
+def test_race_draws_logarithms_on_few_tiles(monkeypatch):
+    """The race skips the logarithm on tiles where no token can still win (an exact screen:
+    the tokens equal the reference's). Counted by wrapping the Exp(1) helper in the
+    interpreter: with 4 programs per row of 8 tiles each, each program draws its first
+    tile and then only a few more. Control: without the screen every tile would draw."""
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("counts jit calls in the interpreter")
+    calls = {"n": 0}
+    real = KC.exponential_bits
+
+    def counting(r):
+        calls["n"] += 1
+        return real(r)
+
+    monkeypatch.setattr(KC, "exponential_bits", counting)
+    V, B = 32000, 4
+    g = torch.Generator().manual_seed(0)
+    rows = {"zipf": (-1.1 * torch.log(torch.arange(1, V + 1).float()))[torch.randperm(V, generator=g)],
+            "flat": 0.01 * torch.randn(V, generator=g), "peaked": 4 * torch.randn(V, generator=g)}
+    tiles = -(-V // 1024) * B
+    for name, row in rows.items():
+        logits = row[None].repeat(B, 1)
+        for params in (SamplingParams(temperature=0.8, seed=1),
+                       SamplingParams(temperature=0.7, top_p=0.9, seed=2)):
+            tri, torch_ = _pair(V, B)
+            for s in range(B):
+                tri.add(s, params)
+                torch_.add(s, params)
+            calls["n"] = 0
+            got = tri.sample(logits.to(KERNEL_DEVICE), list(range(B))).token_ids
+            assert 4 * B <= calls["n"] <= 0.6 * tiles, (name, params, calls["n"], tiles)
+            assert got.tolist() == torch_.sample(logits, list(range(B))).token_ids.tolist()
+
+
 def test_aot_compile_all_kernel_configs_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -190,10 +190,38 @@ def phase_graphs(c: Check) -> dict[str, Any]:
                 e.next_token({x.request_id: x for x in xs if not x.is_done})
             runs.append([x.generated_token_ids for x in xs])
         failed = sorted(gen.runner.graphs.failed) if gen.runner.graphs else "none captured"
+        spec = _speculative_graphs(c, model, prompts[:3]) if arch == "llama" else {}
         out["archs"][arch] = {"greedy_equals_hf": greedy_ok, "steered_graph_equals_eager": runs[0] == runs[1],
-                              "failed_buckets": failed}
-        out["ok"] &= greedy_ok and runs[0] == runs[1] and failed == []
+                              "failed_buckets": failed, **spec}
+        out["ok"] &= greedy_ok and runs[0] == runs[1] and failed == [] and all(spec.values())
     return out
+
+
+def _speculative_graphs(c: Check, model, prompts: list[list[int]]) -> dict[str, bool]:
+    """Greedy speculative decoding with verification windows and drafting steps in graphs
+    (every drafter kind) = HF greedy, with no bucket falling back."""
+    from _models import hf_greedy, word_tokenizer
+
+    from decodekit import DraftModel, LayerSkipDraft, NGramDraft, SamplingParams, TokenGenerator
+    from decodekit.engine.graphs import eager_capture
+
+    res = {}
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    for name, draft in (("ngram", NGramDraft(n=1, k=4)), ("draft_model", DraftModel(model, k=4)),
+                        ("layer_skip", LayerSkipDraft(1, k=4))):
+        gen = TokenGenerator(model, word_tokenizer(), max_batch_size=4, max_seq_len=64, draft=draft,
+                             cuda_graphs=c.device.type == "cuda")
+        if c.device.type != "cuda":
+            gen.enable_graphs(eager_capture)
+        sets = list(gen.runner.window_graphs.values())
+        ok = bool(sets) and not any(g.failed for g in sets)
+        for p in prompts:
+            x = gen.new_context(p, params)
+            while not x.is_done:
+                gen.next_token({x.request_id: x})
+            ok &= x.generated_token_ids == hf_greedy(model, p, 12)
+        res[f"spec_graphs_{name}_equal_hf"] = ok and gen.spec_stats.steps > 0
+    return res
 
 
 def bench_phase(module: str, full: list[str], smoke: list[str]) -> Callable[[Check], dict[str, Any]]:

@@ -45,9 +45,9 @@ from ._common import (
     NF,
     NI,
     NPART,
-    exponential,
     float_key,
     key_float,
+    race_keys,
     row_keys,
 )
 from .launch import launch
@@ -297,7 +297,9 @@ def _gather_kernel(work_ptr, slots_ptr, fparams_ptr, iparams_ptr, seed_ptr, part
             ks1 += tl.sum(tl.where(ohk, s1[:, None], 0.0), axis=0).to(tl.float64)
             klo = tl.minimum(klo, tl.min(tl.where(ohk, l[:, None], float("inf")), axis=0))
             khi = tl.maximum(khi, tl.max(tl.where(ohk, l[:, None], -float("inf")), axis=0))
-            key = tl.where(ohk, (e / exponential(offs, k1, k2))[:, None], -1.0)
+            rb = tl.max(tl.where(ohk, best[None, :], -float("inf")), axis=1)  # its region's best
+            key = tl.where(ohk, race_keys(e, tl.sum(ohk.to(tl.int32), axis=1) > 0, offs, k1, k2, rb)[:, None],
+                           -1.0)
             kb = tl.max(key, axis=0)
             take = kb > best
             win = tl.where(take, start + tl.argmax(key, axis=0), win)
@@ -487,10 +489,10 @@ def _resolve(work_ptr, cand_ptr, slot, row, V, n, m, inv_w, blo, bval, fparams_p
         ok = ok & ok_t
         dkey = float_key(dstar)
     k1, k2 = row_keys(tl.load(seed_ptr + slot), tl.load(iparams_ptr + slot * NI + I_NGEN))
-    key = tl.where(keep, e / exponential(ids, k1, k2), -1.0)
+    rb = tl.where(kept_r & (kz > 0), best, -1.0)
+    key = race_keys(e, keep, ids, k1, k2, tl.max(rb, axis=0))  # a region winner above: no log
     kb = tl.max(key, axis=0)
     tok_c = tl.sum(tl.where(tl.arange(0, W) == tl.argmax(key, axis=0), ids, 0), axis=0)
-    rb = tl.where(kept_r & (kz > 0), best, -1.0)
     tok_r = tl.sum(tl.where(tl.arange(0, NR) == tl.argmax(rb, axis=0), win, 0), axis=0)
     tok = tl.where(tl.max(rb, axis=0) > kb, tok_r, tok_c)
     zk = (tl.sum(tl.where(kept_r, kz, 0.0), axis=0)

@@ -49,7 +49,7 @@ from ._common import (
     NF,
     NI,
     NPART,
-    exponential,
+    race_tile,
     row_keys,
 )
 from .launch import launch, next_pow2
@@ -145,13 +145,13 @@ def _race_tile(l, banned, offs, start, m_run, nm, best, best_i, race, k1, k2):
     safe = tl.where(nm == -float("inf"), 0.0, nm)
     if race:
         best = tl.where(best > 0, best * tl.exp(m_run - safe), best)
-        key = tl.where(banned, -1.0, tl.exp(l - safe) / exponential(offs, k1, k2))
+        best, best_i = race_tile(tl.exp(l - safe), ~banned, offs, start, k1, k2, best, best_i)
     else:
-        key = l
-    kb = tl.max(key, axis=0)
-    take = kb > best
-    best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
-    return tl.where(take, kb, best), best_i
+        kb = tl.max(l, axis=0)
+        take = kb > best
+        best_i = tl.where(take, start + tl.argmax(l, axis=0), best_i)
+        best = tl.where(take, kb, best)
+    return best, best_i
 
 
 @triton.jit

@@ -53,8 +53,8 @@ from ._common import (
     NI,
     NPART,
     commit_token,
-    exponential,
     float_key,
+    race_tile,
     row_keys,
 )
 from .launch import launch
@@ -232,11 +232,7 @@ def _race_kept(work_row, V, m, tkey, min_e, c, dkey, k1, k2, LOGPROB: tl.constex
         if LOGPROB == 2:  # processed logprobs: the alternatives come from this row of `work`
             tl.store(work_row + offs, tl.where(kept, l, -float("inf")), mask=inb)
         if not PROBS:
-            key = tl.where(kept, e / exponential(offs, k1, k2), -1.0)
-            kb = tl.max(key, axis=0)
-            take = kb > best
-            best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
-            best = tl.where(take, kb, best)
+            best, best_i = race_tile(e, kept, offs, start, k1, k2, best, best_i)
     return best_i.to(tl.int64), zk
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import layout
-from ._common import ACCEPT_LANE, exponential, mix32, row_keys
+from ._common import ACCEPT_LANE, mix32, race_tile, row_keys
 from .launch import launch, next_pow2
 
 __all__ = ["aot_configs", "verify"]
@@ -52,11 +52,7 @@ def _race(p_row, q_row, skip, V, k1, k2, USE_Q: tl.constexpr, BLOCK: tl.constexp
         w = tl.load(p_row + offs, mask=inb, other=0.0)
         if USE_Q:
             w = tl.maximum(w - tl.load(q_row + offs, mask=inb, other=0.0), 0.0)
-        key = tl.where(inb & (w > 0) & (offs != skip), w / exponential(offs, k1, k2), -1.0)
-        kb = tl.max(key, axis=0)
-        take = kb > best
-        best_i = tl.where(take, start + tl.argmax(key, axis=0), best_i)
-        best = tl.where(take, kb, best)
+        best, best_i = race_tile(w, inb & (w > 0) & (offs != skip), offs, start, k1, k2, best, best_i)
     return best_i
 
 

@@ -36,6 +36,7 @@ from ..speculative.step import SpeculativeStep
 from ..steering.vector import Steering
 from .context import TextGenerationContext
 from .eos import EOSTracker
+from .graphs import Capture
 from .model_adapter import ModelAdapter, Prompt
 from .pending import PendingTokens
 from .runner import ModelRunner
@@ -65,7 +66,9 @@ class TokenGenerator:
         Passed to :class:`~decodekit.Sampler`.
     cuda_graphs : bool
         On CUDA, run decode steps as CUDA graphs captured once per batch-size bucket
-        (1, 2, 4, ... up to ``max_batch_size``), falling back to eager where capture fails.
+        (1, 2, 4, ... up to ``max_batch_size``), and speculative verification windows and a
+        draft model's steps per (bucket, width); eager where capture fails
+        (:meth:`enable_graphs`).
     draft, num_speculative_tokens
         Speculative decoding: a drafter (:class:`~decodekit.NGramDraft`,
         :class:`~decodekit.DraftModel` or :class:`~decodekit.LayerSkipDraft`) proposes up
@@ -78,8 +81,8 @@ class TokenGenerator:
     steering : bool
         Install the steering hooks (once, on every decoder layer) so that requests can carry
         a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows without one
-        are bit-identical to an unsteered generator. Decode steps of a batch while any
-        request is steered run eagerly (not as CUDA graphs).
+        are bit-identical to an unsteered generator. While any request is steered, steps
+        replay a second set of graphs captured with steering read on every layer.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
@@ -115,7 +118,21 @@ class TokenGenerator:
             self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, adaptive)
         self.stats = StepStats()
         if cuda_graphs and self.device.type == "cuda":
-            self.runner.enable_graphs()
+            self.enable_graphs()
+
+    def enable_graphs(self, capture: Capture | None = None) -> None:
+        """Capture the CUDA graphs of every decode path now: decode steps per batch bucket
+        (plain and steered), speculative verification windows per (bucket, width) and a
+        draft model's decode steps. Done at construction on CUDA with ``cuda_graphs=True``;
+        call it while no request holds a slot. ``capture``:
+        :func:`~decodekit.engine.graphs.eager_capture` runs the same bucketing and padding on
+        a CPU (the tests do). A bucket whose capture fails runs eagerly, with a warning."""
+        with self._lock:
+            if self._contexts:
+                raise RuntimeError("enable_graphs needs every slot free (capture writes to the cache)")
+            self.runner.enable_graphs(capture, window=self.spec_k)
+            if self.speculative is not None:
+                self.speculative.enable_graphs(capture)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -420,11 +437,11 @@ class TokenGenerator:
         slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             with stats.timing("forward_s"):
-                logits, idx = self.runner.decode(slots, self.slots.lengths())
+                out = self.runner.decode(slots, self.slots.lengths())
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(rows)):
-                res = self.sampler.sample(logits, slots)
+                res = self.sampler.sample(out.logits, slots, index=out.index32)
                 pending.add_sampled([c.request_id for c in rows], res)
-                self.runner.set_last_tokens(idx, res.token_ids)
+                self.runner.set_last_tokens(out.index, res.token_ids)
         for c in rows:
             c.length += 1
         stats.steps += 1

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..nvtx import nvtx_range
@@ -25,10 +27,30 @@ from ..steering.hooks import SteeringHooks, maybe_bound
 from .graphs import Capture, DecodeGraphs
 from .kv_cache import SlotKVCache
 from .model_adapter import ModelAdapter
+from .staging import StepUploads
 
-__all__ = ["KV_CHUNK", "ModelRunner"]
+__all__ = ["KV_CHUNK", "ModelRunner", "Rows", "window_widths"]
 
 KV_CHUNK = 64  # eager forwards attend over the longest row rounded up to this
+
+
+class Rows(NamedTuple):
+    """A forward's output for the rows of a step, and the step's integers on the device.
+
+    ``logits``: ``[R, V]`` (decode) or ``[R, K + 1, V]`` (window); ``index``: the slots,
+    int64 ``[R]``; ``index32``: the same as int32 (what the sampler takes); ``n_draft``:
+    drafts per row, int64 ``[R]`` (windows; else empty)."""
+
+    logits: torch.Tensor
+    index: torch.Tensor
+    index32: torch.Tensor
+    n_draft: torch.Tensor | None = None
+
+
+def window_widths(k: int) -> list[int]:
+    """Verification-window widths captured for drafts of up to ``k`` tokens: powers of two
+    from 2, and ``k + 1`` itself (a window pads up to the next width)."""
+    return sorted({min(1 << i, k + 1) for i in range(1, (k + 1).bit_length() + 1)})
 
 
 class ModelRunner:
@@ -64,6 +86,11 @@ class ModelRunner:
                 weakref.finalize(self, self.hooks.remove)
         self.graphs: DecodeGraphs | None = None
         self.steered_graphs: DecodeGraphs | None = None  # captured with steering on every layer
+        self.window_graphs: dict[int, DecodeGraphs] = {}  # width -> verification windows
+        self.steered_window_graphs: dict[int, DecodeGraphs] = {}
+        self.window_ids = torch.zeros(max_slots, scratch, dtype=torch.long, device=self.device)
+        # one upload per step: slots (int64 and int32), positions and lengths of every row
+        self.uploads = StepUploads(max_slots * (scratch + 4) + 8, self.device)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -118,85 +145,126 @@ class ModelRunner:
                                   self.kv_len(P))
         return logits[:, -1]
 
-    def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> Rows:
         """One decode forward for ``slots``: each one's newest token at position ``lengths[slot]``.
 
         Runs slots ``0 .. max(slots)`` (a CUDA graph of the bucket when one is ready: the steered
-        set when a slot is steered). Returns ``(logits [R, V] of the rows in order, slot index
-        int64 [R] on the device)``.
+        set when a slot is steered), with one upload for the step's integer inputs. Returns
+        the logits ``[R, V]`` of the rows in order and the slot index on the device.
         """
         n = max(slots) + 1
         g = self.steered_graphs if self.steered else self.graphs
         graphs = g is not None and g.ready(n)
         n_fill = g.bucket(n) if graphs else n  # a graph runs its whole bucket
-        pos, length = self._idle_rows(lengths, n_fill)
-        for s in slots:
-            pos[s], length[s] = lengths[s], lengths[s] + 1
-        idx = self.upload(list(slots))
+        lens, s = self._lengths(lengths, n_fill), np.asarray(slots, dtype=np.int64)
+        owned = lens > 0
+        pos = np.where(owned, np.minimum(lens, self.max_seq_len - 1), 0)  # idle rows: own free position
+        pos[s] = lens[s]
+        length = np.where(owned, pos + 1, 0)
+        idx, idx32, pos_d, len_d = self.uploads.put(s, s.astype(np.int32), pos, length)
         with nvtx_range("decodekit.forward", n_fill):
             if graphs:
-                logits = g.run(n_fill, self.upload(pos), self.upload(length))
+                logits = g.run(n_fill, pos_d, len_d)
             else:
-                longest = max(length[s] for s in slots)
-                logits = self.forward(self.last_tokens[:n, None], self.upload(pos)[:, None],
-                                      self.upload(length), 0, self.kv_len(longest))
-        return logits[:, -1].index_select(0, idx), idx
+                logits = self.forward(self.last_tokens[:n, None], pos_d[:, None], len_d, 0,
+                                      self.kv_len(int(lens[s].max()) + 1))
+        return Rows(logits[:, -1].index_select(0, idx), idx, idx32)
 
-    def window(self, slots: Sequence[int], drafts: torch.Tensor, lengths: Sequence[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_at(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One decode forward over slots ``0..n-1``: ``tokens [n]`` at ``pos [n]`` (device), each
+        row seeing its positions up to ``pos``. Replays a decode graph when one is ready (the
+        bucket's extra rows write at the cache's last position, which no request holds), else
+        eager over ``kv_len`` positions. ``tokens`` become the newest-token buffer's first
+        ``n`` entries. Returns the logits ``[n, V]`` (a graph's are valid until its next
+        replay)."""
+        n = pos.shape[0]
+        self.last_tokens[:n].copy_(tokens)
+        g = self.steered_graphs if self.steered else self.graphs
+        if g is not None and g.ready(n):
+            with nvtx_range("decodekit.forward", g.bucket(n)):
+                return g.run_padded(pos, pos + 1, self.cache.max_seq_len - 1)
+        with nvtx_range("decodekit.forward", n):
+            return self.forward(self.last_tokens[:n, None], pos[:, None], pos + 1, 0, kv_len)[:, -1]
+
+    def window(self, slots: Sequence[int], drafts: torch.Tensor, lengths: Sequence[int],
+               n_draft: Sequence[int] = ()) -> Rows:
         """The verification forward of a speculative step: per row, its newest token then its
         drafts ``drafts [R, K]`` (device, -1 = none; fed as token 0 and never accepted), at
-        positions ``lengths[slot] ..``. Returns ``(logits [R, K + 1, V], slot index [R])``."""
+        positions ``lengths[slot] ..``. Replays the window graph of the smallest captured width
+        ``>= K + 1`` when one is ready (its extra columns are pads past the window, outside
+        every row's length). One upload carries the step's integers, ``n_draft`` (drafts per
+        row) among them. Returns the logits ``[R, K + 1, V]``, the slot index and ``n_draft``
+        on the device."""
         K = drafts.shape[1]
         q = K + 1
         n = max(slots) + 1
-        ar = torch.arange(q)
-        pos = torch.zeros(n, q, dtype=torch.long)
-        length = torch.zeros(n, dtype=torch.long)
-        for s in range(n):  # other rows write after their own length (free space)
-            if lengths[s]:
-                pos[s] = lengths[s] + ar
-                length[s] = lengths[s] + 1
-        for s in slots:
-            pos[s] = lengths[s] + ar
-            length[s] = lengths[s] + q
-        idx = self.upload(list(slots))
-        ids = self.last_tokens[:n, None].repeat(1, q)
-        ids[idx[:, None], torch.arange(1, q, device=self.device)[None, :]] = drafts.clamp(min=0)
-        longest = max(lengths[s] for s in slots) + q
-        with nvtx_range("decodekit.forward", n * q):
-            logits = self.forward(ids, pos.to(self.device), length.to(self.device), 0, self.kv_len(longest),
-                                  keep=q)
-        return logits.index_select(0, idx), idx
+        sets = self.steered_window_graphs if self.steered else self.window_graphs
+        width = next((w for w in sorted(sets) if w >= q), 0)
+        g = sets.get(width)
+        graphs = g is not None and g.ready(n)
+        qq, n_fill = (width, g.bucket(n)) if graphs else (q, n)
+        lens, s = self._lengths(lengths, n_fill), np.asarray(slots, dtype=np.int64)
+        owned = (lens > 0)[:, None]
+        pos = np.where(owned, lens[:, None], 0) + np.arange(qq)  # idle rows: their free positions
+        pos = np.minimum(pos, self.cache.max_seq_len - 1)
+        length = np.where(owned[:, 0], lens + 1, 0)
+        length[s] = lens[s] + q  # the pads past the window stay outside
+        idx, idx32, pos_d, len_d, nd = self.uploads.put(s, s.astype(np.int32), pos.reshape(-1), length,
+                                                        np.asarray(n_draft, dtype=np.int64))
+        ids = self.window_ids[:n_fill, :qq] if graphs else torch.empty(n_fill, qq, dtype=torch.long,
+                                                                       device=self.device)
+        ids[:, 0] = self.last_tokens[:n_fill]
+        ids[:, 1:] = 0
+        ids[idx, 1:q] = drafts.clamp(min=0)
+        with nvtx_range("decodekit.forward", n_fill * qq):
+            if graphs:
+                logits = g.run(n_fill, pos_d, len_d)
+            else:
+                logits = self.forward(ids, pos_d.view(n_fill, qq), len_d, 0,
+                                      self.kv_len(int(lens[s].max()) + q), keep=q)
+        return Rows(logits.index_select(0, idx)[:, :q], idx, idx32, nd)
 
-    def _idle_rows(self, lengths: Sequence[int], n: int) -> tuple[list[int], list[int]]:
-        """Positions and lengths for rows ``0..n-1`` that do not run: an owned slot writes at
-        its next free position, a free slot at position 0 (length 0)."""
-        pos, length = [0] * n, [0] * n
-        for s in range(n):
-            if lengths[s]:
-                p = min(lengths[s], self.max_seq_len - 1)
-                pos[s], length[s] = p, p + 1
-        return pos, length
+    def _lengths(self, lengths: Sequence[int], n: int) -> np.ndarray:
+        """The first ``n`` slot lengths as int64 (0: free)."""
+        return np.asarray(lengths[:n], dtype=np.int64)
 
     # ------------------------------------------------------------------ CUDA graphs
-    def enable_graphs(self, capture: Capture | None = None) -> None:
-        """Capture the decode forward per batch-size bucket now (call while no slot is in use).
-        ``capture`` defaults to CUDA graph capture; pass
-        :func:`~decodekit.engine.graphs.eager_capture` to run the same logic on a CPU."""
+    def enable_graphs(self, capture: Capture | None = None, window: int = 0) -> None:
+        """Capture the decode forward per batch-size bucket now (call while no slot is in use),
+        and with ``window = k`` the verification windows of up to ``k`` drafts per width of
+        :func:`window_widths` (they need ``k + 1`` scratch positions per slot). ``capture``
+        defaults to CUDA graph capture; pass :func:`~decodekit.engine.graphs.eager_capture` to
+        run the same logic on a CPU. Buckets whose capture fails run eagerly (with a warning)."""
+        if window and window + 1 > self.window_ids.shape[1]:
+            raise ValueError(f"window {window} needs {window + 1} scratch positions per slot, "
+                             f"the runner has {self.window_ids.shape[1]}")
 
         def forward(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-            b = pos.shape[0]
-            return self.forward(self.last_tokens[:b, None], pos, length, 0, self.max_seq_len)
+            b, q = pos.shape
+            if q == 1:
+                return self.forward(self.last_tokens[:b, None], pos, length, 0, self.max_seq_len)
+            return self.forward(self.window_ids[:b, :q], pos, length, 0, self.cache.max_seq_len, keep=q)
 
         def steered(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
             with self.hooks.every_layer():  # the tables are read inside the graph
                 return forward(pos, length)
 
-        self.graphs = DecodeGraphs(forward, self.max_slots, self.device, capture)
-        if self.hooks is not None:
-            self.steered_graphs = DecodeGraphs(steered, self.max_slots, self.device, capture)
+        kinds = [(False, forward)] + ([(True, steered)] if self.hooks is not None else [])
+        pool = None
         with torch.inference_mode():
-            for g in (self.graphs, self.steered_graphs):
-                if g is not None:
+            for is_steered, fn in kinds:
+                tag = "steered " if is_steered else ""
+                sets = {}
+                for width in [1] + (window_widths(window) if window else []):
+                    name = f"{tag}decode" if width == 1 else f"{tag}window {width}"
+                    g = DecodeGraphs(fn, self.max_slots, self.device, capture, width=width, pool=pool,
+                                     name=name)
                     g.capture_all()
+                    pool = g.pool  # every set shares one memory pool
+                    sets[width] = g
+                if is_steered:
+                    self.steered_graphs = sets.pop(1)
+                    self.steered_window_graphs = sets
+                else:
+                    self.graphs = sets.pop(1)
+                    self.window_graphs = sets

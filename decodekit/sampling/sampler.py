@@ -207,15 +207,17 @@ class Sampler:
         self.state.advance(self.state.index(slots), n)
 
     # ------------------------------------------------------------------ steps
-    def sample(self, logits: torch.Tensor, slots: Slots) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, slots: Slots, *, index: torch.Tensor | None = None
+               ) -> SamplerOutput:
         """Draw one token per row of ``logits [B, V]`` for the requests in ``slots [B]``
-        (a list, or an int tensor on the sampler's device; no slot twice).
+        (a list, or an int tensor on the sampler's device; no slot twice). ``index``: the
+        caller's upload of ``slots`` (int32 ``[B]`` on the device), which saves the sampler's.
 
         The tokens are committed to each slot's state (penalty counts, step counter,
         bad-word history). On the Triton backend there is no host synchronisation (the
         torch backend is the CPU path and may synchronise).
         """
-        idx = self._prepare(logits, slots)
+        idx = self._prepare(logits, slots, index)
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         flags, nlp = self.state.union_flags(slots), self.state.max_logprobs(slots)
         if self.backend == "torch":
@@ -291,7 +293,8 @@ class Sampler:
         return torch.log_softmax(torch.where(torch.isnan(x), -math.inf, x), -1)
 
     # ------------------------------------------------------------------ speculative windows
-    def window_probs(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor) -> torch.Tensor:
+    def window_probs(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor, *,
+                     index: torch.Tensor | None = None) -> torch.Tensor:
         """Processed distributions of a speculative window; commits nothing.
 
         ``logits [R, W, V]``: the target's logits at the ``W`` window positions of ``R``
@@ -300,9 +303,10 @@ class Sampler:
         :meth:`probs` as if ``drafts[r, :j]`` had been accepted (each valid draft counts as
         an output token for the penalties, advances the step counter of the
         ``min_new_tokens`` suppression and extends the bad-word history). On the Triton
-        path: one process and one select launch over the ``R * W`` rows.
+        path: one process and one select launch over the ``R * W`` rows (plus the banded
+        filter's when rows filter). ``index``: as in :meth:`sample`.
         """
-        idx, drafts = self._prepare_window(logits, slots, drafts)
+        idx, drafts = self._prepare_window(logits, slots, drafts, index)
         R, W, V = logits.shape
         flat = logits.reshape(R * W, V)
         flat = flat if flat.stride(1) == 1 else flat.contiguous()
@@ -322,15 +326,17 @@ class Sampler:
         return self._reference_logprobs_processed(logits.reshape(R * W, V), rows).view(R, W, V)
 
     def verify(self, p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
-               n_draft: Sequence[int] | torch.Tensor, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+               n_draft: Sequence[int] | torch.Tensor, slots: Slots, *, index: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact speculative verification of ``drafts [R, W-1]`` (``n_draft [R]`` valid per
         row) against the target ``p [R, W, V]`` (e.g. :meth:`window_probs`) and the draft
         distributions ``q [R, W-1, V]`` (None: point masses), keyed by each slot's seed and
         current step counter. Commits nothing: :meth:`accept` the emitted tokens.
 
-        Returns ``(tokens int64 [R, W] -1 padded, n_accepted int32 [R])``.
+        Returns ``(tokens int64 [R, W] -1 padded, n_accepted int32 [R])``. ``index``: as in
+        :meth:`sample`.
         """
-        idx = self.state.index(slots)
+        idx = self.state.index(slots, index)
         if p.dim() != 3 or p.shape[0] != idx.shape[0] or p.shape[2] != self.vocab_size:
             raise ValueError(f"p must be [{idx.shape[0]}, W, {self.vocab_size}], got {tuple(p.shape)}")
         nd = n_draft if isinstance(n_draft, torch.Tensor) else torch.tensor(list(n_draft))
@@ -354,11 +360,13 @@ class Sampler:
         return ref.draw(probs, self.state.seeds(idx) ^ salt, self.state.step_counters(idx))
 
     # ------------------------------------------------------------------ state updates
-    def accept(self, slots: Slots, token_ids: torch.Tensor | Sequence) -> None:
+    def accept(self, slots: Slots, token_ids: torch.Tensor | Sequence, *,
+               index: torch.Tensor | None = None) -> None:
         """Commit tokens chosen outside :meth:`sample`: ``token_ids [B]`` or ``[B, n]``
         (negative ids are skipped), in order, to the slots' state. Host ids are checked
-        against ``V``; device ids are not read back (the kernel skips ids outside ``[0, V)``)."""
-        idx = self.state.index(slots)
+        against ``V``; device ids are not read back (the kernel skips ids outside ``[0, V)``).
+        ``index``: as in :meth:`sample`."""
+        idx = self.state.index(slots, index)
         if not isinstance(token_ids, torch.Tensor) or token_ids.device.type == "cpu":
             host = torch.as_tensor(token_ids)
             if host.numel() and bool((host >= self.vocab_size).any()):
@@ -424,20 +432,21 @@ class Sampler:
                              "negative)")
 
     # ------------------------------------------------------------------ helpers
-    def _prepare(self, logits: torch.Tensor, slots: Slots) -> torch.Tensor:
+    def _prepare(self, logits: torch.Tensor, slots: Slots, index: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """Check ``logits [B, V]`` against ``slots``; the device slot indices int32 ``[B]``."""
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [B, {self.vocab_size}], got shape {tuple(logits.shape)}")
         self._check_logits(logits)
-        idx = self.state.index(slots)
+        idx = self.state.index(slots, index)
         if idx.shape[0] != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logits rows but {idx.shape[0]} slots")
         if idx.shape[0] > self.max_batch_size:
             raise ValueError(f"batch of {idx.shape[0]} exceeds max_batch_size {self.max_batch_size}")
         return idx
 
-    def _prepare_window(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare_window(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor,
+                        index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Check a window's ``logits [R, W, V]`` and ``drafts [R, W-1]``; returns the slot
         indices int32 ``[R]`` and the drafts as int64 on the device."""
         if logits.dim() != 3 or logits.shape[2] != self.vocab_size:
@@ -450,7 +459,7 @@ class Sampler:
                              f"{getattr(drafts, 'shape', type(drafts).__name__)}")
         if W - 1 > L.MAX_WINDOW_DRAFTS:
             raise ValueError(f"at most {L.MAX_WINDOW_DRAFTS} drafts per window, got {W - 1}")
-        idx = self.state.index(slots)
+        idx = self.state.index(slots, index)
         if idx.shape[0] != R or R > self.max_batch_size:
             raise ValueError(f"{R} window requests but {idx.shape[0]} slots")
         return idx, self.state.upload(drafts).to(torch.int64).contiguous()

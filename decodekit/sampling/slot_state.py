@@ -205,10 +205,19 @@ class SlotState:
             raise ValueError("slots must not repeat within one batch")
         return slots
 
-    def index(self, slots: Slots) -> torch.Tensor:
+    def index(self, slots: Slots, uploaded: torch.Tensor | None = None) -> torch.Tensor:
         """int32 ``[B]`` slot indices on the device, checked (:meth:`slot_list`) and uploaded
-        without blocking."""
-        return self.upload(torch.tensor(self.slot_list(slots), dtype=torch.int32))
+        without blocking; ``uploaded``: the caller's upload of the same slots (int32 ``[B]``
+        on the device, e.g. packed with its other step inputs), used as it is."""
+        checked = self.slot_list(slots)
+        if uploaded is None:
+            return self.upload(torch.tensor(checked, dtype=torch.int32))
+        if not isinstance(uploaded, torch.Tensor) or uploaded.dtype != torch.int32 or \
+                tuple(uploaded.shape) != (len(checked),) or uploaded.device.type != self.device.type:
+            raise ValueError(f"index must be the {len(checked)} slots as an int32 tensor on "
+                             f"{self.device}, got {getattr(uploaded, 'dtype', type(uploaded).__name__)} "
+                             f"{tuple(getattr(uploaded, 'shape', ()))}")
+        return uploaded
 
     def upload(self, values: torch.Tensor | Sequence) -> torch.Tensor:
         """``values`` on the device without blocking the host: host data goes through

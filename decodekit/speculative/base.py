@@ -112,6 +112,11 @@ class Drafter(Protocol):
         """The target's cache for ``slot`` holds ``length`` tokens again (a call was undone):
         a drafter with its own cache must not count on more."""
 
+    def enable_graphs(self, capture: Any = None) -> None:
+        """Capture CUDA graphs of the drafter's own forwards (``capture`` as for
+        :meth:`~decodekit.engine.runner.ModelRunner.enable_graphs`); a no-op for drafters
+        without a model of their own."""
+
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
         """Drafts for ``requests`` (None when no row has any)."""
 

@@ -102,6 +102,14 @@ class ModelDrafter:
         """Logits ``[n, V]`` of each slot row's last input (slots ``0..n-1``)."""
         return self.runner.forward(ids, pos, length, 0, kv_len)[:, -1]
 
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One drafting step over slots ``0..n-1``: ``tokens [n]`` at ``pos [n]`` (device);
+        logits ``[n, V]``. Eager here; a drafter on a runner of its own replays its graphs."""
+        return self.forward(tokens[:, None], pos[:, None], pos + 1, kv_len)
+
+    def enable_graphs(self, capture=None) -> None:
+        """Nothing captured by default (the layer-skip drafter swaps layers per forward)."""
+
     # -- the loop --------------------------------------------------------------------------
     def first_inputs(self, requests: Sequence[DraftRequest], lengths: Sequence[int], n: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +160,7 @@ class ModelDrafter:
                 qs.append(q)
                 if j + 1 < K:
                     cur.index_copy_(0, idx, x.clamp(min=0))
-                    p = (last + (j + 1)).clamp(max=size - 1)[:, None]
-                    logits = self.forward(cur[:, None], p, p[:, 0] + 1, kv_len)
+                    logits = self.step(cur, (last + (j + 1)).clamp(max=size - 1), kv_len)
         finally:  # the sampler state is left as it was, also when a forward fails
             if drafts:
                 sp.rollback(slots, torch.stack(drafts, 1))
@@ -188,6 +195,14 @@ class DraftModelDrafter(ModelDrafter):
 
     def draft_lengths(self, lengths: Sequence[int]) -> list[int]:
         return list(self.length)
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """A drafting step on the draft runner: a decode graph of the bucket when captured."""
+        return self.runner.decode_at(tokens, pos, kv_len)
+
+    def enable_graphs(self, capture=None) -> None:
+        """Decode graphs of the draft model per batch bucket (plain and steered)."""
+        self.runner.enable_graphs(capture)
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
         for s, p, st in zip(slots, prompts, steering, strict=True):

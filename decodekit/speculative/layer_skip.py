@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._checks import is_int
+from ..engine.graphs import Capture, DecodeGraphs
 from ..engine.model_adapter import decoder_layer_list, layers_return_tuple
 from ..engine.runner import ModelRunner
 from .base import check_k
@@ -124,8 +125,46 @@ class LayerSkipDrafter(ModelDrafter):
         self.keep = config.resolve(n_layers)
         self.cost = len(self.keep) / n_layers
         self.plan = _SkipPlan(runner.model, self.keep)
+        self.graphs: DecodeGraphs | None = None
+        self.steered_graphs: DecodeGraphs | None = None
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, length: torch.Tensor, kv_len: int
                 ) -> torch.Tensor:
         with self.plan.swapped():
             return super().forward(ids, pos, length, kv_len)
+
+    def enable_graphs(self, capture: Capture | None = None) -> None:
+        """Decode graphs of the skipping forward per batch bucket (plain and steered) on the
+        target's cache. They read the step's tokens from a buffer of their own: the target's
+        newest-token buffer stays as the verification needs it."""
+        r = self.runner
+        size = r.cache.max_seq_len
+        self.tokens = torch.zeros(r.max_slots, dtype=torch.long, device=r.device)
+
+        def forward(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+            with self.plan.swapped():
+                return r.forward(self.tokens[: pos.shape[0], None], pos, length, 0, size)
+
+        def steered(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+            with r.hooks.every_layer():
+                return forward(pos, length)
+
+        pool = None if r.graphs is None else r.graphs.pool
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(forward, r.max_slots, r.device, capture, pool=pool,
+                                       name="layer-skip draft")
+            self.graphs.capture_all()
+            if r.hooks is not None:
+                self.steered_graphs = DecodeGraphs(steered, r.max_slots, r.device, capture,
+                                                   pool=self.graphs.pool, name="steered layer-skip draft")
+                self.steered_graphs.capture_all()
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """A drafting step: a captured bucket when ready (extra rows write at the cache's last
+        scratch position, overwritten before any read), else eager."""
+        g = self.steered_graphs if self.runner.steered else self.graphs
+        n = pos.shape[0]
+        if g is None or not g.ready(n):
+            return super().step(tokens, pos, kv_len)
+        self.tokens[:n].copy_(tokens)
+        return g.run_padded(pos, pos + 1, self.runner.cache.max_seq_len - 1)

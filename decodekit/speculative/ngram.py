@@ -133,6 +133,9 @@ class _NGramDrafter:
     def release(self, slot: int) -> None:
         self.index.pop(slot, None)
 
+    def enable_graphs(self, capture=None) -> None:
+        """Nothing to capture: lookup runs on the host."""
+
     def truncate(self, slot: int, length: int) -> None:
         if slot in self.index:
             self.index[slot].truncate(length)

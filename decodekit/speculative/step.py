@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ..engine.runner import ModelRunner
+from ..engine.graphs import Capture
+from ..engine.runner import ModelRunner, Rows
 from ..nvtx import nvtx_range
 from ..outputs import LogProbabilities, StepStats
 from ..params import DEFAULT_MAX_NEW_TOKENS
@@ -74,6 +75,11 @@ class SpeculativeStep:
     def release(self, slot: int) -> None:
         self.drafter.release(slot)
 
+    def enable_graphs(self, capture: Capture | None = None) -> None:
+        """The drafter's CUDA graphs (a draft model's decode steps; the target's windows are
+        the runner's)."""
+        self.drafter.enable_graphs(capture)
+
     def checkpoint(self, slots: list[int]) -> dict:
         """What a failed call must give back for ``slots``: their adaptive draft lengths."""
         return self.adaptive.snapshot(slots)
@@ -109,11 +115,12 @@ class SpeculativeStep:
         slots = [r.slot for r in requests]
         with nvtx_range("decodekit.verify", len(rows)):
             with stats.timing("forward_s"):
-                logits, idx = self.runner.window(slots, drafts.tokens, lengths)  # [R, K + 1, V]
+                win = self.runner.window(slots, drafts.tokens, lengths, drafts.lengths)
+                logits = win.logits  # [R, K + 1, V]
             with stats.timing("sample_s"), nvtx_range("decodekit.sample", len(rows)):
                 lp_src = self._logprob_source(rows, logits, slots, drafts.tokens)  # before the commit
-                out, n_acc = self._verify(logits, slots, drafts)
-                self.runner.set_last_tokens(idx, out.gather(1, n_acc.long()[:, None])[:, 0])
+                out, n_acc = self._verify(win, slots, drafts)
+                self.runner.set_last_tokens(win.index, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()  # the step's one host transfer
                 lps = None if lp_src is None else self._logprobs(rows, lp_src, out, out_h)
         stats.steps += 1
@@ -125,15 +132,14 @@ class SpeculativeStep:
                 self.adaptive.update(requests[r].slot, d, a)
         return result
 
-    def _verify(self, logits: torch.Tensor, slots: list[int], drafts: Drafts
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verify(self, win: Rows, slots: list[int], drafts: Drafts) -> tuple[torch.Tensor, torch.Tensor]:
         """Processed distributions of the window, verification, commit to the sampler state:
-        ``(tokens int64 [R, K + 1] (-1 padded), accepted int32 [R])``."""
+        ``(tokens int64 [R, K + 1] (-1 padded), accepted int32 [R])``. No upload: the
+        window's carried the slots and draft counts."""
         sp = self.sampler
-        p = sp.window_probs(logits, slots, drafts.tokens)  # [R, K + 1, V]
-        n_draft = self.runner.upload(drafts.lengths)
-        out, n_acc = sp.verify(p, drafts.q, drafts.tokens, n_draft, slots)
-        sp.accept(slots, out)
+        p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32)  # [R, K + 1, V]
+        out, n_acc = sp.verify(p, drafts.q, drafts.tokens, win.n_draft, slots, index=win.index32)
+        sp.accept(slots, out, index=win.index32)
         return out, n_acc
 
     def _logprob_source(self, rows: Sequence[Any], logits: torch.Tensor, slots: list[int],
