@@ -273,3 +273,23 @@ def test_empty_push_and_bad_tokenizer(smollm2):
     assert detok.token_ids == ()
     with pytest.raises(ValueError, match="tokenizer"):
         IncrementalDetokenizer(None)
+
+
+def test_stock_fast_tokenizers_decode_through_their_backend(smollm2, byte_fallback):
+    """A stock fast tokenizer is decoded through its Rust backend (no per-call conversions;
+    the other tests check the text against ``tokenizer.decode``); a class that overrides
+    ``decode`` keeps its own."""
+    from decodekit.engine.detokenize import _fast_backend
+
+    assert _fast_backend(smollm2) is smollm2.backend_tokenizer
+    assert _fast_backend(byte_fallback) is byte_fallback.backend_tokenizer
+
+    class Shouting(type(byte_fallback)):
+        def decode(self, *a, **k):
+            return super().decode(*a, **k).upper()
+
+    loud = Shouting(tokenizer_object=byte_fallback.backend_tokenizer)
+    assert _fast_backend(loud) is None
+    ids = _encode(byte_fallback, "ok café")
+    detok = IncrementalDetokenizer(loud)
+    assert "".join(detok.push([t]) for t in ids) + detok.flush() == loud.decode(ids) == "OK CAFÉ"

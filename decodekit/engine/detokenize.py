@@ -88,6 +88,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = bool(skip_special_tokens)
         self._raw = _is_raw_tokenizer(tokenizer)
+        self._backend = tokenizer if self._raw else _fast_backend(tokenizer)
         context = [] if prompt_token_ids is None else [int(t) for t in prompt_token_ids]
         context = context[-PROMPT_CONTEXT_TOKENS:] if PROMPT_CONTEXT_TOKENS else []
         self._ids: list[int] = context
@@ -108,8 +109,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
-        if self._raw:
-            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        if self._backend is not None:  # the Rust decoder directly: no per-call Python conversions
+            return self._backend.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
                                       clean_up_tokenization_spaces=False)
 
@@ -210,3 +211,20 @@ def _is_raw_tokenizer(tokenizer: Any) -> bool:
     except ImportError:  # pragma: no cover - tokenizers ships with transformers
         return False
     return isinstance(tokenizer, Tokenizer)
+
+
+def _fast_backend(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a fast transformers tokenizer whose ``decode`` is
+    the stock one (so ``backend.decode(ids, skip_special_tokens=s)`` equals
+    ``tokenizer.decode(ids, skip_special_tokens=s, clean_up_tokenization_spaces=False)``),
+    else None (a class that overrides decoding keeps its own ``decode``)."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast as Fast
+    except ImportError:  # pragma: no cover - tokenizers ships with transformers
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, Fast) or cls.decode is not Fast.decode or cls._decode is not Fast._decode:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if isinstance(backend, Tokenizer) else None
