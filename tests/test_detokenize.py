@@ -277,8 +277,8 @@ def test_empty_push_and_bad_tokenizer(smollm2):
 
 def test_stock_fast_tokenizers_decode_through_their_backend(smollm2, byte_fallback):
     """A stock fast tokenizer is decoded through its Rust backend (no per-call conversions;
-    the other tests check the text against ``tokenizer.decode``); a class that overrides
-    ``decode`` keeps its own."""
+    the other tests check the text against ``tokenizer.decode``); a subclass (which may
+    override decoding) keeps its own ``decode``."""
     from decodekit.engine.detokenize import _fast_backend
 
     assert _fast_backend(smollm2) is smollm2.backend_tokenizer

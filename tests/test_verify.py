@@ -9,7 +9,7 @@ import torch
 from conftest import KERNEL_DEVICE
 from scipy import stats
 
-from decodekit import SamplingParams, processed_probs
+from decodekit import Sampler, SamplingParams, processed_probs
 from decodekit.sampling import verify, verify_reference
 
 
@@ -152,3 +152,32 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="K\\+1"):
         verify(p, None, torch.zeros(2, 3, dtype=torch.long), torch.tensor([1, 0]),
                torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def test_greedy_verification_equals_the_full_path():
+    """verify_greedy (two torch ops) gives the tokens and counts of window_probs + verify for
+    plain greedy rows, with ties, NaN and partial draft counts; rows that need processing
+    (a penalty) take the full path (None)."""
+    V, R, K = 50, 4, 5
+    sp = Sampler(V, R, "cpu", backend="torch")
+    for s in range(R):
+        sp.add(s, SamplingParams(temperature=0))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(R, K + 1, V, generator=g)
+        logits[0, 2, 7] = logits[0, 2, 3] = logits[0, 2].max() + 1  # a tie: the first index wins
+        logits[1, 1, 4] = float("nan")
+        top = logits.nan_to_num(nan=-3e38).argmax(-1)
+        drafts = torch.randint(0, V, (R, K), generator=g)
+        agree = torch.rand(R, K, generator=g) < 0.7
+        drafts = torch.where(agree, top[:, :K], drafts)
+        n_draft = torch.randint(0, K + 1, (R,), generator=g)
+        drafts = torch.where(torch.arange(K) < n_draft[:, None], drafts, -1)
+        fast = sp.verify_greedy(logits, list(range(R)), drafts, n_draft)
+        p = sp.window_probs(logits, list(range(R)), drafts)
+        full = sp.verify(p, None, drafts, n_draft, list(range(R)))
+        assert fast is not None
+        assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1]), trial
+    sp.remove(3)
+    sp.add(3, SamplingParams(temperature=0, repetition_penalty=1.3))
+    assert sp.verify_greedy(logits, list(range(R)), drafts, n_draft) is None

@@ -214,17 +214,16 @@ def _is_raw_tokenizer(tokenizer: Any) -> bool:
 
 
 def _fast_backend(tokenizer: Any) -> Any:
-    """The ``tokenizers.Tokenizer`` behind a fast transformers tokenizer whose ``decode`` is
-    the stock one (so ``backend.decode(ids, skip_special_tokens=s)`` equals
-    ``tokenizer.decode(ids, skip_special_tokens=s, clean_up_tokenization_spaces=False)``),
-    else None (a class that overrides decoding keeps its own ``decode``)."""
+    """The ``tokenizers.Tokenizer`` behind a stock fast transformers tokenizer (exactly that
+    class, so ``backend.decode(ids, skip_special_tokens=s)`` equals
+    ``tokenizer.decode(ids, skip_special_tokens=s, clean_up_tokenization_spaces=False)``), else
+    None: a subclass may decode its own way and keeps its ``decode``."""
     try:
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast as Fast
     except ImportError:  # pragma: no cover - tokenizers ships with transformers
         return None
-    cls = type(tokenizer)
-    if not isinstance(tokenizer, Fast) or cls.decode is not Fast.decode or cls._decode is not Fast._decode:
+    if type(tokenizer) is not Fast:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend if isinstance(backend, Tokenizer) else None

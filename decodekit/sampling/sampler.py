@@ -30,6 +30,8 @@ from ..params import SamplingParams
 from . import reference as ref
 from .slot_state import Slots, SlotState
 
+_ARGMAX_CHANGING = L.BIAS | L.PENALTY | L.SUPPRESS | L.BADSEQ  # what can move a greedy row's argmax
+
 __all__ = ["Sampler", "verify"]
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -348,6 +350,26 @@ class Sampler:
         position = self.state.step_counters(idx).long()
         return verify(p, q, drafts, nd, seed, position,
                       backend="triton" if self.backend == "triton" else "torch")
+
+    def verify_greedy(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor,
+                      n_draft: torch.Tensor, *, index: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Verification without distributions when every row decodes greedily and nothing
+        changes its argmax (no bias, penalties, suppressed tokens or bad words; filters keep
+        the top token): drafts are accepted while they equal the argmax of the raw logits
+        ``[R, W, V]``; then the argmax. What :meth:`window_probs` + :meth:`verify` give for
+        such rows, in two torch ops. Returns ``(tokens int64 [R, W] -1 padded, n_accepted
+        int32 [R])``, or None when a row needs the full path. Commits nothing."""
+        if not self.state.all_greedy(slots) or self.state.union_flags(slots) & _ARGMAX_CHANGING:
+            return None
+        self._prepare_window(logits, slots, drafts, index)
+        x = logits if logits.dtype == torch.float32 else logits.float()
+        top = torch.nan_to_num(x, nan=-ref.FLT_MAX).argmax(-1)  # [R, W], as the plain greedy step
+        R, W = top.shape
+        col = torch.arange(W, device=top.device)
+        ok = (drafts.to(top.device) == top[:, : W - 1]) & (col[: W - 1] < n_draft[:, None])
+        n_acc = ok.int().cumprod(1).sum(1)
+        return torch.where(col <= n_acc[:, None], top, -1), n_acc.int()
 
     def draw(self, probs: torch.Tensor, slots: Slots, *, salt: int) -> torch.Tensor:
         """One token per row of ``probs [R, V]`` (int64 ``[R]``): the exponential race keyed

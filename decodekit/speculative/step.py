@@ -137,8 +137,13 @@ class SpeculativeStep:
         ``(tokens int64 [R, K + 1] (-1 padded), accepted int32 [R])``. No upload: the
         window's carried the slots and draft counts."""
         sp = self.sampler
-        p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32)  # [R, K + 1, V]
-        out, n_acc = sp.verify(p, drafts.q, drafts.tokens, win.n_draft, slots, index=win.index32)
+        # greedy rows: p is one-hot, so any q accepts exactly the drafts equal to the argmax
+        fast = sp.verify_greedy(win.logits, slots, drafts.tokens, win.n_draft, index=win.index32)
+        if fast is not None:
+            out, n_acc = fast
+        else:
+            p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32)  # [R, K + 1, V]
+            out, n_acc = sp.verify(p, drafts.q, drafts.tokens, win.n_draft, slots, index=win.index32)
         sp.accept(slots, out, index=win.index32)
         return out, n_acc
 
