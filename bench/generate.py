@@ -5,7 +5,7 @@ and the floor. Serve points: ``LLM.generate`` against transformers' continuous b
 (``model.generate_batch``) on the same request mix. Method: bench/README.md.
 
 Usage: ``python -m bench.generate [--quick] [--batch B..] [--settings greedy sampled]
-[--requests R] [--no-serve] [--model M..] [common flags, see --help]``
+[--requests R] [--no-serve] [--host] [--model M..] [common flags, see --help]``
 """
 
 from __future__ import annotations
@@ -185,11 +185,34 @@ def serve_point(wl: Workload, setting: str, requests: int, max_batch: int, n: in
     return row
 
 
+def host_point(wl: Workload, setting: str, batch: int, dev: torch.device) -> dict[str, Any]:
+    """Host time per decode step: the generator with its model forward replaced by a stub that
+    returns fixed logits (no model work; the sampler, EOS tracking and detokenization run),
+    one step per call and 32 per call, median of 9 calls. On a GPU: a step's Python and launches."""
+    import decodekit
+
+    row = {"section": "host", "model": wl.name, "setting": setting, "batch": batch, "status": "ok"}
+    gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=batch, max_seq_len=1024, seed=0)
+    ctxs = [gen.new_context(wl.encode_all(chat_prompts())[0][:64], p) for p in dk_params(setting, 900, batch)]
+    calls = {c.request_id: c for c in ctxs}
+    gen.next_token(calls)
+    logits = torch.randn(batch, 1, gen.vocab_size, device=dev).to(gen.dtype)
+    gen.adapter.forward = lambda ids, *a, keep=1, **k: logits[: ids.shape[0], -keep:]
+    for steps in (1, 32):
+        gen.next_token(calls, steps)  # warm-up
+        times = [H.timed_call(lambda s=steps: gen.next_token(calls, s), dev)[0] / steps for _ in range(9)]
+        row[f"host_us_{steps}"] = H.median(times) * 1e6
+    return row
+
+
 def line(r: dict[str, Any]) -> str:
     head = f"{r['section']} {r['model']} {r['setting']} " + (
-        f"B={r['batch']}" if r["section"] == "step" else f"R={r['requests']}/B={r['max_batch_size']}")
+        f"B={r['batch']}" if r["section"] != "serve" else f"R={r['requests']}/B={r['max_batch_size']}")
     if r["status"] != "ok":
         return f"{head} | {r['status']}"
+    if r["section"] == "host":
+        return (f"{head} | host us per step: one step per call {r['host_us_1']:.0f}, "
+                f"32 per call {r['host_us_32']:.0f}")
     d, h = r["decodekit"], r["hf"]
     if r["section"] == "serve":
         return (f"{head} | LLM.generate {d['tok_s']:.1f} tok/s ({H.f(d['gb_s'])} GB/s) | generate_batch "
@@ -240,6 +263,12 @@ def body(rows: list[dict[str, Any]], bw: H.Bandwidth) -> list[str]:
                           H.f(r["floor_tok_s"], "{:,.0f}"), H.f(r["hf"]["tok_s_in_loop"]),
                           H.f(r.get("greedy_rows_identical"), "{:.0%}")]
                          for r in serve])]
+    host = [r for r in ok if r["section"] == "host"]
+    if host:
+        out += ["", "Host time per decode step (stub forward: no model work), us:", "",
+                H.table(["model", "setting", "B", "one step per call", "32 steps per call"],
+                        [[r["model"], r["setting"], r["batch"], H.f(r["host_us_1"], "{:.0f}"),
+                          H.f(r["host_us_32"], "{:.0f}")] for r in host])]
     errors = [f"- {line(r)}" for r in rows if r["status"] != "ok"]
     return out + (["", "Errors:", "", *errors] if errors else [])
 
@@ -251,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS))
     p.add_argument("--requests", type=int, metavar="R", help="requests of the serve points")
     p.add_argument("--no-serve", action="store_true", help="skip the serve points")
+    p.add_argument("--host", action="store_true", help="host time per step at B=32 (stub forward)")
     args = p.parse_args(argv)
     dev = H.setup(args)
     import decodekit
@@ -278,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(line(rows[-1]), flush=True)
             del gen
             gc.collect()
+        for setting in settings if args.host else []:
+            rows.append(host_point(wl, setting, 32 if not args.smoke else 2, dev))
+            print(line(rows[-1]), flush=True)
         for setting in [] if args.no_serve else settings:
             rows.append(serve_point(wl, setting, requests, max(batches), n, repeats, dev, bw))
             print(line(rows[-1]), flush=True)

@@ -1,4 +1,4 @@
-"""Smoke tests of bench/speculative.py and bench/tools/layerskip_search.py at a tiny size (random
+"""Smoke tests of bench/speculative.py and tools/layerskip_search.py at a tiny size (random
 tiny llama, word-level tokenizer, 12 new tokens): every drafter against plain decoding, HF prompt
 lookup and plain generate at B=1, greedy outputs identical to plain decoding; the subset search."""
 
@@ -61,7 +61,7 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_layerskip_search_smoke(tmp_path: Path) -> None:
-    data = _run(tmp_path, "bench.tools.layerskip_search")
+    data = _run(tmp_path, "tools.layerskip_search")
     meta, entries = data["metadata"], data["rows"]
     assert meta["n_layers"] == 2 and len(entries) == 2 * 3  # 2 subsets of 2 layers x k in {2, 3, 4}
     assert all(e["status"] == "ok" and e["greedy_mismatches"] == 0 for e in entries), entries

@@ -20,7 +20,7 @@ Phases (estimated seconds on an H200 / smoke on 2 CPU cores):
                  past 2**31 elements (skipped in smoke)
   graphs         decode graphs = eager = HF greedy on tiny fp32 models, slot reuse, steered
   sampler        bench.sampler: B in {1, 8, 64, 256} x V in {32000, 128256, 151936}
-  generate       bench.generate on random:llama-1b (bf16) vs HF static / dynamic cache
+  generate       bench.generate on random:llama-1b (bf16) vs HF static / dynamic cache; host time per step
   speculative    bench.speculative (n-gram, random llama-1b)
   steering       bench.steering (steering overhead, in graphs)
 """
@@ -239,8 +239,8 @@ PHASES: list[tuple[str, float, float, Callable[[Check], dict[str, Any]]]] = [
     ("graphs", 30, 20, phase_graphs),
     ("sampler", 60, 20, bench_phase("bench.sampler", [], ["--quick", "--batch", "1", "--vocab", "512",
                                                             "--settings", "topk_topp", "--dists", "flat"])),
-    ("generate", 120, 60, bench_phase("bench.generate", ["--model", "random:llama-1b", "--quick"],
-                                      ["--smoke"])),
+    ("generate", 120, 60, bench_phase("bench.generate", ["--model", "random:llama-1b", "--quick", "--host"],
+                                      ["--smoke", "--host"])),
     ("speculative", 60, 60, bench_phase("bench.speculative", ["--model", "random:llama-1b", "--quick",
                                                                 "--drafter", "ngram"], ["--smoke"])),
     ("steering", 60, 40, bench_phase("bench.steering", ["--model", "random:llama-1b", "--quick"],

@@ -4,7 +4,7 @@ prompts, its speedup estimated against plain runs of the same prompts just befor
 subset's k group. Phase 2: the ``--top`` best estimates (among candidates with any accepted draft)
 timed again on all search prompts, interleaved with plain; the best timed speedup wins.
 
-Usage: ``python -m bench.tools.layerskip_search [--quick] [--top T] [--ks 2 3 4] [common flags]``
+Usage: ``python -m tools.layerskip_search [--quick] [--top T] [--ks 2 3 4] [common flags]``
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def candidates(L: int) -> list[tuple[str, list[int]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = H.parser("bench.tools.layerskip_search", "Find the best LayerSkipDraft subset and k.")
+    p = H.parser("tools.layerskip_search", "Find the best LayerSkipDraft subset and k.")
     p.add_argument("--top", type=int, help="candidates timed again in phase 2 (default 4; 3 quick, 2 smoke)")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4], help="draft lengths k")
     args = p.parse_args(argv)

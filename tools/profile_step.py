@@ -2,7 +2,7 @@
 into model forward, masks, cache bind, sampler, EOS/detokenisation and the rest (inputs, glue),
 plus the top functions by own time. cProfile inflates Python-heavy parts.
 
-Usage: ``python -m bench.tools.profile_step [--model M] [--max-new-tokens N] [--sampled]``
+Usage: ``python -m tools.profile_step [--model M] [--max-new-tokens N] [--sampled]``
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bench._models import chat_prompts, load_workload
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = H.parser("bench.tools.profile_step", "cProfile batch-1 decode steps.")
+    p = H.parser("tools.profile_step", "cProfile batch-1 decode steps.")
     p.add_argument("--sampled", action="store_true", help="top_p 0.9, t=0.8 instead of greedy")
     p.add_argument("--top", type=int, default=15, help="functions listed")
     args = p.parse_args(argv)
