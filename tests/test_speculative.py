@@ -376,6 +376,48 @@ def test_adaptive_k_for_model_drafts_and_break_even():
     assert ak.length(0) == 0
 
 
+def _agreement_oracle(cfg: NGramDraft, toks: list[int], cap: int) -> int:
+    """How far back the scan's match agrees with the suffix (the plain definition)."""
+    L = len(toks)
+    for m in range(min(cfg.n, L - 1), cfg.min_n - 1, -1):
+        starts = [i for i in range(L - m) if toks[i:i + m] == toks[L - m:]]
+        if starts:
+            end = starts[-1] + m
+            return max(t for t in range(m, cap + 1) if t <= end and toks[end - t:end] == toks[L - t:])
+    return 0
+
+
+def test_ngram_match_agreement_and_confident_probe():
+    """NGramIndex.match's agreement equals the plain definition on random streams (a copy of
+    a long source agrees up to the cap); a resting request drafts again when the lookup is
+    confident (a long agreement) and not on a short one."""
+    import random
+
+    from decodekit.speculative.ngram import MAX_AGREEMENT, PROBE_AGREEMENT, NGramIndex
+
+    rng = random.Random(1)
+    for _ in range(200):
+        cfg = NGramDraft(n=rng.randint(1, 4), k=4)
+        src = [rng.randrange(5) for _ in range(rng.randint(1, 60))]
+        toks = src + [rng.randrange(5) for _ in range(rng.randint(0, 5))] + src[: rng.randint(1, len(src))]
+        idx = NGramIndex(cfg)
+        idx.extend(toks)
+        got, a = idx.match(4)
+        assert got == cfg.propose(toks, 4)
+        assert a == _agreement_oracle(cfg, toks, MAX_AGREEMENT), toks
+    drafter = NGramDraft(n=3, k=8).build(type("R", (), {"device": torch.device("cpu")})(), None)
+    text = list(range(100, 140))
+    assert drafter.confident(0, text + [7] + text[:PROBE_AGREEMENT])  # copying the source again
+    assert not drafter.confident(1, text + [7] + text[:3])
+    ak = AdaptiveK(8, 0.0, "cpu")
+    ak.admit(0)
+    ak.update(0, 8, 0), ak.update(0, 4, 0), ak.update(0, 2, 0), ak.update(0, 1, 0)
+    assert ak.length(0) == 0  # resting
+    assert ak.probe(0) == 4 and ak.length(0) == 4  # the probe ends the rest
+    ak.update(0, 4, 4)
+    assert ak.length(0) == 8  # free drafts regrow to twice the accepted draft
+
+
 def test_ngram_index_agrees_with_the_scan():
     """The per-request index gives NGramDraft.propose's answer (the plain scan, the oracle)
     on random token streams grown a few tokens at a time, after truncations and after a

@@ -1,8 +1,11 @@
 """Adaptive draft length: how many tokens to draft for a request this step.
 
 Per request (per slot, reset at admission): ``k`` grows by one after a fully accepted
-draft and halves after a fully rejected one; at 0 the request rests, then probes with one
-token, resting twice as long after each probe that is rejected too (8, 16, ... 128 steps).
+draft (prompt lookup, whose drafts are free: to twice the accepted draft) and halves after a
+fully rejected one; at 0 the request rests, then probes with one token, resting twice as
+long after each probe that is rejected too (8, 16, ... 128 steps). A drafter that is sure of
+a draft (prompt lookup on a long match: the request is copying) ends a rest at once
+(:meth:`AdaptiveK.probe`).
 A request whose running acceptance falls below the drafter's break-even (a drafted token
 that costs more than it saves) rests as well. Model drafts cost forwards, so they start at
 half length. Per batch, :meth:`AdaptiveK.batch_cap` shortens drafts as the batch grows.
@@ -47,7 +50,8 @@ class AdaptiveK:
 
     def __init__(self, k: int, draft_cost: float, device_type: str, enabled: bool = True) -> None:
         self.k, self.enabled, self.device_type = k, enabled, device_type
-        self.start = k if draft_cost == 0 else max(1, k // 2)
+        self.free = draft_cost == 0
+        self.start = k if self.free else max(1, k // 2)
         self.break_even = draft_cost + VERIFY_COST.get(device_type, VERIFY_COST["cpu"])
         self._states: dict[int, _State] = {}
 
@@ -78,6 +82,13 @@ class AdaptiveK:
             st.k = 1
         return st.k
 
+    def probe(self, slot: int) -> int:
+        """A resting request drafts again at once (the drafter is confident): half the longest
+        draft; the rest is over."""
+        st = self._states.setdefault(slot, _State(self.start))
+        st.k, st.rest = max(1, self.k // 2), 0
+        return st.k
+
     def update(self, slot: int, drafted: int, accepted: int) -> None:
         """After a verification of ``drafted`` tokens of which ``accepted`` were accepted."""
         if not self.enabled or not drafted:
@@ -86,8 +97,8 @@ class AdaptiveK:
         rate = accepted / drafted
         prior = 1.0 if st.alpha is None else st.alpha  # optimistic start
         st.alpha = 0.7 * prior + 0.3 * rate
-        if accepted == drafted:
-            st.k = min(self.k, st.k + 1)
+        if accepted == drafted:  # prompt lookup (free drafts) regrows fast after a backoff
+            st.k = min(self.k, max(st.k + 1, 2 * drafted) if self.free else st.k + 1)
         elif accepted == 0:
             st.k //= 2
         if st.k == 0 or st.alpha < self.break_even:

@@ -112,6 +112,11 @@ class Drafter(Protocol):
         """The target's cache for ``slot`` holds ``length`` tokens again (a call was undone):
         a drafter with its own cache must not count on more."""
 
+    def confident(self, slot: int, tokens: Sequence[int]) -> bool:
+        """Whether this step's draft for the request is very likely accepted although its
+        recent drafts were rejected (prompt lookup: a long match); such a request drafts again
+        instead of resting. False when the drafter cannot tell."""
+
     def enable_graphs(self, capture: Any = None) -> None:
         """Capture CUDA graphs of the drafter's own forwards (``capture`` as for
         :meth:`~decodekit.engine.runner.ModelRunner.enable_graphs`); a no-op for drafters

@@ -110,6 +110,10 @@ class ModelDrafter:
     def enable_graphs(self, capture=None) -> None:
         """Nothing captured by default (the layer-skip drafter swaps layers per forward)."""
 
+    def confident(self, slot: int, tokens: Sequence[int]) -> bool:
+        """A model's drafts carry no such signal before they are drafted."""
+        return False
+
     # -- the loop --------------------------------------------------------------------------
     def first_inputs(self, requests: Sequence[DraftRequest], lengths: Sequence[int], n: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,10 @@ import torch
 from .._checks import int_at_least
 from .base import DraftRequest, Drafts
 
-__all__ = ["NGramDraft", "NGramIndex"]
+__all__ = ["MAX_AGREEMENT", "PROBE_AGREEMENT", "NGramDraft", "NGramIndex"]
+
+MAX_AGREEMENT = 32  # how far back a match is extended
+PROBE_AGREEMENT = 8  # a request resting from rejected drafts drafts again on a match this long
 
 
 class NGramDraft:
@@ -105,15 +108,25 @@ class NGramIndex:
 
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens following the latest earlier match of the longest suffix."""
+        return self.match(k)[0]
+
+    def match(self, k: int) -> tuple[list[int], int]:
+        """``(propose(k), agreement)``: the agreement is how many of the last tokens equal the
+        tokens before the continuation's source (the matched n-gram extended backwards, at most
+        :data:`MAX_AGREEMENT`; 0 without a match). A long agreement means the request is
+        copying that source."""
         own, L = self.tokens, len(self.tokens)
         k = min(k, self.config.k)
         if k <= 0 or L < 2:
-            return []
+            return [], 0
         for m in range(min(self.config.n, L - 1), self.config.min_n - 1, -1):
             i = self.tables[m].get(tuple(own[L - m:]))
             if i is not None:
-                return own[i + m: i + m + k]
-        return []
+                a = m
+                while a < MAX_AGREEMENT and i - (a - m) - 1 >= 0 and own[i - (a - m) - 1] == own[L - a - 1]:
+                    a += 1
+                return own[i + m: i + m + k], a
+        return [], 0
 
 
 class _NGramDrafter:
@@ -143,14 +156,22 @@ class _NGramDrafter:
     def committed(self, requests, accepted, window) -> None:
         pass
 
+    def confident(self, slot: int, tokens: Sequence[int]) -> bool:
+        """Whether the request is copying: its last :data:`PROBE_AGREEMENT` tokens or more
+        recur earlier with a continuation (a resting request drafts again)."""
+        return self._index(slot, tokens).match(1)[1] >= PROBE_AGREEMENT
+
+    def _index(self, slot: int, tokens: Sequence[int]) -> NGramIndex:
+        index = self.index.get(slot)
+        if index is None:
+            index = self.index[slot] = NGramIndex(self.config)
+        index.extend(tokens)
+        return index
+
     def _draft(self, r: DraftRequest) -> list[int]:
         if r.budget <= 0:
             return []
-        index = self.index.get(r.slot)
-        if index is None:
-            index = self.index[r.slot] = NGramIndex(self.config)
-        index.extend(r.tokens)
-        return index.propose(r.budget)
+        return self._index(r.slot, r.tokens).propose(r.budget)
 
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
         drafts = [self._draft(r) for r in requests]

@@ -102,7 +102,10 @@ class SpeculativeStep:
         for c, seen in zip(rows, tokens, strict=True):
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             produced = len(seen) - len(c.prompt_token_ids)
-            room = min(self.adaptive.length(c.slot), cap, limit - produced - 1, max_seq_len - c.length - 1)
+            k = self.adaptive.length(c.slot)
+            if k == 0 and c.speculate and self.drafter.confident(c.slot, seen):
+                k = self.adaptive.probe(c.slot)  # resting, but the drafter is sure: draft again
+            room = min(k, cap, limit - produced - 1, max_seq_len - c.length - 1)
             out.append(DraftRequest(c.slot, seen, max(room, 0) if c.speculate else 0))
         return out if any(r.budget for r in out) else None
 
