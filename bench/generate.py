@@ -188,11 +188,13 @@ def serve_point(wl: Workload, setting: str, requests: int, max_batch: int, n: in
 def host_point(wl: Workload, setting: str, batch: int, dev: torch.device) -> dict[str, Any]:
     """Host time per decode step: the generator with its model forward replaced by a stub that
     returns fixed logits (no model work; the sampler, EOS tracking and detokenization run),
-    one step per call and 32 per call, median of 9 calls. On a GPU: a step's Python and launches."""
+    one step per call and 32 per call, median of 9 calls. On a GPU: a step's Python and launches
+    (eager: a decode graph's replay launch is not in it)."""
     import decodekit
 
     row = {"section": "host", "model": wl.name, "setting": setting, "batch": batch, "status": "ok"}
-    gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=batch, max_seq_len=1024, seed=0)
+    gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=batch, max_seq_len=1024, seed=0,
+                                   cuda_graphs=False)  # a graph would replay the real forward
     ctxs = [gen.new_context(wl.encode_all(chat_prompts())[0][:64], p) for p in dk_params(setting, 900, batch)]
     calls = {c.request_id: c for c in ctxs}
     gen.next_token(calls)
