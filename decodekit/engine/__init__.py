@@ -5,7 +5,7 @@
 - :mod:`.context`: a request's state (:class:`TextGenerationContext`);
 - :mod:`.slots`: which request owns which KV-cache slot;
 - :mod:`.runner`: :class:`ModelRunner`: batch inputs, the forward over the slot cache,
-  uploads, CUDA-graph buckets (:mod:`.graphs`);
+  uploads (:mod:`.staging`: one per step), CUDA-graph buckets (:mod:`.graphs`);
 - :mod:`.model_adapter`: everything decodekit needs to know about a model;
 - :mod:`.kv_cache`: the slot KV cache behind transformers' ``Cache`` API;
 - :mod:`.eos`, :mod:`.detokenize`: stop handling and streaming text on the host.

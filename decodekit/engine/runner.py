@@ -8,9 +8,12 @@ each slot's cache length (``lengths[slot]``, 0 for a free slot).
 Batches cover a contiguous slot range ``0 .. n-1`` (or one run of contiguous slots for a
 prefill), so the cache hands attention views, never copies. Rows in the range that are not
 being run still go through the forward: they write at their own next free position, which
-is masked and overwritten later.
+is masked and overwritten later. A step's integers (slots, positions, lengths) travel in
+one upload (:mod:`.staging`); decode steps and verification windows replay CUDA graphs
+when captured (:meth:`ModelRunner.enable_graphs`).
 
-May call: :mod:`.model_adapter`, :mod:`.kv_cache`, :mod:`.graphs`, the steering hooks.
+May call: :mod:`.model_adapter`, :mod:`.kv_cache`, :mod:`.graphs`, :mod:`.staging`, the
+steering hooks.
 """
 
 from __future__ import annotations
