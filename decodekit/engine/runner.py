@@ -214,8 +214,9 @@ class ModelRunner:
         length[s] = lens[s] + q  # the pads past the window stay outside
         idx, idx32, pos_d, len_d, nd = self.uploads.put(s, s.astype(np.int32), pos.reshape(-1), length,
                                                         np.asarray(n_draft, dtype=np.int64))
-        ids = self.window_ids[:n_fill, :qq] if graphs else torch.empty(n_fill, qq, dtype=torch.long,
-                                                                       device=self.device)
+        # the static window buffer serves eager windows too (no allocation per step)
+        ids = self.window_ids[:n_fill, :qq] if qq <= self.window_ids.shape[1] else \
+            torch.empty(n_fill, qq, dtype=torch.long, device=self.device)
         ids[:, 0] = self.last_tokens[:n_fill]
         ids[:, 1:] = 0
         ids[idx, 1:q] = drafts.clamp(min=0)
