@@ -139,11 +139,12 @@ def chat_prompts() -> list[str]:
     return [ln for ln in (DATA / "chat_prompts.txt").read_text().splitlines() if ln.strip()]
 
 
-def prompt_set(name: str) -> dict[str, list[str]]:
-    """``bench/data/<name>.jsonl`` (``{"kind", "text"}`` per line) as kind -> texts."""
+def prompt_set(name: str, field: str = "text") -> dict[str, list[str]]:
+    """``bench/data/<name>.jsonl`` (``{"kind", "text"}`` per line, optionally ``"task"``) as
+    kind -> the lines' ``field`` (a missing task is the kind)."""
     out: dict[str, list[str]] = {}
     for line in (DATA / f"{name}.jsonl").read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            out.setdefault(row["kind"], []).append(row["text"])
+            out.setdefault(row["kind"], []).append(row.get(field, row["kind"]))
     return out

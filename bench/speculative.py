@@ -4,7 +4,7 @@ batch 1 against Hugging Face's own prompt lookup (``generate(prompt_lookup_num_t
 plain ``generate`` on the same prompts, in one run. Greedy outputs must equal plain decoding's.
 Prompts: data/speculative_prompts.jsonl; method: README.md (both in bench/).
 
-Usage: ``python -m bench.speculative [--quick] [--drafter ngram|layerskip|model|all]
+Usage: ``python -m bench.speculative [--quick] [--drafter ngram|layerskip|model|all] [--only-batch 1|big]
 [--layerskip-layers 16 | I,J,..] [--layerskip-k 3] [common flags, see --help]``
 """
 
@@ -23,7 +23,8 @@ from . import _harness as H
 from ._models import Workload, load_workload, prompt_set
 
 SETTINGS = {"greedy": 0.0, "t0.7": 0.7}
-K_MAIN, K_SWEEP, HF_KS = 4, (2, 4, 6), (4, 10)  # decodekit's k; HF's prompt_lookup_num_tokens
+K_MAIN, K_SWEEP, HF_KS = 16, (8, 16), (4, 10)  # decodekit's k; HF's prompt_lookup_num_tokens
+K_MODEL = 4  # the DraftModel's k (its drafts cost forwards)
 DRAFT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2)  # the random DraftModel, seed 1234
 
@@ -90,27 +91,39 @@ def hf_side(wl: Workload, temperature: float, lookup: int | None) -> Side:
     return run
 
 
-def make_gen(wl: Workload, batch: int, seq: int, draft: Any = None) -> Any:
+def make_gen(wl: Workload, batch: int, seq: int, draft: Any = None, policy: bool = True) -> Any:
+    """A generator with decodekit's defaults; ``policy=False`` drafts ``k`` every step (the
+    smoke run, which checks that every drafter path runs, not whether drafting pays)."""
     import decodekit
 
     return decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=batch, max_seq_len=seq,
-                                    seed=0, draft=draft)
+                                    seed=0, draft=draft, adaptive_k=policy)
 
 
 def run_point(wl: Workload, drafter: str, kind: str, setting: str, batch: int, prompts: list[list[int]],
-              sides: dict[str, Side], n: int, repeats: int, bw: H.Bandwidth) -> list[dict[str, Any]]:
+              sides: dict[str, Side], n: int, repeats: int, bw: H.Bandwidth,
+              tasks: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every side on the same prompts, interleaved (B=1: per prompt, order flipped per repeat);
-    one row per side, medians over repeats; speedup against decodekit's plain side."""
+    one row per side, medians over repeats; speedup against decodekit's plain side. At B=1
+    each row also carries tok/s per task (``tasks[i]``: prompt ``i``'s; medians over repeats)."""
     seeds = [1000 + i for i in range(len(prompts))]
     groups = [[i] for i in range(len(prompts))] if batch == 1 else [list(range(len(prompts)))]
+    task_of = list(tasks) or [kind] * len(prompts)
     runs: dict[str, list[Run]] = {k: [] for k in sides}
+    per_task: dict[str, dict[str, list[float]]] = {k: {} for k in sides}
     for rep in range(repeats):
         tot = {k: Run() for k in sides}
+        by_task: dict[str, dict[str, Run]] = {k: {} for k in sides}
         for g in groups:
             for k in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
-                tot[k].add(sides[k]([prompts[i] for i in g], [seeds[i] for i in g], n))
+                r = sides[k]([prompts[i] for i in g], [seeds[i] for i in g], n)
+                tot[k].add(r)
+                if batch == 1:
+                    by_task[k].setdefault(task_of[g[0]], Run()).add(r)
         for k in sides:
             runs[k].append(tot[k])
+            for t, r in by_task[k].items():
+                per_task[k].setdefault(t, []).append(r.tok_s or 0.0)
     ctx = sum(map(len, prompts)) / len(prompts) + n / 2  # mean KV positions per row and step
     med = {k: H.median([r.tok_s or 0.0 for r in rs]) for k, rs in runs.items()}
     rows = []
@@ -124,6 +137,7 @@ def run_point(wl: Workload, drafter: str, kind: str, setting: str, batch: int, p
             "drafter": drafter, "kind": kind, "setting": setting, "temperature": SETTINGS[setting],
             "batch": batch, "side": k, "requests": len(prompts), "repeats": repeats, "status": "ok",
             "tok_s": med[k], "tok_s_all": [r.tok_s for r in rs], "plain_tok_s": med["plain"],
+            "task_tok_s": {t: H.median(v) for t, v in per_task[k].items()},
             "speedup": med[k] / med["plain"] if med["plain"] else None,
             "tokens_per_step": tot.decode_tokens / tot.row_steps if tot.row_steps else None,
             "acceptance_rate": tot.accepted / tot.drafted if tot.drafted else None,
@@ -155,26 +169,44 @@ def random_draft(wl: Workload, dims: dict[str, Any]) -> Any:
         return AutoModelForCausalLM.from_config(conf).to(wl.model.dtype).eval()
 
 
+def _task_line(pt: list[dict[str, Any]], kind: str, task: str, st: str, plain: dict[str, Any],
+               hp: dict[str, Any]) -> str:
+    """One task's line: decodekit's best n-gram k and HF's best K (by tok/s on the task)."""
+    def tok(r: dict[str, Any]) -> float:
+        return r["task_tok_s"].get(task) or 0.0
+
+    def best(prefix: str) -> dict[str, Any]:
+        return max((r for r in pt if r["side"].startswith(prefix)), key=tok)
+
+    def rel(a: float, b: float) -> str:
+        return H.ratio(a / b if b else None)
+
+    dk, hf = best("ngram"), best("hf lookup")
+    return (f"- {kind}/{task}, {st}, B=1: decodekit {dk['side']} {H.f(tok(dk))} tok/s "
+            f"({rel(tok(dk), tok(plain))} plain) vs HF {hf['side'][3:]} {H.f(tok(hf))} tok/s "
+            f"({rel(tok(hf), tok(hp))} HF plain): "
+            f"ratio {rel(tok(dk), tok(hf))}")
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
-    """Per prompt kind, B=1: decodekit's best n-gram k vs HF prompt lookup's best K; B=8 copy."""
+    """Per prompt kind and task, B=1: decodekit's best n-gram k vs HF prompt lookup's best K
+    (each side's best setting for that task); B=8: n-gram vs plain."""
     out = []
     for kind in ("copy", "open"):
         for st in SETTINGS:
             pt = [r for r in rows if (r["drafter"], r["kind"], r["setting"], r["batch"])
                   == ("ngram", kind, st, 1)]
-            best = lambda pre: max((r for r in pt if r["side"].startswith(pre)),  # noqa: B023
-                                   key=lambda r: r["tok_s"], default=None)
-            dk, hf = best("ngram"), best("hf lookup")
             hp = next((r for r in pt if r["side"] == "hf"), None)
-            if dk and hf and hp:
-                out.append(f"- {kind}, {st}, B=1: decodekit {dk['side']} {H.f(dk['tok_s'])} tok/s "
-                           f"({H.ratio(dk['speedup'])} plain) vs HF {hf['side'][3:]} {H.f(hf['tok_s'])} "
-                           f"tok/s ({H.ratio(hf['tok_s'] / hp['tok_s'] if hp['tok_s'] else None)} HF "
-                           f"plain): ratio {H.ratio(dk['tok_s'] / hf['tok_s'] if hf['tok_s'] else None)}")
+            plain = next((r for r in pt if r["side"] == "plain"), None)
+            if not (hp and plain):
+                continue
+            for task in plain["task_tok_s"]:
+                out.append(_task_line(pt, kind, task, st, plain, hp))
         for r in rows:
             if (r["drafter"], r["kind"]) == ("ngram", kind) and r["batch"] > 1 and r["side"] != "plain":
-                out.append(f"- {kind}, {r['setting']}, B={r['batch']}: {r['side']} {H.f(r['tok_s'])} "
-                           f"tok/s vs plain {H.f(r['plain_tok_s'])}: {H.ratio(r['speedup'])}")
+                out.append(f"- {kind}, {r['setting']}, B={r['batch']} ({r['requests']} requests): "
+                           f"{r['side']} {H.f(r['tok_s'])} tok/s vs plain {H.f(r['plain_tok_s'])}: "
+                           f"{H.ratio(r['speedup'])}")
     return out
 
 
@@ -206,7 +238,7 @@ def drafters(args: Any, wl: Workload) -> dict[str, tuple[list[str], list[str], C
         "layerskip": (["open"], list(SETTINGS), lambda b: {
             f"layerskip k={args.layerskip_k}": decodekit.LayerSkipDraft(ls, k=args.layerskip_k)}),
         "model": (["open"], ["greedy"], lambda b: {
-            f"model k={K_MAIN}": decodekit.DraftModel(random_draft(wl, dims), k=K_MAIN)}),
+            f"model k={K_MODEL}": decodekit.DraftModel(random_draft(wl, dims), k=K_MODEL)}),
     }
 
 
@@ -227,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layerskip-layers", type=layers_arg, metavar="N|I,J,..",
                    help="LayerSkipDraft layers: first N or a list (default 16: tools/layerskip_search)")
     p.add_argument("--layerskip-k", type=int, default=3, help="LayerSkipDraft k (default 3)")
+    p.add_argument("--only-batch", choices=["1", "big"], help="run only the B=1 or only the batched points")
+    p.add_argument("--queue", type=int, default=1, metavar="Q",
+                   help="batched points: Q x B requests through B slots (continuous batching: a slot is "
+                        "refilled when its request ends); default 1 (B requests admitted together)")
     args = p.parse_args(argv)
     dev = H.setup(args)
     spec = "random:tiny" if args.smoke else (args.model or ["embedded"])[0]
@@ -236,23 +272,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     b1, big = (2, 8) if args.quick else (2, 2) if args.smoke else (8, 8)  # prompts at B=1; batch
     args.layerskip_layers = args.layerskip_layers or list(range(1 if args.smoke else 16))
     prompts = {k: wl.encode_all(v) for k, v in prompt_set("speculative_prompts").items()}
+    tasks = prompt_set("speculative_prompts", "task")
     bw = H.measure_bandwidth(dev, quick=args.quick or args.smoke)
     rows: list[dict[str, Any]] = []
     for name, (kinds, settings, make) in drafters(args, wl).items():
         for kind, st, batch in [(k, s, b) for k in kinds for s in settings for b in (1, big)]:
-            if args.drafter not in (name, "all"):
+            skip_batch = args.only_batch and (batch == 1) != (args.only_batch == "1")
+            if args.drafter not in (name, "all") or skip_batch:
                 continue
             kp = prompts[kind]
-            ps = kp[:b1] if batch == 1 else [kp[i % len(kp)] for i in range(batch)]
+            ps = kp[:b1] if batch == 1 else [kp[i % len(kp)] for i in range(batch * max(1, args.queue))]
             seq, t = H.max_seq(ps, n), SETTINGS[st]
             try:
                 sides = {"plain": dk_side(make_gen(wl, batch, seq), t, dev)}
-                sides |= {k: dk_side(make_gen(wl, batch, seq, d), t, dev) for k, d in make(batch).items()}
+                sides |= {k: dk_side(make_gen(wl, batch, seq, d, not args.smoke), t, dev)
+                          for k, d in make(batch).items()}
                 if name == "ngram" and batch == 1:
                     sides |= {f"hf lookup K={k}" if k else "hf": hf_side(wl, t, k) for k in (0, *HF_KS)}
                 for side in sides.values():  # warm-up
                     side(ps[:batch], list(range(batch)), min(8, n))
-                new = run_point(wl, name, kind, st, batch, ps, sides, n, repeats, bw)
+                new = run_point(wl, name, kind, st, batch, ps, sides, n, repeats, bw, tasks[kind][:len(ps)])
             except Exception as exc:
                 new = [{"drafter": name, "kind": kind, "setting": st, "batch": batch, "side": "-",
                         "status": H.short_error(exc)}]
@@ -265,9 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = summary(ok)
     body = [
         f"- model {wl.description}, {wl.dtype_name}; {n} new tokens, EOS on; {b1} prompts per kind at "
-        f"B=1, {big} at once at B={big}; {repeats} repeat(s), sides interleaved, medians",
+        f"B=1; at B={big}: {big * max(1, args.queue)} requests through {big} slots (continuous batching"
+        f"{'' if args.queue > 1 else ', all admitted together'}); {repeats} repeat(s), sides interleaved, "
+        "medians",
         f"- NGramDraft n=3, min_n={args.ngram_min_n}; LayerSkipDraft layers {args.layerskip_layers} of "
-        f"{wl.model.config.num_hidden_layers}, k={args.layerskip_k}; DraftModel k={K_MAIN}: random, "
+        f"{wl.model.config.num_hidden_layers}, k={args.layerskip_k}; DraftModel k={K_MODEL}: random, "
         f"{DRAFT_CONFIG['num_hidden_layers']} layers, hidden {DRAFT_CONFIG['hidden_size']}; "
         f"HF prompt lookup K in {list(HF_KS)}, disable_compile=True",
         f"- floor tok/s: plain decoding reading weights + KV once per step at "

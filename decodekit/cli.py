@@ -175,19 +175,20 @@ def parse_layers(text: str) -> int | list[int]:
     return out
 
 
-def _make_draft(spec: str | None, k: int, device, dtype):
-    """``--draft``: ngram | layerskip:N | layerskip:LIST | PATH (a draft model)."""
+def _make_draft(spec: str | None, k: int | None, device, dtype):
+    """``--draft``: ngram | layerskip:N | layerskip:LIST | PATH (a draft model); ``k`` None: the
+    drafter's default (16 for prompt lookup, whose drafts are free; 4 for the others)."""
     from .loading import load
     from .speculative import DraftModel, LayerSkipDraft, NGramDraft
 
     if spec is None:
         return None
     if spec == "ngram":
-        return NGramDraft(n=3, k=k)
+        return NGramDraft(n=3, k=k or 16)
     if spec.startswith("layerskip:"):
-        return LayerSkipDraft(parse_layers(spec.split(":", 1)[1]), k=k)
+        return LayerSkipDraft(parse_layers(spec.split(":", 1)[1]), k=k or 4)
     model, tok = load(spec, device=device, dtype=dtype)
-    return DraftModel(model, tok, k=k)
+    return DraftModel(model, tok, k=k or 4)
 
 
 def _make_steering(args, model, tok):
@@ -280,7 +281,7 @@ def run_generate(args) -> int:
     spec = ""
     if draft is not None:
         st = ctx.spec_stats
-        spec = (f"; draft {args.draft} k={args.num_speculative_tokens}: acceptance {st.acceptance_rate:.2f}, "
+        spec = (f"; draft {args.draft} k={draft.k}: acceptance {st.acceptance_rate:.2f}, "
                 f"mean accepted length {st.mean_accepted_length:.2f}")
     print(f"\n[{n} tokens in {dt:.2f} s, {n / dt if dt > 0 else 0.0:.1f} tokens/s; "
           f"first token {1e3 * (first or 0):.0f} ms; prompt {len(ctx.prompt_token_ids)} tokens; "
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers or a layer list like 0-7,12 (layerskip:...), or a draft model folder "
                         "or .gguf file with the same vocabulary (PATH)")
     g.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1),
-                   default=4)
+                   help="longest draft (default 16 for ngram, 4 for the others)")
     g.add_argument("--steer", default=None, metavar="PRESET|PATH",
                    help="steer with a preset (brevity, positive, formal) or a vector file "
                         "(.safetensors, or a .gguf control vector)")

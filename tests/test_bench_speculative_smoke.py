@@ -37,11 +37,11 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
 
     sides = {(r["drafter"], r["kind"], r["setting"], r["batch"], r["side"]) for r in rows}
-    b1 = {"plain", "ngram k=2", "ngram k=4", "ngram k=6", "hf", "hf lookup K=4", "hf lookup K=10"}
+    b1 = {"plain", "ngram k=8", "ngram k=16", "hf", "hf lookup K=4", "hf lookup K=10"}
     for kind in ("copy", "open"):
         for st in ("greedy", "t0.7"):
             assert {("ngram", kind, st, 1, s) for s in b1} <= sides
-            assert {("ngram", kind, st, 2, s) for s in ("plain", "ngram k=4")} <= sides
+            assert {("ngram", kind, st, 2, s) for s in ("plain", "ngram k=16")} <= sides
             assert {("layerskip", "open", st, b, s) for b in (1, 2) for s in ("plain", "layerskip k=3")} \
                 <= sides
     assert {("model", "open", "greedy", b, "model k=4") for b in (1, 2)} <= sides
@@ -54,7 +54,7 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
                 assert r["greedy_mismatches"] == 0, r  # speculation never changes greedy tokens
         if r["side"] != "plain" and not r["side"].startswith("hf") and r["batch"] == 1 \
                 and r["drafter"] != "ngram":
-            assert r["drafted"] > 0, r  # the model drafters ran
+            assert r["drafted"] > 0, r  # the model drafters ran (--smoke turns the draft policy off)
     copy_greedy = [r for r in rows if r["side"].startswith("ngram") and r["kind"] == "copy"
                    and r["setting"] == "greedy"]
     assert any(r["accepted"] > 0 for r in copy_greedy)

@@ -206,7 +206,8 @@ def test_03_failed_call_is_rolled_back_and_a_retry_gives_the_same_tokens(draft, 
 
 def test_04_release_of_a_queued_context_touches_only_it():
     gen, other = _gen(), _gen()
-    running = gen.new_context([1, 5, 6], SamplingParams(max_new_tokens=8), "x")
+    # ignore_eos: a sampled EOS as the first token would end it (and free its slot) at once
+    running = gen.new_context([1, 5, 6], SamplingParams(max_new_tokens=8, ignore_eos=True), "x")
     gen.next_token({"x": running})
     queued = other.new_context([1, 7, 8], SamplingParams(max_new_tokens=8), "x")  # same id, elsewhere
     gen.release(queued)

@@ -12,7 +12,6 @@ import torch
 from _models import hf_greedy, tiny_model, word_tokenizer
 
 from decodekit import DraftModel, LayerSkipDraft, NGramDraft, SamplingParams, TokenGenerator
-from decodekit.speculative.adaptive import AdaptiveK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +43,7 @@ def make_draft(kind: str, model, k: int = 4):
 
 
 DRAFTERS = ["ngram", "model", "layerskip"]
+CPU_COST = {1: 1.0, 2: 1.8, 17: 2.0, 64: 5.0}  # a fixed verification cost table: reproducible plans
 
 
 def _run(gen, prompts, params, join_at=1):
@@ -77,8 +77,9 @@ def test_ngram_proposals():
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
 def test_greedy_identical_to_hf_with_joins(arch, kind):
     model = tiny_model(arch)
+    # full-length drafts every step (the cost model would never draft with a same-size model)
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                         draft=make_draft(kind, model))
+                         draft=make_draft(kind, model), adaptive_k=False)
     news = [12, 9, 14, 10]
     params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in news]
     ctxs = _run(gen, PROMPTS, params)
@@ -100,7 +101,8 @@ def test_penalties_see_the_draft_window(kind):
               for _ in PROMPTS]
     plain = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64)
     spec = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                          draft=NGramDraft(n=1, k=4) if kind == "ngram" else make_draft(kind, model))
+                          draft=NGramDraft(n=1, k=4) if kind == "ngram" else make_draft(kind, model),
+                          adaptive_k=False)
     want = [c.generated_token_ids for c in _run(plain, PROMPTS, params)]
     got = [c.generated_token_ids for c in _run(spec, PROMPTS, params)]
     assert got == want
@@ -152,7 +154,7 @@ def test_sampled_requests_stay_valid_and_seeded(kind):
     runs = []
     for _ in range(2):
         gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64,
-                             draft=make_draft(kind, model, k=3))
+                             draft=make_draft(kind, model, k=3), window_cost=CPU_COST)
         params = [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_new_tokens=10,
                                  ignore_eos=True) for s in range(4)]
         runs.append([c.generated_token_ids for c in _run(gen, PROMPTS, params)])
@@ -227,8 +229,8 @@ def _exact_joint(model, params) -> torch.Tensor:
 
 
 def _spec_samples(model, params, n: int, draft, rows: int) -> torch.Tensor:
-    """First three tokens of ``n`` seeded requests, ``rows`` at a time (adaptive k off:
-    always speculate)."""
+    """First three tokens of ``n`` seeded requests, ``rows`` at a time (the draft policy
+    off: always speculate)."""
     gen = TokenGenerator(model, word_tokenizer(E2E_V), max_batch_size=32, max_seq_len=32,
                          draft=draft, adaptive_k=False)
     out = []
@@ -290,17 +292,6 @@ def test_joint_distribution_negative_control_is_rejected(monkeypatch):
     assert e2e_pvalue(40_000, True, monkeypatch) < 1e-6
 
 
-def test_batch_cap_shortens_drafts_on_cpu():
-    ak = AdaptiveK(4, 0.0, "cpu")
-    assert [ak.batch_cap(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 0]
-    assert AdaptiveK(4, 0.0, "cpu", enabled=False).batch_cap(8) == 4
-    assert [AdaptiveK(4, 0.0, "cuda").batch_cap(b) for b in (1, 32, 64, 200)] == [4, 4, 2, 0]
-    # the generator drafts with its device's policy
-    gen = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=8, max_seq_len=64,
-                         draft=NGramDraft(n=2, k=4))
-    assert gen.speculative.adaptive.batch_cap(8) == 0 and gen.speculative.adaptive.batch_cap(1) == 4
-
-
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 @pytest.mark.parametrize("kind", ["ngram", "model"])
 def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
@@ -310,7 +301,7 @@ def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
     runs = []
     for draft in (None, make_draft(kind, model)):
         gen = TokenGenerator(model, word_tokenizer(), max_batch_size=3, max_seq_len=64, draft=draft,
-                             logprobs_mode=mode)
+                             logprobs_mode=mode, adaptive_k=False)
         runs.append((_run(gen, PROMPTS, params), gen.spec_stats))
     (plain, _), (spec, st) = runs
     assert st.accepted > 0
@@ -326,96 +317,70 @@ def test_logprobs_on_speculative_steps_match_plain_decoding(kind, mode):
             assert set(y.top_log_probabilities[0]) == set(x.top_log_probabilities[0])
 
 
-def test_adaptive_k_backs_off_exponentially_and_recovers():
-    """Rejected drafts halve k; at 0 the request rests 8, 16, 32, ... steps between probes
-    (so a drafter that never helps costs ever less); an accepted draft resets the backoff."""
-    ak = AdaptiveK(4, 0.0, "cpu")
-    ak.admit(0)
+def _scan_oracle(cfg: NGramDraft, toks: list[int], k: int, anchor: int | None) -> tuple[list[int], int]:
+    """The proposal and agreement by brute force: every occurrence of the longest matching
+    suffix, the continuation nearest to the anchor within [-BACK, +AHEAD] (ties: the later)
+    else the latest; the agreement is how far back the tokens before it equal the last ones."""
+    from decodekit.speculative.ngram import AHEAD, BACK, MAX_AGREEMENT
 
-    def steps_until_draft() -> int:
-        n = 0
-        while ak.length(0) == 0:
-            n += 1
-        return n
-
-    assert ak.length(0) == 4
-    ak.update(0, 4, 0)
-    assert ak.length(0) == 2
-    ak.update(0, 2, 0)
-    assert ak.length(0) == 1
-    ak.update(0, 1, 0)
-    rests = []
-    for _ in range(6):
-        rests.append(steps_until_draft())
-        assert ak.length(0) == 1  # the probe
-        ak.update(0, 1, 0)
-    assert rests == [7, 15, 31, 63, 127, 127]  # (the step that probes is not counted)
-    steps_until_draft()
-    ak.update(0, 1, 1)  # accepted: k grows, backoff resets
-    assert ak.length(0) == 2 and ak.misses(0) == 0
-    ak.update(0, 2, 0)
-    ak.update(0, 1, 0)
-    assert steps_until_draft() == 7
-    ak.admit(0)  # a new request in the slot starts fresh
-    assert ak.length(0) == 4
-
-
-def test_adaptive_k_for_model_drafts_and_break_even():
-    model = tiny_model("llama")
-    gen = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
-                         draft=make_draft("layerskip", model, k=4))
-    ak = gen.speculative.adaptive
-    # one of two layers: a drafted token costs 0.5 forwards, plus 0.1 to verify it on a CPU
-    assert gen.speculative.drafter.cost == pytest.approx(0.5)
-    assert ak.break_even == pytest.approx(0.6)
-    ak.admit(0)
-    assert ak.length(0) == 2  # model drafts start at half length
-    # a drafter whose drafts cost more than they save rests although it is partly accepted
-    for _ in range(3):
-        ak.update(0, 4, 1)
-    assert ak.length(0) == 0
-
-
-def _agreement_oracle(cfg: NGramDraft, toks: list[int], cap: int) -> int:
-    """How far back the scan's match agrees with the suffix (the plain definition)."""
     L = len(toks)
     for m in range(min(cfg.n, L - 1), cfg.min_n - 1, -1):
-        starts = [i for i in range(L - m) if toks[i:i + m] == toks[L - m:]]
-        if starts:
-            end = starts[-1] + m
-            return max(t for t in range(m, cap + 1) if t <= end and toks[end - t:end] == toks[L - t:])
-    return 0
+        conts = [i + m for i in range(L - m) if toks[i:i + m] == toks[L - m:]]
+        if conts:
+            near = [] if anchor is None else [c for c in conts if anchor - BACK <= c <= anchor + AHEAD]
+            c = max(near, key=lambda c: (-abs(c - anchor), c)) if near else conts[-1]
+            ag = max(t for t in range(0, MAX_AGREEMENT + 1) if t <= c and toks[c - t:c] == toks[L - t:])
+            return toks[c:c + min(k, cfg.k)], ag
+    return [], 0
 
 
-def test_ngram_match_agreement_and_confident_probe():
-    """NGramIndex.match's agreement equals the plain definition on random streams (a copy of
-    a long source agrees up to the cap); a resting request drafts again when the lookup is
-    confident (a long agreement) and not on a short one."""
+def test_ngram_match_agreement_anchor_and_confidence():
+    """NGramIndex.match equals the brute-force lookup (proposal and agreement, with and
+    without an anchor) on random streams that copy their source; the drafter is confident on a
+    long agreement only."""
     import random
 
-    from decodekit.speculative.ngram import MAX_AGREEMENT, PROBE_AGREEMENT, NGramIndex
+    from decodekit.speculative.ngram import CONFIDENT_AGREEMENT, NGramIndex
 
     rng = random.Random(1)
-    for _ in range(200):
-        cfg = NGramDraft(n=rng.randint(1, 4), k=4)
+    anchored = 0
+    for _ in range(300):
+        cfg = NGramDraft(n=rng.randint(1, 4), k=6)
         src = [rng.randrange(5) for _ in range(rng.randint(1, 60))]
         toks = src + [rng.randrange(5) for _ in range(rng.randint(0, 5))] + src[: rng.randint(1, len(src))]
         idx = NGramIndex(cfg)
         idx.extend(toks)
-        got, a = idx.match(4)
-        assert got == cfg.propose(toks, 4)
-        assert a == _agreement_oracle(cfg, toks, MAX_AGREEMENT), toks
+        for anchor in (None, rng.randrange(len(toks) + 10)):
+            m = idx.match(6, anchor)
+            assert (m.tokens, m.agreement) == _scan_oracle(cfg, toks, 6, anchor), (toks, anchor)
+            assert m.tokens == cfg.propose(toks, 6, anchor)
+            anchored += anchor is not None and m.tokens != idx.match(6).tokens
+    assert anchored > 20  # the anchor changes the answer often
     drafter = NGramDraft(n=3, k=8).build(type("R", (), {"device": torch.device("cpu")})(), None)
     text = list(range(100, 140))
-    assert drafter.confident(0, text + [7] + text[:PROBE_AGREEMENT])  # copying the source again
-    assert not drafter.confident(1, text + [7] + text[:3])
-    ak = AdaptiveK(8, 0.0, "cpu")
-    ak.admit(0)
-    ak.update(0, 8, 0), ak.update(0, 4, 0), ak.update(0, 2, 0), ak.update(0, 1, 0)
-    assert ak.length(0) == 0  # resting
-    assert ak.probe(0) == 4 and ak.length(0) == 4  # the probe ends the rest
-    ak.update(0, 4, 4)
-    assert ak.length(0) == 8  # free drafts regrow to twice the accepted draft
+    assert drafter.confident(0, text + [7] + text[:CONFIDENT_AGREEMENT])  # copying the source again
+    assert not drafter.confident(1, text + [7] + text[:2])
+
+
+def test_ngram_anchor_follows_the_source_through_a_correction():
+    """A request copying a passage replaces a token (a spelling fix): the next short suffix
+    occurs all over the passage, and the anchored lookup takes the occurrence where the copy
+    stands, where the latest occurrence would jump ahead."""
+    from decodekit.speculative.base import DraftRequest
+
+    THE, FIX = 1, 99
+    src = [10, 11, 12, THE, 13, 14, 15, 16, THE, 17, 18, 19, THE, 20, 21]
+    prompt = [5, 6] + src + [7, 8]
+    drafter = NGramDraft(n=3, k=8).build(type("R", (), {"device": torch.device("cpu")})(), None)
+    drafter.admit([0], [prompt], [None])
+    copy = [10, 11]  # the model copies 10, 11, then writes FIX for 12
+    d = drafter.propose([DraftRequest(0, prompt + copy, 8)], [len(prompt) + 1])
+    assert d.tokens[0, : d.lengths[0]].tolist() == [12, THE, 13, 14, 15, 16, THE, 17]
+    # verified: first draft token rejected, FIX emitted instead; the model then writes THE
+    seen = prompt + copy + [FIX, THE]
+    d = drafter.propose([DraftRequest(0, seen, 8)], [len(seen) - 1])
+    assert d.tokens[0, : d.lengths[0]].tolist() == [13, 14, 15, 16, THE, 17, 18, 19]
+    assert NGramDraft(n=3, k=8).propose(seen) == [20, 21, 7, 8, 10, 11, FIX, THE]  # latest: elsewhere
 
 
 def test_ngram_index_agrees_with_the_scan():
@@ -441,8 +406,9 @@ def test_ngram_index_agrees_with_the_scan():
                 toks = [rng.randrange(6) for _ in range(rng.randint(1, 20))]  # a new request
             idx.extend(toks)
             other.extend(toks[:-1] + [(toks[-1] + 1) % 6] if toks else [])
+            anchor = rng.choice([None, rng.randrange(len(toks) + 4)])
             for k in (1, 3, 8):
-                assert idx.propose(k) == cfg.propose(toks, k), (toks, k)
+                assert idx.propose(k, anchor) == cfg.propose(toks, k, anchor), (toks, k, anchor)
                 checked += 1
-                disagree += other.propose(k) != cfg.propose(toks, k)
+                disagree += other.propose(k, anchor) != cfg.propose(toks, k, anchor)
     assert checked == 60 * 40 * 3 and disagree > 100

@@ -30,8 +30,8 @@ from ..outputs import GenerationStatus, StepStats, TextGenerationResponse, TextR
 from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..sampling import Sampler
 from ..speculative import DraftModel, LayerSkipDraft, NGramDraft
-from ..speculative.adaptive import AdaptiveK
 from ..speculative.base import SpecStats
+from ..speculative.policy import DraftPolicy, WindowCost
 from ..speculative.step import SpeculativeStep
 from ..steering.vector import Steering
 from .context import TextGenerationContext
@@ -77,7 +77,15 @@ class TokenGenerator:
         target's distribution (greedy: identical tokens). ``ctx.speculate = False`` turns
         it off per request.
     adaptive_k : bool
-        Per request draft lengths (:class:`~decodekit.speculative.adaptive.AdaptiveK`).
+        Per request and step draft lengths from the cost model
+        (:class:`~decodekit.speculative.policy.DraftPolicy`); False: every request drafts
+        ``k`` tokens (fewer near its token budget).
+    window_cost : dict[int, float] | None
+        The draft policy's verification costs: ``{tokens: time}`` of one forward over that
+        many tokens (any unit; ``1`` among the keys). None measures them on the running
+        device when the generator is built (a second or so on a CPU); timings vary from run
+        to run, so seeded *sampled* outputs with speculation are reproducible only with a
+        given table (greedy outputs always equal plain decoding's).
     steering : bool
         Install the steering hooks (once, on every decoder layer) so that requests can carry
         a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows without one
@@ -89,7 +97,7 @@ class TokenGenerator:
                  device=None, dtype=None, logprobs_mode: str = "raw", seed: int | None = None,
                  sampler_backend: str = "auto", cuda_graphs: bool = True, draft: DraftConfig | None = None,
                  num_speculative_tokens: int | None = None, adaptive_k: bool = True,
-                 steering: bool = True) -> None:
+                 window_cost: dict[int, float] | None = None, steering: bool = True) -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
         k = _speculative_k(draft, num_speculative_tokens)
@@ -114,8 +122,14 @@ class TokenGenerator:
         self.speculative: SpeculativeStep | None = None
         if draft is not None:
             drafter = draft.build(self.runner, self.sampler)
-            adaptive = AdaptiveK(k, drafter.cost, self.device.type, adaptive_k)
-            self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, adaptive)
+            if window_cost is not None:
+                cost = WindowCost(window_cost)
+            elif adaptive_k:
+                cost = WindowCost.measure(self.runner, max_batch_size * (k + 1))
+            else:
+                cost = WindowCost({1: 1.0})
+            policy = DraftPolicy(k, drafter.cost, cost, drafter.prior, adaptive_k)
+            self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, policy)
         self.stats = StepStats()
         if cuda_graphs and self.device.type == "cuda":
             self.enable_graphs()

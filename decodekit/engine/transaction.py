@@ -10,8 +10,8 @@ as if they had been returned. With it, a retry samples them again: the randomnes
 
 The KV cache itself needs nothing: positions past a row's length are masked and overwritten.
 
-May call: the sampler (checkpoint / restore), the runner, the speculative step (its adaptive
-state and draft caches).
+May call: the sampler (checkpoint / restore), the runner, the speculative step (its draft
+policy counts and draft caches).
 """
 
 from __future__ import annotations

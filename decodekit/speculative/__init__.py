@@ -6,7 +6,7 @@
   :class:`NGramDraft` (:mod:`.ngram`, prompt lookup), :class:`DraftModel`
   (:mod:`.draft_model`, a separate small LM with its own cache), :class:`LayerSkipDraft`
   (:mod:`.layer_skip`, the target through a subset of its layers);
-- :mod:`.adaptive`: draft length per request and batch;
+- :mod:`.policy`: draft lengths per request and step, from measured verification costs;
 - :mod:`.step`: the speculative step (window forward, verification, commit, logprobs).
 
 May call: the engine's runner and model adapter, the sampler.

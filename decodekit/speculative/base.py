@@ -96,11 +96,15 @@ class Drafter(Protocol):
     """What the speculative step needs from a built drafter.
 
     ``cost``: one drafted token's cost as a fraction of a target forward (0 for lookup).
+    ``prior``: ``(h, g)``, the acceptance the draft policy assumes before any evidence: of a
+    request's first drafted token, and of each next one once a run has started
+    (:class:`~decodekit.speculative.policy.DraftPolicy`).
     Slot hooks (``admit`` after the target prefilled a request, ``release``) let a drafter
     keep per-slot state; ``lengths`` are the target's per-slot cache lengths (0: free).
     """
 
     cost: float
+    prior: tuple[float, float]
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
         """Requests just prefilled into the contiguous ``slots`` (steering: per slot or None)."""
@@ -113,9 +117,9 @@ class Drafter(Protocol):
         a drafter with its own cache must not count on more."""
 
     def confident(self, slot: int, tokens: Sequence[int]) -> bool:
-        """Whether this step's draft for the request is very likely accepted although its
-        recent drafts were rejected (prompt lookup: a long match); such a request drafts again
-        instead of resting. False when the drafter cannot tell."""
+        """Whether this step's draft for the request is very likely accepted whatever its
+        recent drafts did (prompt lookup: a long match, the request is copying); the policy
+        then drafts for it. False when the drafter cannot tell."""
 
     def enable_graphs(self, capture: Any = None) -> None:
         """Capture CUDA graphs of the drafter's own forwards (``capture`` as for

@@ -88,6 +88,7 @@ class ModelDrafter:
     """
 
     cost: float = 1.0
+    prior = (0.6, 0.6)  # acceptance before any evidence (first token, then each next)
 
     def __init__(self, runner: ModelRunner, sampler: Any) -> None:
         self.runner, self.sampler = runner, sampler

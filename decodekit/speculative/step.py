@@ -1,7 +1,8 @@
 """One speculative step for a batch: propose, verify in one target forward, commit.
 
-1. **Propose**: per request a draft length (adaptive ``k``, the batch cap, its token and
-   length budget), then the drafter's :class:`~.base.Drafts`.
+1. **Propose**: per request a draft length (:class:`~.policy.DraftPolicy`: expected tokens
+   per unit of measured verification cost, within its token and length budget), then the
+   drafter's :class:`~.base.Drafts`.
 2. **Verify**: the target scores each row's newest token and its ``K`` drafts in one
    forward (``[R, K + 1]`` positions); the sampler turns the logits into the processed
    distributions of all window positions at once (penalties of position ``j`` count the
@@ -12,7 +13,7 @@
    buffer; rejected drafts never reach the penalty counts or the output (their KV entries
    sit past the row's length and are overwritten). One host transfer per step.
 
-May call: the runner, the sampler, the drafter, :mod:`.adaptive`.
+May call: the runner, the sampler, the drafter, :mod:`.policy`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ..engine.runner import ModelRunner, Rows
 from ..nvtx import nvtx_range
 from ..outputs import LogProbabilities, StepStats
 from ..params import DEFAULT_MAX_NEW_TOKENS
-from .adaptive import AdaptiveK
 from .base import Drafter, DraftRequest, Drafts, SpecStats
+from .policy import DraftPolicy
 
 __all__ = ["SpecRow", "SpeculativeStep"]
 
@@ -56,20 +57,20 @@ class SpeculativeStep:
         The target's.
     k : int
         Longest draft.
-    adaptive : AdaptiveK
-        Draft lengths per request.
+    policy : DraftPolicy
+        Draft lengths per request and step.
     """
 
     def __init__(self, drafter: Drafter, runner: ModelRunner, sampler: Any, k: int,
-                 adaptive: AdaptiveK) -> None:
+                 policy: DraftPolicy) -> None:
         self.drafter, self.runner, self.sampler = drafter, runner, sampler
-        self.k, self.adaptive = k, adaptive
+        self.k, self.policy = k, policy
         self.stats = SpecStats()  # counted by the generator once a call succeeds
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
         """Requests just prefilled into the contiguous ``slots``."""
         for s in slots:
-            self.adaptive.admit(s)
+            self.policy.admit(s)
         self.drafter.admit(slots, prompts, steering)
 
     def release(self, slot: int) -> None:
@@ -81,13 +82,13 @@ class SpeculativeStep:
         self.drafter.enable_graphs(capture)
 
     def checkpoint(self, slots: list[int]) -> dict:
-        """What a failed call must give back for ``slots``: their adaptive draft lengths."""
-        return self.adaptive.snapshot(slots)
+        """What a failed call must give back for ``slots``: their draft policy counts."""
+        return self.policy.snapshot(slots)
 
     def restore(self, checkpoint: dict, lengths: dict[int, int]) -> None:
-        """Undo a failed call: adaptive state back, draft caches cut to the target's
+        """Undo a failed call: policy counts back, draft caches cut to the target's
         ``lengths`` (slot -> tokens in its cache again)."""
-        self.adaptive.restore(checkpoint)
+        self.policy.restore(checkpoint)
         for slot, length in lengths.items():
             self.drafter.truncate(slot, length)
 
@@ -95,19 +96,17 @@ class SpeculativeStep:
                  ) -> list[DraftRequest] | None:
         """Draft requests for ``rows`` (contexts) whose known tokens are ``tokens[r]`` (prompt,
         generated and pending; the last one newest), or None when no row may draft."""
-        cap = self.adaptive.batch_cap(len(rows))
-        if cap == 0:
-            return None
-        out = []
+        caps, sure = [], []
         for c, seen in zip(rows, tokens, strict=True):
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             produced = len(seen) - len(c.prompt_token_ids)
-            k = self.adaptive.length(c.slot)
-            if k == 0 and c.speculate and self.drafter.confident(c.slot, seen):
-                k = self.adaptive.probe(c.slot)  # resting, but the drafter is sure: draft again
-            room = min(k, cap, limit - produced - 1, max_seq_len - c.length - 1)
-            out.append(DraftRequest(c.slot, seen, max(room, 0) if c.speculate else 0))
-        return out if any(r.budget for r in out) else None
+            cap = max(0, min(self.k, limit - produced - 1, max_seq_len - c.length - 1) if c.speculate else 0)
+            caps.append(cap)
+            sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
+        plan = self.policy.plan([c.slot for c in rows], caps, sure)
+        if not any(plan):
+            return None
+        return [DraftRequest(c.slot, seen, n) for c, seen, n in zip(rows, tokens, plan, strict=True)]
 
     def run(self, rows: Sequence[Any], requests: Sequence[DraftRequest], lengths: Sequence[int],
             stats: StepStats) -> list[SpecRow] | None:
@@ -132,7 +131,7 @@ class SpeculativeStep:
         for r, (d, o, a) in enumerate(zip(drafts.lengths, out_h, acc_h, strict=True)):
             result.append(SpecRow(o[: a + 1], [None] * (a + 1) if lps is None else lps[r][: a + 1], d, a))
             if d:
-                self.adaptive.update(requests[r].slot, d, a)
+                self.policy.update(requests[r].slot, d, a)
         return result
 
     def _verify(self, win: Rows, slots: list[int], drafts: Drafts) -> tuple[torch.Tensor, torch.Tensor]:
