@@ -186,16 +186,19 @@ class _NGramDrafter:
         self.config, self.device = config, device
         self.index: dict[int, NGramIndex] = {}
         self.anchors: dict[int, tuple[int, int]] = {}  # slot -> (source, tokens then)
+        self._last: dict[int, tuple[int, int | None, Match]] = {}  # slot -> this step's lookup
 
     def admit(self, slots, prompts, steering) -> None:
         for s, p in zip(slots, prompts, strict=True):
             self.index[s] = NGramIndex(self.config)
             self.index[s].extend(p)
             self.anchors.pop(s, None)
+            self._last.pop(s, None)
 
     def release(self, slot: int) -> None:
         self.index.pop(slot, None)
         self.anchors.pop(slot, None)
+        self._last.pop(slot, None)
 
     def enable_graphs(self, capture=None) -> None:
         """Nothing to capture: lookup runs on the host."""
@@ -203,6 +206,7 @@ class _NGramDrafter:
     def truncate(self, slot: int, length: int) -> None:
         if slot in self.index:
             self.index[slot].truncate(length)
+        self._last.pop(slot, None)
         anchor = self.anchors.get(slot)
         if anchor is not None and anchor[1] > length + 1:
             del self.anchors[slot]
@@ -219,22 +223,31 @@ class _NGramDrafter:
     def confident(self, slot: int, tokens: Sequence[int]) -> bool:
         """Whether the request is copying: its last :data:`CONFIDENT_AGREEMENT` tokens or
         more recur earlier with a continuation."""
-        return self._index(slot, tokens).match(1, self._anchor(slot, tokens)).agreement >= CONFIDENT_AGREEMENT
+        return self._match(slot, tokens).agreement >= CONFIDENT_AGREEMENT
 
-    def _index(self, slot: int, tokens: Sequence[int]) -> NGramIndex:
+    def _match(self, slot: int, tokens: Sequence[int]) -> Match:
+        """The lookup (up to ``k`` tokens) for the request's ``tokens``, once per step: the
+        policy's :meth:`confident` and the step's proposal share it (which occurrence is taken
+        does not depend on how many tokens are proposed)."""
+        anchor = self._anchor(slot, tokens)
+        last = self._last.get(slot)
+        if last is not None and last[:2] == (len(tokens), anchor):
+            return last[2]
         index = self.index.get(slot)
         if index is None:
             index = self.index[slot] = NGramIndex(self.config)
         index.extend(tokens)
-        return index
+        m = index.match(self.config.k, anchor)
+        self._last[slot] = (len(tokens), anchor, m)
+        return m
 
     def _draft(self, r: DraftRequest) -> list[int]:
         if r.budget <= 0:
             return []
-        m = self._index(r.slot, r.tokens).match(r.budget, self._anchor(r.slot, r.tokens))
+        m = self._match(r.slot, r.tokens)
         if m.tokens:
             self.anchors[r.slot] = (m.source, len(r.tokens))
-        return m.tokens
+        return m.tokens[: r.budget]
 
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
         drafts = [self._draft(r) for r in requests]
