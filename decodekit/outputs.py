@@ -112,7 +112,8 @@ class StepStats:
 
     batch_size: int = 0
     tokens: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
     steps: int = 0
     forward_s: float = 0.0
     sample_s: float = 0.0

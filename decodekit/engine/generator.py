@@ -34,12 +34,14 @@ from ..speculative.base import SpecStats
 from ..speculative.policy import DraftPolicy, WindowCost
 from ..speculative.step import SpeculativeStep
 from ..steering.vector import Steering
+from .blocks import OutOfBlocks
 from .context import TextGenerationContext
 from .eos import EOSTracker
 from .graphs import Capture
 from .model_adapter import ModelAdapter, Prompt
+from .paging import KVStats, range_salts
 from .pending import PendingTokens
-from .runner import ModelRunner
+from .runner import ModelRunner, Paging
 from .slots import SlotTable
 from .transaction import CallTransaction
 
@@ -91,15 +93,33 @@ class TokenGenerator:
         a :class:`~decodekit.Steering` (``new_context(..., steering=...)``). Rows without one
         are bit-identical to an unsteered generator. While any request is steered, steps
         replay a second set of graphs captured with steering read on every layer.
+    kv_cache : {"paged", "slots"}
+        ``"paged"``: keys and values live in blocks of ``block_size`` positions
+        (:class:`~decodekit.engine.kv_cache.PagedKVCache`), handed to requests as they grow,
+        shared between requests with a common prompt prefix (``prefix_caching``) and
+        copied on write. ``"slots"``: one static row of ``max_seq_len`` positions per slot.
+    kv_cache_tokens : int | None
+        Paged cache capacity in positions (rounded up to whole blocks). Default: enough for
+        every slot at ``max_seq_len`` (the same memory as ``"slots"``), so the cache never
+        runs out.
+    block_size : int
+        Positions per block (paged).
+    prefix_caching : bool
+        Reuse the cached blocks of a prompt's prefix instead of recomputing them; a block's
+        key covers its tokens, every token before it, and the steering of its positions.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
                  device=None, dtype=None, logprobs_mode: str = "raw", seed: int | None = None,
                  sampler_backend: str = "auto", cuda_graphs: bool = True, draft: DraftConfig | None = None,
                  num_speculative_tokens: int | None = None, adaptive_k: bool = True,
-                 window_cost: dict[int, float] | None = None, steering: bool = True) -> None:
+                 window_cost: dict[int, float] | None = None, steering: bool = True,
+                 kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
+                 prefix_caching: bool = True) -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
+        if kv_cache not in ("paged", "slots"):
+            raise ValueError(f"kv_cache must be 'paged' or 'slots', got {kv_cache!r}")
         k = _speculative_k(draft, num_speculative_tokens)
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
         limit = self.adapter.max_positions
@@ -109,9 +129,14 @@ class TokenGenerator:
                              f"of {self.adapter.name}")
         self.adapter.self_test()
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        # k + 1 scratch positions: a verification window never writes past the cache
-        self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=k + 1 if k else 0,
-                                  steering=steering)
+        scratch = k + 1 if k else 0  # a verification window never writes past the cache
+        paging = None
+        if kv_cache == "paged":
+            paging = _paging(max_batch_size, max_seq_len + scratch, kv_cache_tokens, block_size,
+                             prefix_caching)
+        self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=scratch,
+                                  steering=steering, paging=paging)
+        self._cached: dict[int, int] = {}  # slot -> prompt tokens found in the prefix cache
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
                                logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
         self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
@@ -182,6 +207,12 @@ class TokenGenerator:
     def spec_stats(self) -> SpecStats:
         """Speculation counters over every request (zeros without a drafter)."""
         return SpecStats() if self.speculative is None else self.speculative.stats
+
+    @property
+    def kv_stats(self) -> KVStats | None:
+        """Paged-cache counters since construction (prefix-cache hits, copied blocks); None
+        with ``kv_cache="slots"``."""
+        return None if self.runner.kv is None else self.runner.kv.stats
 
     @property
     def running(self) -> Mapping[str, TextGenerationContext]:
@@ -393,9 +424,25 @@ class TokenGenerator:
                 self.sampler.remove(slot)
                 self._clear_steering(slot)
                 raise
+        try:
+            self._cached[slot] = self.runner.admit(slot, ctx.prompt_token_ids, self._salts(ctx))
+        except OutOfBlocks as e:
+            self.sampler.remove(slot)
+            self._clear_steering(slot)
+            raise RuntimeError(f"the KV cache has no room for request {ctx.request_id!r} "
+                               f"({len(ctx.prompt_token_ids)} prompt tokens): release requests or raise "
+                               "kv_cache_tokens") from e
         self.slots.take(slot, ctx)
         ctx.slot = slot
         self._contexts[ctx.request_id] = ctx
+
+    def _salts(self, ctx: TextGenerationContext) -> list[bytes]:
+        """Prefix-cache salts of the blocks of ``ctx``'s prompt (its steering)."""
+        if ctx.steering is None or self.runner.kv is None:
+            return []
+        lo, hi = ctx.steering.position_range(len(ctx.prompt_token_ids))
+        bs = self.runner.kv.block_size
+        return range_salts(ctx.steering.digest(), lo, hi, len(ctx.prompt_token_ids) // bs, bs)
 
     def _unadmit(self, ctx: TextGenerationContext) -> None:
         """Undo :meth:`_admit` for a context whose prefill did not complete."""
@@ -407,6 +454,8 @@ class TokenGenerator:
         if ctx.slot is None:
             return
         self.sampler.remove(ctx.slot)
+        self.runner.free(ctx.slot)
+        self._cached.pop(ctx.slot, None)
         if ctx.slot in self._steered:  # whatever ctx.steering says now
             self._clear_steering(ctx.slot)
         if self.speculative is not None:
@@ -429,10 +478,13 @@ class TokenGenerator:
     def _prefill(self, run: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
         prompts = [c.prompt_token_ids for c in run]
         slots = [c.slot for c in run]
-        n_tokens = sum(len(p) for p in prompts)
+        starts = [self._cached.pop(s, 0) for s in slots]
+        n_tokens = sum(len(p) - a for p, a in zip(prompts, starts, strict=True))
         with nvtx.nvtx_range("decodekit.prefill", n_tokens):
             with stats.timing("forward_s"):
-                logits = self.runner.prefill(prompts, slots[0])
+                logits = self.runner.prefill(prompts, slots[0], starts)
+                for c in run:
+                    self.runner.register(c.slot, c.prompt_token_ids, self._salts(c))
                 if self.speculative is not None:
                     self.speculative.admit(slots, prompts, [c.steering for c in run])
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
@@ -440,15 +492,22 @@ class TokenGenerator:
                 pending.add_sampled([c.request_id for c in run], res)
                 self.runner.set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
         stats.prefill_tokens += n_tokens
+        stats.prefix_hit_tokens += sum(starts)
         for c, p in zip(run, prompts, strict=True):
             c.length = len(p)
 
     def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
               stats: StepStats) -> None:
         """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
+        slots = [c.slot for c in rows]
+        ahead = 1 + (self.spec_k + 1 if self.speculative is not None else 0)  # positions a step may write
+        try:
+            self.runner.reserve(slots, [c.length for c in rows], [c.length + ahead for c in rows])
+        except OutOfBlocks as e:
+            raise RuntimeError("the KV cache ran out of blocks: release requests or raise "
+                               "kv_cache_tokens") from e
         if self.speculative is not None and self._speculate(rows, pending, spec, stats):
             return
-        slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             with stats.timing("forward_s"):
                 out = self.runner.decode(slots, self.slots.lengths())
@@ -516,6 +575,23 @@ def _speculative_k(draft: DraftConfig | None, num_speculative_tokens: int | None
         return 0
     k = draft.k if num_speculative_tokens is None else num_speculative_tokens
     return int_at_least("num_speculative_tokens", k, 1)
+
+
+def _paging(slots: int, row: int, tokens: int | None, block_size: int, prefix_caching: bool) -> Paging:
+    """The paged cache's shape for ``slots`` rows of up to ``row`` positions."""
+    int_at_least("block_size", block_size, 1)
+    per_row = -(-row // block_size)
+    if tokens is None:
+        blocks = slots * per_row
+    else:
+        blocks = -(-int_at_least("kv_cache_tokens", tokens, 1) // block_size)
+        if blocks < per_row:
+            raise ValueError(f"kv_cache_tokens must hold at least one full-length request "
+                             f"({per_row * block_size} positions of max_seq_len + speculative scratch), "
+                             f"got {tokens}")
+    if not isinstance(prefix_caching, bool):
+        raise ValueError(f"prefix_caching must be a bool, got {prefix_caching!r}")
+    return Paging(blocks + 1, block_size, prefix_caching)  # + the null block
 
 
 def _contiguous_runs(contexts: Sequence[TextGenerationContext]) -> list[list[TextGenerationContext]]:

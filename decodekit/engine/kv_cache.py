@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["SlotKVCache", "attention_masks"]
+__all__ = ["PagedKVCache", "SlotKVCache", "attention_masks", "kv_shape"]
 
 
 def attention_masks(kind: str, windows: dict[str, int | None], q_pos: torch.Tensor,
@@ -55,6 +55,14 @@ class _SlotLayer:
         self.values.zero_()
 
 
+def kv_shape(config) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
 class SlotKVCache(Cache):
     """Static KV cache with one row (slot) per request.
 
@@ -69,10 +77,7 @@ class SlotKVCache(Cache):
     """
 
     def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype) -> None:
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_layers = cfg.num_hidden_layers
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_layers, kv_heads, head_dim = kv_shape(config)
         shape = (max_slots, kv_heads, max_seq_len, head_dim)
         layers = [
             _SlotLayer(torch.zeros(shape, device=device, dtype=dtype),
@@ -141,3 +146,92 @@ class SlotKVCache(Cache):
         mask = torch.zeros(ok.shape, dtype=dtype, device=q_pos.device)
         mask.masked_fill_(~ok, torch.finfo(dtype).min)
         return mask[:, None]
+
+
+class _PagedLayer(_SlotLayer):
+    """One layer's block tensors ``[num_blocks, block_size, kv_heads, head_dim]``."""
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[0] * self.keys.shape[1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_max_length(), 0
+
+
+class PagedKVCache(SlotKVCache):
+    """KV cache in fixed-size blocks, read through per-row block tables.
+
+    Per layer ``keys``/``values`` of shape ``[num_blocks, block_size, kv_heads, head_dim]``;
+    :attr:`block_tables` ``[slots, max_seq_len / block_size]`` (int64, on the device) maps a
+    row's position ``p`` to block ``block_tables[row, p // block_size]``, offset
+    ``p % block_size``. Entries a row does not hold point at block 0 (the null block of
+    :class:`~decodekit.engine.blocks.BlockPool`): writes there are lost, reads masked. Who
+    holds which block is decided on the host (:mod:`.paging`); this class only moves data.
+
+    Same binding API as :class:`SlotKVCache` (``bind`` then the model's ``update`` calls),
+    so the model's attention runs unchanged: ``update`` writes the step's keys and values
+    through the table and returns the row's first ``kv_len`` positions, gathered from its
+    blocks into ``[B, kv_heads, kv_len, head_dim]`` (the torch reference path; a copy of
+    the live prefix, sized by ``kv_len``).
+    """
+
+    def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype, *, num_blocks: int,
+                 block_size: int) -> None:
+        n_layers, kv_heads, head_dim = kv_shape(config)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        layers = [_PagedLayer(torch.zeros(shape, device=device, dtype=dtype),
+                              torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layers)]
+        Cache.__init__(self, layers=layers)
+        self.max_slots, self.max_seq_len, self.kv_len = max_slots, max_seq_len, max_seq_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.max_blocks = -(-max_seq_len // block_size)  # per row
+        self.block_tables = torch.zeros(max_slots, self.max_blocks, dtype=torch.long, device=device)
+        self._rows = slice(0, max_slots)
+        self._write_pos: torch.Tensor | None = None
+        self._write_block = self._write_off = self._read_blocks = None
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of keys and values one block holds over every layer."""
+        k = self.layers[0].keys
+        return 2 * len(self.layers) * k[0].numel() * k.element_size()
+
+    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None) -> None:
+        """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
+        attention sees their first ``kv_len`` positions (default: all). The block indices
+        are worked out here once for every layer."""
+        B = write_pos.shape[0]
+        if first_slot < 0 or first_slot + B > self.max_slots:
+            raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
+        self.kv_len = self.max_seq_len if kv_len is None else kv_len
+        bs = self.block_size
+        table = self.block_tables[first_slot:first_slot + B]  # [B, max_blocks]
+        self._write_block = table.gather(1, write_pos // bs)  # [B, q]
+        self._write_off = write_pos % bs
+        self._read_blocks = table[:, : -(-self.kv_len // bs)]  # [B, nb]
+        self._write_pos = write_pos
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Write ``key/value_states [B, H, q, D]`` into the rows' blocks; return the rows'
+        first ``kv_len`` positions ``[B, H, kv_len, D]`` (gathered copies)."""
+        if self._write_pos is None:
+            raise RuntimeError("PagedKVCache.update before bind(): use it through TokenGenerator")
+        layer = self.layers[layer_idx]
+        blk, off = self._write_block, self._write_off
+        layer.keys[blk, off] = key_states.transpose(1, 2).to(layer.keys.dtype)  # [B, q, H, D]
+        layer.values[blk, off] = value_states.transpose(1, 2).to(layer.values.dtype)
+        return self._gather(layer.keys), self._gather(layer.values)
+
+    def _gather(self, store: torch.Tensor) -> torch.Tensor:
+        B, nb = self._read_blocks.shape
+        rows = store[self._read_blocks]  # [B, nb, bs, H, D]
+        return rows.view(B, nb * self.block_size, *store.shape[2:])[:, : self.kv_len].transpose(1, 2)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's block ``dst[i]`` := block ``src[i]`` (int64 device tensors ``[n]``)."""
+        for layer in self.layers:
+            layer.keys.index_copy_(0, dst, layer.keys.index_select(0, src))
+            layer.values.index_copy_(0, dst, layer.values.index_select(0, src))
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_seq_len

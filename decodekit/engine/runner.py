@@ -28,11 +28,12 @@ import torch
 from ..nvtx import nvtx_range
 from ..steering.hooks import SteeringHooks, maybe_bound
 from .graphs import Capture, DecodeGraphs
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache, SlotKVCache
 from .model_adapter import ModelAdapter
+from .paging import KVBlocks
 from .staging import StepUploads
 
-__all__ = ["KV_CHUNK", "ModelRunner", "Rows", "window_widths"]
+__all__ = ["KV_CHUNK", "ModelRunner", "Paging", "Rows", "window_widths"]
 
 KV_CHUNK = 64  # eager forwards attend over the longest row rounded up to this
 
@@ -48,6 +49,15 @@ class Rows(NamedTuple):
     index: torch.Tensor
     index32: torch.Tensor
     n_draft: torch.Tensor | None = None
+
+
+class Paging(NamedTuple):
+    """A paged KV cache's shape: ``num_blocks`` blocks (the null block included) of
+    ``block_size`` positions, with or without prefix caching."""
+
+    num_blocks: int
+    block_size: int = 16
+    prefix_caching: bool = True
 
 
 def window_widths(k: int) -> list[int]:
@@ -70,14 +80,26 @@ class ModelRunner:
     steering : bool
         Install :class:`~decodekit.steering.SteeringHooks` on the decoder layers (skipped
         quietly when the layers cannot be found: ``hooks`` is then None).
+    paging : Paging | None
+        Keep the KV cache in blocks (:class:`~decodekit.engine.kv_cache.PagedKVCache`, the
+        block tables in :attr:`kv`); None: one static row of positions per slot. With paging
+        the caller says what each slot holds and writes (:meth:`admit`, :meth:`reserve`,
+        :meth:`free`); without, those are no-ops.
     """
 
     def __init__(self, adapter: ModelAdapter, max_slots: int, max_seq_len: int, *, scratch: int = 0,
-                 steering: bool = True) -> None:
+                 steering: bool = True, paging: Paging | None = None) -> None:
         self.adapter, self.model = adapter, adapter.model
         self.device, self.dtype = adapter.device, adapter.dtype
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
-        self.cache = SlotKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device, self.dtype)
+        self.kv: KVBlocks | None = None
+        if paging is None:
+            self.cache = SlotKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device,
+                                     self.dtype)
+        else:
+            self.cache = PagedKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device,
+                                      self.dtype, num_blocks=paging.num_blocks, block_size=paging.block_size)
+            self.kv = KVBlocks(self.cache, paging.prefix_caching)
         self.last_tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # [slots]
         self.hooks: SteeringHooks | None = None
         if steering:
@@ -108,6 +130,33 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
+    # ------------------------------------------------------------------ KV blocks
+    def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> int:
+        """``slot`` takes cache room for a prompt; returns its leading tokens already cached
+        (prefix caching; 0 without paging). ``OutOfBlocks`` when the blocks run out."""
+        return 0 if self.kv is None else self.kv.admit(slot, tokens, salts)
+
+    def reserve(self, slots: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> None:
+        """Each ``slots[i]`` is about to write positions ``starts[i] .. ends[i] - 1``: hold
+        private blocks for them and bring the device tables up to date (no-op without
+        paging). ``OutOfBlocks`` when the blocks run out."""
+        if self.kv is None:
+            return
+        for slot, a, b in zip(slots, starts, ends, strict=True):
+            self.kv.prepare(slot, a, b)
+        self.kv.sync()
+
+    def register(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> None:
+        """``slot``'s cache holds ``tokens`` from position 0: offer its full blocks to the
+        prefix cache (no-op without paging or prefix caching)."""
+        if self.kv is not None:
+            self.kv.register(slot, tokens, salts)
+
+    def free(self, slot: int) -> None:
+        """``slot`` lets go of its cache room (no-op without paging)."""
+        if self.kv is not None:
+            self.kv.free(slot)
+
     def kv_len(self, longest: int) -> int:
         """Positions an eager forward attends over: ``longest`` rounded up to :data:`KV_CHUNK`."""
         return min(self.cache.max_seq_len, -(-longest // KV_CHUNK) * KV_CHUNK)
@@ -130,22 +179,29 @@ class ModelRunner:
             self.last_tokens.index_copy_(0, slots, tokens)
 
     # ------------------------------------------------------------------ batches
-    def prefill(self, prompts: Sequence[Sequence[int]], first_slot: int) -> torch.Tensor:
-        """Prefill prompts into the contiguous slots ``first_slot ..``, left-padded so that every
-        row's last prompt token is the last column (pads write at free positions after their
-        row's prompt). Returns the logits ``[R, V]`` of each prompt's last token."""
-        P = max(len(p) for p in prompts)
+    def prefill(self, prompts: Sequence[Sequence[int]], first_slot: int, starts: Sequence[int] = ()
+                ) -> torch.Tensor:
+        """Prefill prompts into the contiguous slots ``first_slot ..``: row ``r`` computes
+        ``prompts[r][starts[r]:]`` (default: all; the positions before ``starts[r]`` are
+        cached already), left-padded so that every row's last prompt token is the last column
+        (pads write at free positions after their row's prompt). Returns the logits
+        ``[R, V]`` of each prompt's last token."""
+        if self.kv is not None:
+            self.kv.sync()  # the blocks admit() handed out
+        starts = list(starts) or [0] * len(prompts)
+        P = max(len(p) - a for p, a in zip(prompts, starts, strict=True))
+        last = self.cache.max_seq_len - 1  # never a valid position: where overflowing pads go
         ids = torch.zeros(len(prompts), P, dtype=torch.long)
         pos = torch.zeros(len(prompts), P, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            n = len(p)
-            ids[r, P - n:] = torch.tensor(list(p), dtype=torch.long)
-            pos[r, P - n:] = torch.arange(n)
-            pos[r, : P - n] = torch.arange(n, P)
+        for r, (p, a) in enumerate(zip(prompts, starts, strict=True)):
+            n, m = len(p), len(p) - a
+            ids[r, P - m:] = torch.tensor(list(p[a:]), dtype=torch.long)
+            pos[r, P - m:] = torch.arange(a, n)
+            pos[r, : P - m] = torch.arange(n, n + P - m).clamp(max=last)
         lengths = self.upload([len(p) for p in prompts])
         with nvtx_range("decodekit.forward", int(ids.numel())):
             logits = self.forward(ids.to(self.device), pos.to(self.device), lengths, first_slot,
-                                  self.kv_len(P))
+                                  self.kv_len(max(len(p) for p in prompts)))
         return logits[:, -1]
 
     def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> Rows:

@@ -24,6 +24,7 @@ May call: :mod:`.io` (files), the validators.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -284,6 +285,16 @@ class Steering:
             if not bool(torch.isfinite(v * torch.tensor(strength, dtype=torch.float32)).all()):
                 raise ValueError(f"strength {strength!r} times the vector of layer {layer} overflows "
                                  "float32")
+
+    def digest(self) -> bytes:
+        """16 bytes naming what this steering does to a position's keys and values (op,
+        strength and every layer's vector; the positions are not part of it): the prefix
+        cache salts the blocks it covers with this."""
+        h = hashlib.blake2b(f"{self.op}:{self.strength!r}".encode(), digest_size=16)
+        for layer, v in sorted(self.vector.items()):
+            h.update(f"|{layer}:".encode())
+            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.digest()
 
     def position_range(self, prompt_len: int) -> tuple[int, int]:
         """Half-open range ``[lo, hi)`` of absolute positions steered, for a prompt of ``prompt_len``."""
