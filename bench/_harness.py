@@ -382,6 +382,36 @@ def step_stats(gen: Any) -> tuple[float, float, float, int]:
     return st.forward_s, st.sample_s, st.total_s, int(gen.runner.cache.kv_len)
 
 
+def cb_config(page: int, **kw: Any) -> Any:
+    """transformers' ``ContinuousBatchingConfig`` with pages of ``page`` tokens (``page_size``
+    since transformers 5.2x, ``block_size`` before) and whichever of ``kw`` the installed
+    version takes."""
+    import inspect
+
+    from transformers import ContinuousBatchingConfig
+
+    params = inspect.signature(ContinuousBatchingConfig).parameters
+    kw["page_size" if "page_size" in params else "block_size"] = page
+    return ContinuousBatchingConfig(**{k: v for k, v in kw.items() if k in params})
+
+
+def kv_blocks_held(gen: Any) -> tuple[int, int]:
+    """``(blocks held, bytes per block)`` of ``gen``'s paged KV cache: blocks some request
+    holds, parked prefix-cache blocks excluded (``gen.runner.kv.pool``, ``gen.runner.cache``)."""
+    kv = gen.runner.kv
+    held = kv.pool.num_blocks - 1 - kv.pool.num_usable
+    return held, gen.runner.cache.bytes_per_block
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of K and V one position takes over every layer
+    (``decodekit.engine.kv_cache.kv_shape``)."""
+    from decodekit.engine.kv_cache import kv_shape
+
+    layers, heads, dim = kv_shape(model.config)
+    return 2 * layers * heads * dim * next(model.parameters()).element_size()
+
+
 def forward_alone(gen: Any, batch: int, kv_len: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``(bind, forward)``: one eager model forward, ``batch`` x 1 token over ``kv_len`` positions
     of ``gen``'s slot cache, every input (ids, positions, masks) prepared here and the cache bound

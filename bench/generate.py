@@ -136,15 +136,8 @@ def serve_point(wl: Workload, setting: str, requests: int, max_batch: int, n: in
     prompts = [all_prompts[i % len(all_prompts)] for i in range(requests)]
     params = dk_params(setting, n, requests)
     cfg = hf_config(setting, n, wl.pad_id)
-    import inspect
-
-    from transformers import ContinuousBatchingConfig
-
-    # a paged cache as large as decodekit's slot cache (max_batch x max_seq_len positions);
-    # the page size is ``block_size`` before transformers 5.2x, ``page_size`` after
-    page_kw = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters \
-        else "block_size"
-    cb = ContinuousBatchingConfig(num_blocks=-(-max_batch * H.max_seq(prompts, n) // 256), **{page_kw: 256})
+    # a paged cache as large as decodekit's (max_batch x max_seq_len positions)
+    cb = H.cb_config(256, num_blocks=-(-max_batch * H.max_seq(prompts, n) // 256))
     row: dict[str, Any] = {"section": "serve", "model": wl.name, "setting": setting,
                            "requests": requests, "max_batch_size": max_batch, "max_new_tokens": n,
                            "status": "ok"}

@@ -114,6 +114,8 @@ class StepStats:
     tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens computed
     prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
+    preempted: int = 0  # running requests that gave their KV blocks back (they re-prefill later)
+    waiting: int = 0  # contexts of the call left without cache room (no tokens this call)
     steps: int = 0
     forward_s: float = 0.0
     sample_s: float = 0.0

@@ -246,19 +246,58 @@ def test_paged_and_slot_caches_agree_with_speculation_and_joins():
     assert outs["paged"] == [hf_greedy(tiny_model("llama"), p, 20) for p in prompts]
 
 
-def test_small_kv_budget_refuses_clearly_and_keeps_others_intact():
-    gen = _gen(max_batch_size=3, max_seq_len=32, kv_cache_tokens=64)  # 4 blocks of 16
+def _through_scheduler(gen: TokenGenerator, prompts: list[list[int]], params: list[SamplingParams]):
+    from decodekit.engine.scheduler import continuous_batching
+
+    ctxs = [gen.new_context(p, sp, f"r{i}") for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    preempted = sum(gen.stats.preempted for _ in continuous_batching(gen, ctxs))
+    assert all(c.is_done for c in ctxs)
+    return ctxs, preempted
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_preempted_requests_reprefill_and_continue_exactly(draft):
+    """A budget of 6 blocks for 3 slots of up to 4 blocks: the youngest request is preempted
+    and re-prefilled, again and again. Greedy tokens equal transformers'; seeded sampled
+    tokens with penalties equal an unconstrained generator's (the sampler's counters and
+    penalty counts are brought forward over the generated tokens)."""
+    from decodekit import NGramDraft
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(12, 24))] for _ in range(6)]
+    kw = dict(max_batch_size=3, max_seq_len=64, seed=0, draft=NGramDraft(n=1, k=3) if draft else None,
+              adaptive_k=False)
+    small = _gen(kv_cache_tokens=96 + (4 * 16 if draft else 0), **kw)
+    greedy = [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)] * 6
+    ctxs, preempted = _through_scheduler(small, prompts, greedy)
+    assert preempted > 0 and sum(c.preemptions for c in ctxs) == preempted
+    assert [c.generated_token_ids for c in ctxs] == [hf_greedy(tiny_model("llama"), p, 30) for p in prompts]
+    sampled = [SamplingParams(temperature=1.0, top_p=0.95, repetition_penalty=1.3, max_new_tokens=30,
+                              ignore_eos=True, seed=100 + i) for i in range(6)]
+    got, preempted = _through_scheduler(small, prompts, sampled)
+    want, none = _through_scheduler(_gen(**kw), prompts, sampled)
+    assert preempted > 0 and none == 0
+    assert [c.generated_token_ids for c in got] == [c.generated_token_ids for c in want]
+    assert small.runner.kv.num_usable == small.runner.kv.pool.num_blocks - 1  # nothing leaked
+
+
+def test_a_request_without_room_waits_and_others_are_untouched():
+    gen = _gen(max_batch_size=3, max_seq_len=48, kv_cache_tokens=64)  # 4 blocks of 16
     rng = random.Random(5)
     p1, p2 = [rng.randrange(3, VOCAB) for _ in range(30)], [rng.randrange(3, VOCAB) for _ in range(40)]
-    a = gen.new_context(p1, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "a")
+    params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+    a = gen.new_context(p1, params, "a")
     gen.next_token({"a": a})
-    b = gen.new_context(p2[:30], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "b")
-    c = gen.new_context(p2[:20], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "c")
-    with pytest.raises(RuntimeError, match="KV cache has no room"):
-        gen.next_token({"a": a, "b": b, "c": c})
-    assert b.slot is None and c.slot is None and a.slot is not None
-    gen.next_token({"a": a})
+    b, c = gen.new_context(p2[:35], params, "b"), gen.new_context(p2[:20], params, "c")
+    out = gen.next_token({"a": a, "b": b, "c": c})  # b needs 3 blocks, 2 are left; c queues behind
+    assert out["b"].tokens == [] and out["c"].tokens == [] and gen.stats.waiting == 2
+    assert b.slot is None and c.slot is None and a.is_done and b.preemptions == 0
     assert a.generated_token_ids == hf_greedy(tiny_model("llama"), p1, 2)
+    gen.release(a)
+    while not (b.is_done and c.is_done):
+        gen.next_token({k: x for k, x in (("b", b), ("c", c)) if not x.is_done})
+    assert b.generated_token_ids == hf_greedy(tiny_model("llama"), p2[:35], 2)
+    assert c.generated_token_ids == hf_greedy(tiny_model("llama"), p2[:20], 2)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -270,3 +309,73 @@ def test_small_kv_budget_refuses_clearly_and_keeps_others_intact():
 def test_cache_settings_are_validated(kw, field):
     with pytest.raises(ValueError, match=field):
         _gen(**kw)
+
+
+# ----------------------------------------------------------------------------- forks
+def _hf_logprobs(model, tokens: list[int], n_prompt: int) -> list[float]:
+    """Cache-free oracle: the raw log probability of each generated token."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[p - 1, tokens[p]].item() for p in range(n_prompt, len(tokens))]
+
+
+def _finish(gen: TokenGenerator, ctxs: list) -> None:
+    while not all(c.is_done for c in ctxs):
+        gen.next_token({c.request_id: c for c in ctxs if not c.is_done})
+
+
+def _sampled(seed: int | None, n: int = 14) -> SamplingParams:
+    return SamplingParams(temperature=1.0, top_k=50, max_new_tokens=n, ignore_eos=True, seed=seed, logprobs=0)
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_fork_before_prefill_equals_independent_seeded_requests(seeded):
+    model = tiny_model("llama")
+    rng = random.Random(11)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(37)]  # 2 full blocks + 5
+    gen = _gen(max_batch_size=4, seed=3)
+    parent = gen.new_context(prompt, _sampled(50 if seeded else None), "p")
+    kids = gen.fork(parent, 3)
+    assert [k.seed for k in kids] == [parent.seed + i for i in (1, 2, 3)]
+    family = [parent, *kids]
+    gen.next_token({c.request_id: c for c in family})
+    assert gen.stats.prefill_tokens == 37  # one prefill for the four
+    assert gen.kv_stats.copied_blocks == 0 and all(len(c.generated_token_ids) == 1 for c in family)
+    _finish(gen, family)
+    assert gen.kv_stats.copied_blocks == 3  # the shared partial block: every writer but the last copies
+    solo = _gen(max_batch_size=1, prefix_caching=False)
+    for c in family:
+        ref = solo.new_context(prompt, _sampled(c.seed), "solo")
+        _finish(solo, [ref])
+        solo.release(ref)
+        assert c.generated_token_ids == ref.generated_token_ids
+    assert len({tuple(c.generated_token_ids) for c in family}) > 1  # the seeds differ (not all one run)
+    for c in family:
+        got = [x for lp in c.logprobs for x in lp.token_log_probabilities]
+        torch.testing.assert_close(got, _hf_logprobs(model, c.tokens, 37), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "slots"])
+def test_fork_of_a_running_request_branches_from_its_state(kv_cache):
+    model = tiny_model("llama")
+    rng = random.Random(12)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(21)]
+    gen = _gen(max_batch_size=3, kv_cache=kv_cache)
+    parent = gen.new_context(prompt, _sampled(7, n=20), "p")
+    gen.next_token({"p": parent}, num_steps=6)
+    kids = gen.fork(parent, 2)
+    assert all(k.generated_token_ids == parent.generated_token_ids and k.slot is not None for k in kids)
+    assert kids[0].text == parent.text
+    _finish(gen, [parent, *kids])
+    head = parent.generated_token_ids[:6]
+    assert all(c.generated_token_ids[:6] == head and len(c.generated_token_ids) == 20
+               for c in (parent, *kids))
+    assert len({tuple(c.generated_token_ids) for c in (parent, *kids)}) > 1
+    for c in (parent, *kids):
+        got = [x for lp in c.logprobs for x in lp.token_log_probabilities]
+        torch.testing.assert_close(got, _hf_logprobs(model, c.tokens, 21), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="not ACTIVE"):
+        gen.fork(parent, 1)
+    with pytest.raises(ValueError, match="n"):
+        gen.fork(gen.new_context(prompt, _sampled(1), "q"), 0)

@@ -27,7 +27,10 @@ class TextGenerationContext:
     yet). ``speculate = False`` turns the generator's drafter off for this request;
     ``spec_stats`` counts its speculation. ``steering`` steers it alone. ``seed`` keys its
     randomness: ``params.seed``, or one the generator drew when it made the context (so a
-    retried call samples the same tokens).
+    retried call samples the same tokens). ``preemptions`` counts the times a full paged
+    cache took its room back: it then waits without a slot (``slot`` None, still ACTIVE) and
+    the next call that includes it prefills its prompt and generated tokens again, then goes
+    on exactly as if nothing had happened.
     """
 
     request_id: str
@@ -44,6 +47,8 @@ class TextGenerationContext:
     spec_stats: SpecStats = field(default_factory=SpecStats)
     steering: Steering | None = None
     seed: int | None = None  # the seed of its randomness (params.seed, or drawn at creation)
+    preemptions: int = 0  # times the paged cache ran out and took its blocks back (it re-prefills)
+    fork_of: TextGenerationContext | None = None  # made by fork() before its parent's prefill
 
     @property
     def text(self) -> str:

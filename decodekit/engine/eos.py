@@ -10,6 +10,7 @@ May call: :mod:`.detokenize`, the params.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -215,6 +216,7 @@ class EOSTracker:
         self._pattern_floor = 0   # matches ending at or before this are ignored
 
         needs_text = bool(self._stops.stops) or self._pattern is not None
+        self._tokenizer = tokenizer
         self._returns_text = tokenizer is not None and params.detokenize
         self._detok = (IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                               skip_special_tokens=params.skip_special_tokens)
@@ -236,6 +238,12 @@ class EOSTracker:
         self._stop_reason: StopReason = None
 
     # ------------------------------------------------------------------ properties
+
+    def fork(self) -> EOSTracker:
+        """An independent copy of this tracker's state (the tokenizer is shared, not copied):
+        a forked request goes on from the same text."""
+        return copy.deepcopy(self, {id(self._tokenizer): self._tokenizer})
+
     @property
     def text(self) -> str:
         """The output text streamed so far (the concatenation of all ``Commit.text``)."""

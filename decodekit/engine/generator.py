@@ -14,6 +14,8 @@ May call: :mod:`.runner` (forwards), the sampler, :mod:`decodekit.speculative.st
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import threading
 import time
 import types
@@ -137,6 +139,9 @@ class TokenGenerator:
         self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=scratch,
                                   steering=steering, paging=paging)
         self._cached: dict[int, int] = {}  # slot -> prompt tokens found in the prefix cache
+        self._forks: dict[int, TextGenerationContext] = {}  # slot -> parent whose prefill it shares
+        self._admissions = itertools.count()
+        self._age: dict[str, int] = {}  # request id -> admission number (the youngest is preempted first)
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
                                logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
         self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
@@ -262,6 +267,54 @@ class TokenGenerator:
             self._issued[rid] = ctx
         return ctx
 
+    def fork(self, ctx: TextGenerationContext, n: int) -> list[TextGenerationContext]:
+        """``n`` new contexts that go on from where ``ctx`` stands, sharing its KV cache
+        (blocks copied only when a child writes into a shared one) and its settings; child
+        ``i`` (1..n) is seeded ``ctx.seed + i``.
+
+        - ``ctx`` not admitted yet (n samples of one prompt): pass the children in the same
+          :meth:`next_token` call as ``ctx``, after it. The prompt is prefilled once; every
+          child samples its first token from the same logits, so child ``i`` equals an
+          independent request seeded ``seed + i``, token for token. A child that comes without
+          its parent prefills its prompt itself (the prefix cache still helps).
+        - ``ctx`` running (beam search, branching): the children are admitted now, each on a
+          free slot (``RuntimeError`` without enough), with ``ctx``'s generated tokens,
+          logprobs, text and stop-string state, and the sampler's counters and penalty
+          counts as they are.
+        """
+        n = int_at_least("n", n, 1)
+        with self._lock:
+            if not isinstance(ctx, TextGenerationContext) or self._issued.get(ctx.request_id) is not ctx:
+                raise ValueError("fork: ctx must be a context made by this generator's new_context")
+            if ctx.is_done:
+                raise ValueError(f"fork: context {ctx.request_id!r} is {ctx.status.name}, not ACTIVE")
+            if ctx.slot is not None and n > self.slots.num_free:
+                raise RuntimeError(f"fork of a running request needs {n} free slots, {self.slots.num_free} "
+                                   "are free")
+            children = []
+            for i in range(1, n + 1):
+                seed = (ctx.seed + i) % (1 << 63)
+                params = ctx.params if ctx.params.seed is None else dataclasses.replace(ctx.params, seed=seed)
+                name = f"{ctx.request_id}.{i}"
+                rid = self._new_request_id(None if name in self._issued or name in self._contexts else name)
+                child = TextGenerationContext(rid, list(ctx.prompt_token_ids), params, ctx.eos.fork(),
+                                              steering=ctx.steering, seed=seed, speculate=ctx.speculate)
+                self._issued[rid] = child
+                children.append(child)
+            if ctx.slot is None:
+                for child in children:
+                    child.fork_of = ctx
+                return children
+            for child in children:  # a running parent: branch now
+                child.generated_token_ids = list(ctx.generated_token_ids)
+                child.logprobs = list(ctx.logprobs)
+                child.last_token = ctx.last_token
+                self._admit(child, share=ctx)
+                child.length = ctx.length
+                if self.speculative is not None:
+                    self.speculative.admit([child.slot], [child.tokens[: child.length]], [child.steering])
+            return children
+
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id`` (or a fresh one) if no live context of this generator has it."""
         if request_id is None:
@@ -309,7 +362,8 @@ class TokenGenerator:
         with self._lock, nvtx.nvtx_range("decodekit.step", len(batch)):
             t0, stats = time.perf_counter(), StepStats()
             self._check_batch(batch)
-            live, fresh = self._admit_all(batch)
+            live, fresh = self._admit_all(batch, stats)
+            live = self._make_room(live, fresh, num_steps, stats)
             pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
             spec: list[tuple[TextGenerationContext, int, int]] = []  # (ctx, drafted, accepted)
             tx = CallTransaction(live, self.sampler, self.runner, self.speculative)
@@ -394,27 +448,99 @@ class TokenGenerator:
                              f"the decoder layers of {self.adapter.name} were not found)")
         steering.vector.check_fits(hooks.num_layers, hooks.hidden_size)
 
-    def _admit_all(self, batch: Mapping[str, TextGenerationContext]
+    def _admit_all(self, batch: Mapping[str, TextGenerationContext], stats: StepStats
                    ) -> tuple[list[TextGenerationContext], list[TextGenerationContext]]:
-        """``(live, fresh)``: the active contexts, and those admitted now (all or none)."""
+        """``(live, fresh)``: the active contexts that hold a slot, and those admitted now (all
+        or none, except that contexts for which the paged cache has no room wait: they and
+        every new context after them stay unadmitted, first come first served)."""
         live = [c for c in batch.values() if not c.is_done]
         fresh: list[TextGenerationContext] = []
+        waiting: list[TextGenerationContext] = []
         try:
             for ctx in live:
                 if ctx.slot is None:
-                    self._admit(ctx)
+                    if waiting:
+                        waiting.append(ctx)
+                        continue
+                    parent = ctx.fork_of if ctx.fork_of in fresh else None
+                    try:
+                        self._admit(ctx, share=parent)
+                    except OutOfBlocks:
+                        if not (self._contexts or fresh):  # alone and still no room: cannot happen
+                            raise
+                        waiting.append(ctx)
+                        continue
                     fresh.append(ctx)
         except BaseException:
             for ctx in fresh:
                 self._unadmit(ctx)
             raise
-        return live, fresh
+        stats.waiting = len(waiting)
+        return [c for c in live if c not in waiting], fresh
 
-    def _admit(self, ctx: TextGenerationContext) -> None:
+    def _make_room(self, live: list[TextGenerationContext], fresh: list[TextGenerationContext],
+                   num_steps: int, stats: StepStats) -> list[TextGenerationContext]:
+        """Hold private cache blocks for every position the call may write (``num_steps``
+        steps, a verification window each with a drafter). When the blocks run out the
+        youngest admitted request gives its blocks and slot back (preemption; one admitted
+        in this call just waits) until the older ones fit. Returns the rows that run."""
+        if self.runner.kv is None:
+            return live
+        adv = 1 + self.spec_k  # tokens a step may emit; a step writes spec_k + 1 past its start
+        order = sorted(live, key=lambda c: self._age[c.request_id])
+        rows = list(order)
+        for ctx in order:
+            if ctx not in rows:
+                continue
+            cap = min(self.max_seq_len, len(ctx.prompt_token_ids) + (ctx.params.max_new_tokens
+                                                                      or DEFAULT_MAX_NEW_TOKENS))
+            start = len(ctx.tokens) if ctx in fresh else ctx.length  # admitted now: after its prefill
+            steps = num_steps - (ctx in fresh)  # a prefill counts as a step
+            if steps == 0:
+                continue
+            end = min(start + steps * adv, cap) + self.spec_k + 1
+            while True:
+                try:
+                    self.runner.reserve([ctx.slot], [start], [end])
+                    break
+                except OutOfBlocks:
+                    victim = max(self._contexts.values(), key=lambda c: self._age[c.request_id])
+                    if victim is ctx and len(self._contexts) == 1:
+                        raise RuntimeError("the KV cache cannot hold one request: raise "
+                                           "kv_cache_tokens") from None
+                    if victim in fresh:
+                        fresh.remove(victim)
+                        self._unadmit(victim)
+                        stats.waiting += 1
+                    else:
+                        self._preempt(victim)
+                        stats.preempted += 1
+                    if victim in rows:
+                        rows.remove(victim)
+                    if victim is ctx:
+                        break
+        self.runner.reserve([], [], [])  # bring the tables up to date after the frees
+        return [c for c in live if c in rows]
+
+    def _preempt(self, ctx: TextGenerationContext) -> None:
+        """``ctx`` gives its slot and blocks back and waits (ACTIVE); its tokens are kept and
+        prefilled again when a later call includes it."""
+        del self._contexts[ctx.request_id]
+        self._free_slot(ctx)
+        ctx.length = 0
+        ctx.preemptions += 1
+
+    def _admit(self, ctx: TextGenerationContext, share: TextGenerationContext | None = None) -> None:
+        """``ctx`` takes the lowest free slot, sampler state and cache room for its tokens (a
+        preempted request: its prompt and everything generated, with the sampler's counters
+        and penalty counts brought forward over the generated tokens). ``share``: an admitted
+        request whose cache ``ctx`` shares instead (a fork). ``OutOfBlocks``: nothing changed."""
         slot = self.slots.lowest_free()
         if slot is None:
             raise RuntimeError(f"all {self.max_batch_size} slots are busy: release finished requests first")
         self.sampler.add(slot, ctx.params, ctx.prompt_token_ids, seed=ctx.seed)  # may refuse: slot stays free
+        if ctx.generated_token_ids:  # preempted earlier: the sampler state as it was
+            self.sampler.accept([slot], [ctx.generated_token_ids])
         if ctx.steering is not None:
             try:
                 self._check_steering(ctx.steering)  # (the field may have changed since new_context)
@@ -425,24 +551,27 @@ class TokenGenerator:
                 self._clear_steering(slot)
                 raise
         try:
-            self._cached[slot] = self.runner.admit(slot, ctx.prompt_token_ids, self._salts(ctx))
-        except OutOfBlocks as e:
+            if share is None:
+                self._cached[slot] = self.runner.admit(slot, ctx.tokens, self._salts(ctx))
+            else:
+                self.runner.fork(share.slot, slot)
+                self._forks[slot] = share
+        except OutOfBlocks:
             self.sampler.remove(slot)
             self._clear_steering(slot)
-            raise RuntimeError(f"the KV cache has no room for request {ctx.request_id!r} "
-                               f"({len(ctx.prompt_token_ids)} prompt tokens): release requests or raise "
-                               "kv_cache_tokens") from e
+            raise
         self.slots.take(slot, ctx)
         ctx.slot = slot
         self._contexts[ctx.request_id] = ctx
+        self._age[ctx.request_id] = next(self._admissions)
 
     def _salts(self, ctx: TextGenerationContext) -> list[bytes]:
-        """Prefix-cache salts of the blocks of ``ctx``'s prompt (its steering)."""
+        """Prefix-cache salts of the blocks of ``ctx``'s tokens (its steering)."""
         if ctx.steering is None or self.runner.kv is None:
             return []
         lo, hi = ctx.steering.position_range(len(ctx.prompt_token_ids))
         bs = self.runner.kv.block_size
-        return range_salts(ctx.steering.digest(), lo, hi, len(ctx.prompt_token_ids) // bs, bs)
+        return range_salts(ctx.steering.digest(), lo, hi, len(ctx.tokens) // bs, bs)
 
     def _unadmit(self, ctx: TextGenerationContext) -> None:
         """Undo :meth:`_admit` for a context whose prefill did not complete."""
@@ -456,11 +585,13 @@ class TokenGenerator:
         self.sampler.remove(ctx.slot)
         self.runner.free(ctx.slot)
         self._cached.pop(ctx.slot, None)
+        self._forks.pop(ctx.slot, None)
         if ctx.slot in self._steered:  # whatever ctx.steering says now
             self._clear_steering(ctx.slot)
         if self.speculative is not None:
             self.speculative.release(ctx.slot)
         self.slots.give_back(ctx.slot)
+        self._age.pop(ctx.request_id, None)
         ctx.slot = None
 
     def _clear_steering(self, slot: int) -> None:
@@ -471,20 +602,41 @@ class TokenGenerator:
     # ------------------------------------------------------------------ forwards
     def _prefill_all(self, fresh: list[TextGenerationContext], pending: PendingTokens,
                      stats: StepStats) -> None:
-        """Prefill new requests, one forward per run of contiguous slots."""
-        for run in _contiguous_runs(fresh):
-            self._prefill(run, pending, stats)
+        """Prefill new requests, one forward per run of contiguous slots; forks of a request
+        prefilled here sample their first token from its logits."""
+        forks = [c for c in fresh if c.slot in self._forks]
+        rows: dict[int, torch.Tensor] = {}  # parent slot -> logits [V]
+        for run in _contiguous_runs([c for c in fresh if c.slot not in self._forks]):
+            self._prefill(run, pending, stats, rows if forks else None)
+        if forks:
+            self._sample_forks(forks, rows, pending, stats)
 
-    def _prefill(self, run: list[TextGenerationContext], pending: PendingTokens, stats: StepStats) -> None:
-        prompts = [c.prompt_token_ids for c in run]
+    def _sample_forks(self, forks: list[TextGenerationContext], rows: dict[int, torch.Tensor],
+                      pending: PendingTokens, stats: StepStats) -> None:
+        slots = [c.slot for c in forks]
+        logits = torch.stack([rows[self._forks.pop(s).slot] for s in slots])  # [R, V]
+        with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(forks)):
+            res = self.sampler.sample(logits, slots)
+            pending.add_sampled([c.request_id for c in forks], res)
+            self.runner.set_last_tokens(self.runner.upload(slots), res.token_ids)
+        for c in forks:
+            c.length = len(c.tokens)
+            if self.speculative is not None:
+                self.speculative.admit([c.slot], [c.tokens], [c.steering])
+
+    def _prefill(self, run: list[TextGenerationContext], pending: PendingTokens, stats: StepStats,
+                 rows: dict[int, torch.Tensor] | None = None) -> None:
+        prompts = [c.tokens for c in run]  # a preempted request: its generated tokens too
         slots = [c.slot for c in run]
         starts = [self._cached.pop(s, 0) for s in slots]
         n_tokens = sum(len(p) - a for p, a in zip(prompts, starts, strict=True))
         with nvtx.nvtx_range("decodekit.prefill", n_tokens):
             with stats.timing("forward_s"):
                 logits = self.runner.prefill(prompts, slots[0], starts)
-                for c in run:
-                    self.runner.register(c.slot, c.prompt_token_ids, self._salts(c))
+                if rows is not None:  # forks sample from these
+                    rows.update(zip(slots, logits, strict=True))
+                for c, p in zip(run, prompts, strict=True):
+                    self.runner.register(c.slot, p, self._salts(c))
                 if self.speculative is not None:
                     self.speculative.admit(slots, prompts, [c.steering for c in run])
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
@@ -499,15 +651,9 @@ class TokenGenerator:
     def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
               stats: StepStats) -> None:
         """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
-        slots = [c.slot for c in rows]
-        ahead = 1 + (self.spec_k + 1 if self.speculative is not None else 0)  # positions a step may write
-        try:
-            self.runner.reserve(slots, [c.length for c in rows], [c.length + ahead for c in rows])
-        except OutOfBlocks as e:
-            raise RuntimeError("the KV cache ran out of blocks: release requests or raise "
-                               "kv_cache_tokens") from e
         if self.speculative is not None and self._speculate(rows, pending, spec, stats):
             return
+        slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             with stats.timing("forward_s"):
                 out = self.runner.decode(slots, self.slots.lengths())

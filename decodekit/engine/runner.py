@@ -152,6 +152,18 @@ class ModelRunner:
         if self.kv is not None:
             self.kv.register(slot, tokens, salts)
 
+    def fork(self, parent: int, child: int) -> None:
+        """``child`` (free) gets ``parent``'s cache contents and newest token: shared blocks,
+        copied on the first write (paged), or a copy of the row (slots)."""
+        if self.kv is not None:
+            self.kv.fork(parent, child)
+            self.kv.sync()
+        else:
+            for layer in self.cache.layers:
+                layer.keys[child].copy_(layer.keys[parent])
+                layer.values[child].copy_(layer.values[parent])
+        self.last_tokens[child] = self.last_tokens[parent]
+
     def free(self, slot: int) -> None:
         """``slot`` lets go of its cache room (no-op without paging)."""
         if self.kv is not None:

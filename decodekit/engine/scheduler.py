@@ -32,7 +32,7 @@ def continuous_batching(gen: Any, contexts: Iterable[TextGenerationContext], num
     running: dict[str, TextGenerationContext] = {}
     try:
         while waiting or running:
-            free = len(gen.free_slots)
+            free = len(gen.free_slots) - sum(c.slot is None for c in running.values())  # preempted ones
             if not running and free == 0:
                 raise RuntimeError("no free slot: every slot of the generator is held by other requests")
             while waiting and free > 0:
