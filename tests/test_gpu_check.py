@@ -27,3 +27,9 @@ def test_graphs_phase_passes(gpu_check, tmp_path):
     # every drafter kind drafted and matched HF greedy under (eager) graphs
     assert {k for k in spec if k.startswith("spec_graphs_")} == {
         "spec_graphs_ngram_equal_hf", "spec_graphs_draft_model_equal_hf", "spec_graphs_layer_skip_equal_hf"}
+
+
+def test_attention_phase_passes(gpu_check, tmp_path):
+    args = argparse.Namespace(smoke=True, out=str(tmp_path), results=str(tmp_path), budget_s=600)
+    res = gpu_check.phase_attention(gpu_check.Check(args))
+    assert res["ok"] and res["points"][0]["max_err"] < 1e-4, res

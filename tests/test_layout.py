@@ -63,7 +63,7 @@ def test_every_kernel_launch_sets_num_warps_from_the_launch_helper():
                 kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 assert kw.get("num_warps") == "go.num_warps", (path.name, node.lineno)
                 assert ast.unparse(node.func.slice) == "go.grid", (path.name, node.lineno)
-    assert launches == 8  # process, hist, plan, gather, finish, select, accept, verify
+    assert launches == 9  # process, hist, plan, gather, finish, select, accept, verify, paged attention
 
 
 def test_kernels_import_nothing_from_decodekit():

@@ -101,7 +101,7 @@ def phase_env(c: Check) -> dict[str, Any]:
 
 def phase_kernels(c: Check) -> dict[str, Any]:
     files = ["tests/test_kernels.py", "tests/test_bands.py", "tests/test_verify.py", "tests/test_window.py",
-             "tests/test_sampler.py"]
+             "tests/test_sampler.py", "tests/test_paged_attention.py", "tests/test_paging.py"]
     select = ["-k", "matches_reference_over_steps and (top_p or typical)"] if c.smoke else ["-k", "not aot"]
     if c.smoke:
         files = files[:1]
@@ -145,6 +145,51 @@ def phase_sampler_real(c: Check) -> dict[str, Any]:
     out["offsets_past_2_31"] = bool((tok.cpu() == torch.arange(B) % V).all())
     out["ok"] &= out["offsets_past_2_31"]
     return out
+
+
+def phase_attention(c: Check) -> dict[str, Any]:
+    """Paged decode attention (Llama-3.2-1B heads: 32 query, 8 KV, head_dim 64, bf16) against
+    SDPA over a static cache with a full-length mask (K/V expanded per query head, as
+    transformers 5.17 does with a mask): time, bytes of live K/V read, GB/s; and the
+    kernel's error against the torch reference."""
+    shape = (32, 8, 64, 8192) if not c.smoke else (4, 2, 16, 64)
+    points = [(b, n) for b in (1, 32, 64) for n in (512, 2048, 8192)] if not c.smoke else [(1, 40)]
+    out: dict[str, Any] = {"ok": True, "points": [_attention_point(c, B, n, *shape) for B, n in points]}
+    out["ok"] = all(p["ok"] for p in out["points"])
+    return out
+
+
+def _attention_point(c: Check, B: int, n: int, heads: int, kv_heads: int, D: int, max_len: int
+                     ) -> dict[str, Any]:
+    import torch
+    from decodekit.kernels.paged_attention import paged_attention
+
+    from bench import _harness as H
+    from decodekit.engine.attention import paged_attention_reference
+
+    dev, dt, BS = c.device, (torch.bfloat16 if c.device.type == "cuda" else torch.float32), 16
+    width, scale = max_len // BS, D ** -0.5
+    g = torch.Generator(device=dev).manual_seed(B + n)
+    k = torch.randn(B * width + 1, BS, kv_heads, D, device=dev, generator=g).to(dt)
+    v = torch.randn(B * width + 1, BS, kv_heads, D, device=dev, generator=g).to(dt)
+    tables = (torch.randperm(B * width, device=dev, generator=g) + 1).view(B, width)
+    lens = torch.full((B,), n, device=dev)
+    q = torch.randn(B, heads, 1, D, device=dev, generator=g).to(dt)
+    q_pos = (lens - 1)[:, None]
+    args = (q, k, v, tables, lens, q_pos, scale)
+    err = None
+    if B * n <= 32 * 2048:
+        err = (paged_attention(*args).float() - paged_attention_reference(*args).float()).abs().max().item()
+    t_kernel = H.bench_ms(lambda: paged_attention(*args), dev)
+    ks = k[tables].view(B, max_len, kv_heads, D).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+    vs = v[tables].view(B, max_len, kv_heads, D).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+    mask = (torch.arange(max_len, device=dev) < n)[None, None, None, :].expand(B, 1, 1, max_len)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t_sdpa = H.bench_ms(lambda: sdpa(q, ks, vs, attn_mask=mask), dev)
+    live = 2 * B * n * kv_heads * D * k.element_size()
+    return {"B": B, "len": n, "kernel_ms": t_kernel, "sdpa_full_ms": t_sdpa, "speedup": t_sdpa / t_kernel,
+            "live_kv_mb": live / 2**20, "kernel_gb_s": live / t_kernel / 1e6, "max_err": err,
+            "ok": err is None or err < (2e-2 if dt != torch.float32 else 1e-4)}
 
 
 def phase_graphs(c: Check) -> dict[str, Any]:
@@ -239,6 +284,7 @@ PHASES: list[tuple[str, float, float, Callable[[Check], dict[str, Any]]]] = [
     ("kernels", 90, 40, phase_kernels),
     ("sampler_real", 30, 1, phase_sampler_real),
     ("graphs", 30, 20, phase_graphs),
+    ("attention", 40, 10, phase_attention),
     ("sampler", 60, 20, bench_phase("bench.sampler", [], ["--quick", "--batch", "1", "--vocab", "512",
                                                             "--settings", "topk_topp", "--dists", "flat"])),
     ("generate", 120, 60, bench_phase("bench.generate", ["--model", "random:llama-1b", "--quick", "--host"],
@@ -276,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="toy sizes on any device (the tests)")
     p.add_argument("--phases", help="comma-separated subset, in the order above")
     args = p.parse_args(argv)
+    if args.smoke and os.environ.get("TRITON_INTERPRET") is None:
+        import torch
+
+        if not torch.cuda.is_available():  # before any kernel module is imported (read at decoration)
+            os.environ["TRITON_INTERPRET"] = "1"
     how = ensure_importable()
     c = Check(args)
     c.record("import", ok=True, how=how)

@@ -109,6 +109,11 @@ class TokenGenerator:
     prefix_caching : bool
         Reuse the cached blocks of a prompt's prefix instead of recomputing them; a block's
         key covers its tokens, every token before it, and the steering of its positions.
+    attention : {"auto", "triton", "torch"}
+        With the paged cache: ``"triton"`` runs attention as the paged Triton kernel
+        (registered as a transformers attention backend; reads only each row's live blocks;
+        on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"`` gathers each row's
+        blocks for the model's own attention; ``"auto"``: Triton on CUDA, torch elsewhere.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
@@ -117,11 +122,15 @@ class TokenGenerator:
                  num_speculative_tokens: int | None = None, adaptive_k: bool = True,
                  window_cost: dict[int, float] | None = None, steering: bool = True,
                  kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, attention: str = "auto") -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
         if kv_cache not in ("paged", "slots"):
             raise ValueError(f"kv_cache must be 'paged' or 'slots', got {kv_cache!r}")
+        if attention not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention must be 'auto', 'triton' or 'torch', got {attention!r}")
+        if attention == "triton" and kv_cache != "paged":
+            raise ValueError("attention='triton' needs kv_cache='paged'")
         k = _speculative_k(draft, num_speculative_tokens)
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
         limit = self.adapter.max_positions
@@ -134,8 +143,9 @@ class TokenGenerator:
         scratch = k + 1 if k else 0  # a verification window never writes past the cache
         paging = None
         if kv_cache == "paged":
+            kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda")
             paging = _paging(max_batch_size, max_seq_len + scratch, kv_cache_tokens, block_size,
-                             prefix_caching)
+                             prefix_caching, kernel)
         self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=scratch,
                                   steering=steering, paging=paging)
         self._cached: dict[int, int] = {}  # slot -> prompt tokens found in the prefix cache
@@ -723,9 +733,13 @@ def _speculative_k(draft: DraftConfig | None, num_speculative_tokens: int | None
     return int_at_least("num_speculative_tokens", k, 1)
 
 
-def _paging(slots: int, row: int, tokens: int | None, block_size: int, prefix_caching: bool) -> Paging:
+def _paging(slots: int, row: int, tokens: int | None, block_size: int, prefix_caching: bool,
+            kernel: bool) -> Paging:
     """The paged cache's shape for ``slots`` rows of up to ``row`` positions."""
     int_at_least("block_size", block_size, 1)
+    if kernel and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 16 for the attention kernel, got "
+                         f"{block_size}")
     per_row = -(-row // block_size)
     if tokens is None:
         blocks = slots * per_row
@@ -737,7 +751,7 @@ def _paging(slots: int, row: int, tokens: int | None, block_size: int, prefix_ca
                              f"got {tokens}")
     if not isinstance(prefix_caching, bool):
         raise ValueError(f"prefix_caching must be a bool, got {prefix_caching!r}")
-    return Paging(blocks + 1, block_size, prefix_caching)  # + the null block
+    return Paging(blocks + 1, block_size, prefix_caching, kernel)  # + the null block
 
 
 def _contiguous_runs(contexts: Sequence[TextGenerationContext]) -> list[list[TextGenerationContext]]:

@@ -93,9 +93,11 @@ class SlotKVCache(Cache):
         self._write_pos: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ per step
-    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None) -> None:
+    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
+             length: torch.Tensor | None = None) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
-        attention sees the first ``kv_len`` positions (default: all)."""
+        attention sees the first ``kv_len`` positions (default: all). ``length [B]``: each
+        row's visible positions (the masks carry them; unused here)."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
@@ -189,6 +191,8 @@ class PagedKVCache(SlotKVCache):
         self._rows = slice(0, max_slots)
         self._write_pos: torch.Tensor | None = None
         self._write_block = self._write_off = self._read_blocks = None
+        self._table = self._length = None
+        self.kernel_attention = False  # update() returns the stores, the backend reads the tables
 
     @property
     def bytes_per_block(self) -> int:
@@ -196,10 +200,12 @@ class PagedKVCache(SlotKVCache):
         k = self.layers[0].keys
         return 2 * len(self.layers) * k[0].numel() * k.element_size()
 
-    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None) -> None:
+    def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
+             length: torch.Tensor | None = None) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
-        attention sees their first ``kv_len`` positions (default: all). The block indices
-        are worked out here once for every layer."""
+        attention sees their first ``kv_len`` positions (default: all), each row its first
+        ``length [B]`` (needed in kernel mode). The block indices are worked out here once
+        for every layer."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
@@ -209,7 +215,7 @@ class PagedKVCache(SlotKVCache):
         self._write_block = table.gather(1, write_pos // bs)  # [B, q]
         self._write_off = write_pos % bs
         self._read_blocks = table[:, : -(-self.kv_len // bs)]  # [B, nb]
-        self._write_pos = write_pos
+        self._write_pos, self._table, self._length = write_pos, table, length
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Write ``key/value_states [B, H, q, D]`` into the rows' blocks; return the rows'
@@ -220,7 +226,16 @@ class PagedKVCache(SlotKVCache):
         blk, off = self._write_block, self._write_off
         layer.keys[blk, off] = key_states.transpose(1, 2).to(layer.keys.dtype)  # [B, q, H, D]
         layer.values[blk, off] = value_states.transpose(1, 2).to(layer.values.dtype)
+        if self.kernel_attention:  # the attention kernel reads the blocks itself
+            return layer.keys, layer.values
         return self._gather(layer.keys), self._gather(layer.values)
+
+    def attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bound rows' ``(block_tables [B, max_blocks], lengths [B], positions [B, q])``:
+        what the paged attention kernel needs besides the layer's stores."""
+        if self._length is None:
+            raise RuntimeError("PagedKVCache: kernel attention needs bind(..., length=...)")
+        return self._table, self._length, self._write_pos
 
     def _gather(self, store: torch.Tensor) -> torch.Tensor:
         B, nb = self._read_blocks.shape

@@ -18,6 +18,8 @@ steering hooks.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -27,6 +29,7 @@ import torch
 
 from ..nvtx import nvtx_range
 from ..steering.hooks import SteeringHooks, maybe_bound
+from .attention import kernel_attention
 from .graphs import Capture, DecodeGraphs
 from .kv_cache import PagedKVCache, SlotKVCache
 from .model_adapter import ModelAdapter
@@ -53,11 +56,13 @@ class Rows(NamedTuple):
 
 class Paging(NamedTuple):
     """A paged KV cache's shape: ``num_blocks`` blocks (the null block included) of
-    ``block_size`` positions, with or without prefix caching."""
+    ``block_size`` positions, with or without prefix caching; ``kernel``: attention runs the
+    paged kernel (:mod:`.attention`) instead of the model's own over gathered blocks."""
 
     num_blocks: int
     block_size: int = 16
     prefix_caching: bool = True
+    kernel: bool = False
 
 
 def window_widths(k: int) -> list[int]:
@@ -116,6 +121,8 @@ class ModelRunner:
         self.window_ids = torch.zeros(max_slots, scratch, dtype=torch.long, device=self.device)
         # one upload per step: slots (int64 and int32), positions and lengths of every row
         self.uploads = StepUploads(max_slots * (scratch + 4) + 8, self.device)
+        if paging is not None and paging.kernel:
+            self.cache.kernel_attention = self._kernel_self_test()
 
     # ------------------------------------------------------------------ basics
     @property
@@ -129,6 +136,39 @@ class ModelRunner:
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
+
+    @torch.inference_mode()
+    def _kernel_self_test(self) -> bool:
+        """A prefill and a decode step through the attention kernel must match a cache-free
+        forward; otherwise (a model whose attention does not go through transformers'
+        attention interface, or no way to run the kernel here) warn and read the blocks
+        through the gather path instead. Leaves the cache as it was."""
+        n, dev = 6, self.device
+        ids = torch.arange(1, n + 2, device=dev)[None] % self.adapter.vocab_size
+        self.cache.kernel_attention = True
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
+            self.kv.admit(0, ids[0, :n].tolist())
+            self.kv.prepare(0, n, n + 1)
+            self.kv.sync()
+            pos = torch.arange(n + 1, device=dev)[None]
+            a = self.forward(ids[:, :n], pos[:, :n], torch.tensor([n], device=dev), 0, self.kv_len(n))[:, -1]
+            b = self.forward(ids[:, n:], pos[:, n:], torch.tensor([n + 1], device=dev), 0,
+                             self.kv_len(n + 1))[:, -1]
+            got = torch.cat([a, b]).float()
+            tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+            err = ((got - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+            why = None if err <= tol else f"relative error {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - any failure means: not this way
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            self.cache.kernel_attention = False
+            self.kv.free(0)
+            self.kv.sync()
+        if why is not None:
+            warnings.warn(f"paged attention kernel unusable for {self.adapter.name} ({why}); reading the KV "
+                          "blocks through the torch path instead", RuntimeWarning, stacklevel=3)
+        return why is None
 
     # ------------------------------------------------------------------ KV blocks
     def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> int:
@@ -178,8 +218,10 @@ class ModelRunner:
         """Logits ``[B, keep, V]`` of the last ``keep`` positions of ``input_ids [B, q]`` for
         slots ``first_slot .. first_slot + B``, written at ``q_pos [B, q]``, each row seeing
         its first ``length [B]`` positions (of ``kv_len``)."""
-        self.cache.bind(first_slot, q_pos, kv_len)
-        with maybe_bound(self.hooks, first_slot, q_pos):
+        self.cache.bind(first_slot, q_pos, kv_len, length)
+        kernel = self.kv is not None and self.cache.kernel_attention
+        with maybe_bound(self.hooks, first_slot, q_pos), \
+                kernel_attention(self.model, self.cache) if kernel else contextlib.nullcontext():
             return self.adapter.forward(input_ids, q_pos, length, self.cache, kv_len, keep)
 
     def set_last_tokens(self, slots: torch.Tensor | slice, tokens: torch.Tensor) -> None:

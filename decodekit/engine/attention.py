@@ -1,0 +1,108 @@
+"""Attention over the paged KV cache: the torch reference and the Triton kernel behind one call.
+
+:func:`paged_attention` computes, for queries ``q [B, H, Q, D]`` at positions ``q_pos [B, Q]``,
+attention over each row's keys and values in the block cache (``[num_blocks, block_size,
+kv_heads, D]``, addressed through ``block_tables [B, max_blocks]``, keys ``< seq_lens[b]``
+visible, causal by position, optionally a sliding window and Gemma 2's logit soft-capping).
+On CUDA it runs :mod:`decodekit.kernels.paged_attention` (only the live blocks are read, GQA
+without expanding K/V, long contexts split across programs); elsewhere, or with
+``backend="torch"``, :func:`paged_attention_reference`, which is also the kernels' test oracle.
+
+As a transformers attention backend (:func:`kernel_attention`): while a forward runs inside
+``kernel_attention(model, cache)``, the model's attention layers call :func:`_attention` (the
+name :data:`BACKEND` registered with ``AttentionInterface``) with the block stores that
+:class:`~decodekit.engine.kv_cache.PagedKVCache` returns in that mode, and the block tables,
+lengths and positions come from the cache's binding. The model's own layers run unchanged.
+
+May call: :mod:`decodekit.kernels.paged_attention`, :mod:`.kv_cache` (the binding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["BACKEND", "kernel_attention", "paged_attention", "paged_attention_reference"]
+
+BACKEND = "decodekit_paged"
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("decodekit_paged_cache", default=None)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor, q_pos: torch.Tensor,
+                              scale: float, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """The math of :func:`paged_attention` in plain torch (float32 inside): gather each row's
+    blocks, repeat K/V per query head, mask, softmax. Queries that see no key give zeros."""
+    B, H, Q, D = q.shape
+    _, BS, KVH, _ = k_cache.shape
+    n = block_tables.shape[1] * BS
+    k = k_cache[block_tables.long()].reshape(B, n, KVH, D).transpose(1, 2).float()  # [B, KVH, n, D]
+    v = v_cache[block_tables.long()].reshape(B, n, KVH, D).transpose(1, 2).float()
+    k, v = k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1)  # [B, H, n, D]
+    s = (q.float() @ k.transpose(-1, -2)) * scale  # [B, H, Q, n]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.arange(n, device=q.device)
+    qp = q_pos.long()[:, None, :, None]  # [B, 1, Q, 1]
+    ok = (p < seq_lens.long()[:, None, None, None]) & (p <= qp)
+    if window:
+        ok &= p > qp - window
+    s = s.masked_fill(~ok, float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)  # a row with nothing visible: zeros
+    return (w @ v).to(q.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                    softcap: float = 0.0, window: int = 0, backend: str = "auto") -> torch.Tensor:
+    """Attention of ``q [B, H, Q, D]`` over a paged cache -> ``[B, H, Q, D]`` (q's dtype).
+
+    ``backend``: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` (also on CPU
+    tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+        return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, q_pos, scale,
+                                         softcap, window)
+    from ..kernels.paged_attention import paged_attention as kernel
+
+    return kernel(q, k_cache, v_cache, block_tables, seq_lens, q_pos, scale, softcap, window)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+               sliding_window: int | None = None, softcap: float | None = None, **kwargs: Any
+               ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature: ``query [B, H, q, D]``, ``key``/``value``
+    the layer's block stores; returns ``([B, q, H, D], None)``."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        raise RuntimeError(f"attention backend {BACKEND!r} called outside decodekit's kernel_attention()")
+    tables, lens, q_pos = cache.attention_inputs()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(query, key, value, tables, lens, q_pos, scale, softcap or 0.0, sliding_window or 0,
+                          backend="triton")
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def kernel_attention(model: torch.nn.Module, cache: Any) -> Iterator[None]:
+    """Run ``model``'s attention through the paged kernel over ``cache`` (a bound
+    :class:`~decodekit.engine.kv_cache.PagedKVCache` in kernel mode) for the duration."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BACKEND, _attention)  # idempotent
+    config = model.config
+    before = config._attn_implementation
+    token = _ACTIVE.set(cache)
+    config._attn_implementation = BACKEND
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _ACTIVE.reset(token)
