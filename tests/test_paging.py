@@ -292,6 +292,10 @@ def test_a_request_without_room_waits_and_others_are_untouched():
     out = gen.next_token({"a": a, "b": b, "c": c})  # b needs 3 blocks, 2 are left; c queues behind
     assert out["b"].tokens == [] and out["c"].tokens == [] and gen.stats.waiting == 2
     assert b.slot is None and c.slot is None and a.is_done and b.preemptions == 0
+    d = gen.new_context(p2[:5], params, "d")
+    gen.next_token({"a": a, "b": b, "c": c, "d": d})  # d queues behind b and c
+    gen.release("d")  # by id, without a slot: cancelled, nothing else touched
+    assert d.status.name == "CANCELLED" and d.slot is None
     assert a.generated_token_ids == hf_greedy(tiny_model("llama"), p1, 2)
     gen.release(a)
     while not (b.is_done and c.is_done):
@@ -329,21 +333,27 @@ def _sampled(seed: int | None, n: int = 14) -> SamplingParams:
     return SamplingParams(temperature=1.0, top_k=50, max_new_tokens=n, ignore_eos=True, seed=seed, logprobs=0)
 
 
-@pytest.mark.parametrize("seeded", [True, False])
-def test_fork_before_prefill_equals_independent_seeded_requests(seeded):
+@pytest.mark.parametrize("seeded, num_steps, kv_cache", [(True, 1, "paged"), (False, 1, "paged"),
+                                                        (True, 4, "paged"), (True, 4, "slots")])
+def test_fork_before_prefill_equals_independent_seeded_requests(seeded, num_steps, kv_cache):
     model = tiny_model("llama")
     rng = random.Random(11)
     prompt = [rng.randrange(3, VOCAB) for _ in range(37)]  # 2 full blocks + 5
-    gen = _gen(max_batch_size=4, seed=3)
+    gen = _gen(max_batch_size=5, seed=3, kv_cache=kv_cache)
     parent = gen.new_context(prompt, _sampled(50 if seeded else None), "p")
-    kids = gen.fork(parent, 3)
-    assert [k.seed for k in kids] == [parent.seed + i for i in (1, 2, 3)]
-    family = [parent, *kids]
-    gen.next_token({c.request_id: c for c in family})
-    assert gen.stats.prefill_tokens == 37  # one prefill for the four
-    assert gen.kv_stats.copied_blocks == 0 and all(len(c.generated_token_ids) == 1 for c in family)
+    kids = gen.fork(parent, 2) + gen.fork(parent, 1)  # a second fork goes on numbering
+    grandkid = gen.fork(kids[0], 1)[0]  # a fork of a fork: another sample of the same prompt
+    assert [k.seed for k in [*kids, grandkid]] == [parent.seed + i for i in (1, 2, 3, 4)]
+    family = [parent, *kids, grandkid]
+    gen.next_token({c.request_id: c for c in family}, num_steps=num_steps)
+    assert gen.stats.prefill_tokens == 37  # one prefill for the five
+    assert len(parent.generated_token_ids) == num_steps and all(len(c.generated_token_ids) == 1
+                                                                 for c in family[1:])
+    if kv_cache == "paged":
+        assert gen.kv_stats.copied_blocks == 0
     _finish(gen, family)
-    assert gen.kv_stats.copied_blocks == 3  # the shared partial block: every writer but the last copies
+    if kv_cache == "paged":
+        assert gen.kv_stats.copied_blocks == 4  # the shared partial block: every writer but the last copies
     solo = _gen(max_batch_size=1, prefix_caching=False)
     for c in family:
         ref = solo.new_context(prompt, _sampled(c.seed), "solo")
@@ -379,3 +389,46 @@ def test_fork_of_a_running_request_branches_from_its_state(kv_cache):
         gen.fork(parent, 1)
     with pytest.raises(ValueError, match="n"):
         gen.fork(gen.new_context(prompt, _sampled(1), "q"), 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3"])
+def test_every_arch_through_preemption_prefix_hits_and_windows(arch, one_thread):
+    """Each architecture under pressure: a budget that forces preemptions, prompts sharing a
+    two-block prefix (hits after the first wave), speculative windows, slot reuse; every
+    request's greedy tokens equal transformers' generate."""
+    from decodekit import NGramDraft
+
+    rng = random.Random(arch)
+    shared = [rng.randrange(3, 30) for _ in range(32)]
+    prompts = [shared + [rng.randrange(3, 30) for _ in range(rng.randrange(2, 9))] for _ in range(5)]
+    gen = _gen(arch=arch, max_batch_size=3, max_seq_len=64, kv_cache_tokens=7 * 16 + 4 * 16,
+               draft=NGramDraft(n=1, k=3), adaptive_k=False)
+    params = [SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)] * 5
+    ctxs, preempted = _through_scheduler(gen, prompts, params)
+    assert preempted > 0 and gen.kv_stats.prefix_hit_tokens > 0 and gen.spec_stats.accepted > 0
+    model = tiny_model(arch)
+    assert [c.generated_token_ids for c in ctxs] == [hf_greedy(model, p, 20) for p in prompts]
+
+
+def test_fork_of_a_preempted_request_reprefills_with_its_tokens():
+    """A preempted request (no slot, tokens kept) forks into children that carry its tokens
+    and sampler state and re-prefill when a call includes them: their raw logprobs match a
+    cache-free transformers forward over their whole sequence."""
+    model = tiny_model("llama")
+    rng = random.Random(13)
+    gen = _gen(max_batch_size=4, max_seq_len=64, kv_cache_tokens=6 * 16)
+    ctxs = [gen.new_context([rng.randrange(3, VOCAB) for _ in range(18)], _sampled(20 + i, n=24), f"r{i}")
+            for i in range(3)]
+    kids: list = []
+    while not all(c.is_done for c in ctxs + kids):
+        gen.next_token({c.request_id: c for c in ctxs + kids if not c.is_done and c.slot is None}
+                       | {c.request_id: c for c in ctxs + kids if c.slot is not None})
+        victim = next((c for c in ctxs if c.preemptions and c.slot is None and not c.is_done), None)
+        if victim is not None and not kids:
+            kids = gen.fork(victim, 1)
+            assert kids[0].generated_token_ids == victim.generated_token_ids and kids[0].slot is None
+    assert kids and kids[0].is_done
+    for c in ctxs + kids:
+        got = [x for lp in c.logprobs for x in lp.token_log_probabilities]
+        assert len(got) == 24
+        torch.testing.assert_close(got, _hf_logprobs(model, c.tokens, 18), atol=1e-4, rtol=0)

@@ -143,14 +143,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if BS < 16 or BS & (BS - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {BS}")
     G = H // KVH
-    block_r = min(next_pow2(G * Q, 16), max(16, next_pow2(G, 16) * 8))  # query rows per program
+    block_d = next_pow2(D, 16)
+    block_r = min(next_pow2(G * Q, 16), max(16, 8192 // block_d))  # query rows per program: tile <= 8K
     n_qtiles = cdiv(G * Q, block_r)
     table_blocks = block_tables.shape[1]
-    S = splits or split_count(B, KVH, table_blocks, q.device)
+    S = splits or split_count(B * n_qtiles, KVH, table_blocks, q.device)  # prefill tiles fill the device
     per = cdiv(table_blocks, S)
     acc = torch.empty(B, H, Q, S, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B, H, Q, S, 2, device=q.device, dtype=torch.float32)
-    block_d = next_pow2(D, 16)
     go = launch((B * n_qtiles, KVH, S), block_r * block_d)
     _paged_attention_kernel[go.grid](
         q, k_cache, v_cache, block_tables, seq_lens, q_pos, acc, ml,
@@ -170,9 +170,13 @@ SIGNATURE_INTS = ["sq_b", "sq_h", "sq_q", "sk_blk", "sk_pos", "sk_h", "sv_blk", 
 
 
 def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, object], int]]:
-    """Every compiled variant: dtypes, GQA groups of 1/4/8 (Llama, Qwen, Mistral shapes) at
-    decode and window tiles, head_dim 64/128/256 (Gemma 2: 256 with softcap and windows)."""
-    cases = [(1, 64, 16), (4, 64, 16), (8, 128, 16), (2, 256, 16), (4, 64, 32), (8, 128, 128)]
+    """Every compiled variant: dtypes, GQA groups of 1/2/4/8 (Llama, Qwen, Mistral, Gemma
+    shapes) at decode, window and prefill tiles, head_dim 64/128/256 (Gemma 2: 256 with
+    softcap and windows)."""
+    # (G, head_dim, query rows): decode tiles, window tiles, and the largest prefill tile per
+    # head_dim (rows * head_dim <= 8192)
+    cases = [(1, 64, 16), (4, 64, 16), (8, 128, 16), (2, 256, 16), (4, 64, 32), (8, 128, 64),
+             (1, 64, 128), (2, 256, 32), (1, 128, 64)]
     for dt in ("fp32", "bf16", "fp16"):
         for G, D, block_r in cases:
             for softcap, window in ((False, False), (True, True)):

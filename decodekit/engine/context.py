@@ -49,6 +49,7 @@ class TextGenerationContext:
     seed: int | None = None  # the seed of its randomness (params.seed, or drawn at creation)
     preemptions: int = 0  # times the paged cache ran out and took its blocks back (it re-prefills)
     fork_of: TextGenerationContext | None = None  # made by fork() before its parent's prefill
+    forks: int = 0  # children forked from it so far (their seeds go on from seed + forks + 1)
 
     @property
     def text(self) -> str:

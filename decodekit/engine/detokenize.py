@@ -106,6 +106,12 @@ class IncrementalDetokenizer:
         self._text_cache: str | None = ""
 
     # ------------------------------------------------------------------ internals
+
+    def shared(self) -> dict[int, object]:
+        """A ``copy.deepcopy`` memo that keeps the tokenizer objects shared: a copy of this
+        detokenizer (a forked request's) copies only its own offsets and ids."""
+        return {id(self._tokenizer): self._tokenizer, id(self._backend): self._backend}
+
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""

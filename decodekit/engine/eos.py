@@ -242,7 +242,10 @@ class EOSTracker:
     def fork(self) -> EOSTracker:
         """An independent copy of this tracker's state (the tokenizer is shared, not copied):
         a forked request goes on from the same text."""
-        return copy.deepcopy(self, {id(self._tokenizer): self._tokenizer})
+        memo = {id(self._tokenizer): self._tokenizer}
+        if self._detok is not None:
+            memo |= self._detok.shared()
+        return copy.deepcopy(self, memo)
 
     @property
     def text(self) -> str:

@@ -280,17 +280,21 @@ class TokenGenerator:
     def fork(self, ctx: TextGenerationContext, n: int) -> list[TextGenerationContext]:
         """``n`` new contexts that go on from where ``ctx`` stands, sharing its KV cache
         (blocks copied only when a child writes into a shared one) and its settings; child
-        ``i`` (1..n) is seeded ``ctx.seed + i``.
+        ``i`` (1..n) is seeded ``ctx.seed + i`` (a later fork of the same ``ctx`` goes on
+        numbering: ``ctx.forks``).
 
-        - ``ctx`` not admitted yet (n samples of one prompt): pass the children in the same
+        - ``ctx`` not prefilled yet (n samples of one prompt): pass the children in the same
           :meth:`next_token` call as ``ctx``, after it. The prompt is prefilled once; every
-          child samples its first token from the same logits, so child ``i`` equals an
-          independent request seeded ``seed + i``, token for token. A child that comes without
-          its parent prefills its prompt itself (the prefix cache still helps).
-        - ``ctx`` running (beam search, branching): the children are admitted now, each on a
-          free slot (``RuntimeError`` without enough), with ``ctx``'s generated tokens,
-          logprobs, text and stop-string state, and the sampler's counters and penalty
-          counts as they are.
+          child samples its first token from the same logits (its only token of that call),
+          so child ``i`` equals an independent request seeded ``seed + i``, token for token.
+          A child that comes without its parent prefills its prompt itself (the prefix cache
+          still helps). Forks of such a child are more samples of the same prompt: they share
+          the same prefill and are numbered on from the first parent.
+        - ``ctx`` running or preempted (beam search, branching): the children carry ``ctx``'s
+          generated tokens, logprobs, text and stop-string state, and the sampler's counters
+          and penalty counts as they are. A running ``ctx``'s children are admitted now, each
+          on a free slot (``RuntimeError`` without enough); a preempted one's are prefilled
+          when a call includes them, like it.
         """
         n = int_at_least("n", n, 1)
         with self._lock:
@@ -301,9 +305,12 @@ class TokenGenerator:
             if ctx.slot is not None and n > self.slots.num_free:
                 raise RuntimeError(f"fork of a running request needs {n} free slots, {self.slots.num_free} "
                                    "are free")
-            children = []
-            for i in range(1, n + 1):
-                seed = (ctx.seed + i) % (1 << 63)
+            # before a prefill every fork is another sample of the root prompt: numbered from it
+            base = (ctx.fork_of or ctx) if not ctx.generated_token_ids else ctx
+            children, first = [], base.forks + 1
+            base.forks += n
+            for i in range(first, first + n):
+                seed = (base.seed + i) % (1 << 63)
                 params = ctx.params if ctx.params.seed is None else dataclasses.replace(ctx.params, seed=seed)
                 name = f"{ctx.request_id}.{i}"
                 rid = self._new_request_id(None if name in self._issued or name in self._contexts else name)
@@ -311,18 +318,21 @@ class TokenGenerator:
                                               steering=ctx.steering, seed=seed, speculate=ctx.speculate)
                 self._issued[rid] = child
                 children.append(child)
-            if ctx.slot is None:
+            if not ctx.generated_token_ids:  # before the prefill: share it
                 for child in children:
-                    child.fork_of = ctx
+                    child.fork_of = ctx.fork_of or ctx
                 return children
-            for child in children:  # a running parent: branch now
+            for child in children:  # from its tokens: now if running, at re-admission if preempted
                 child.generated_token_ids = list(ctx.generated_token_ids)
                 child.logprobs = list(ctx.logprobs)
                 child.last_token = ctx.last_token
-                self._admit(child, share=ctx)
-                child.length = ctx.length
-                if self.speculative is not None:
-                    self.speculative.admit([child.slot], [child.tokens[: child.length]], [child.steering])
+                if ctx.slot is not None:
+                    self._admit(child, share=ctx)
+                    self.runner.fork(ctx.slot, child.slot)
+                    self._forks.pop(child.slot)
+                    child.length = ctx.length
+                    if self.speculative is not None:
+                        self.speculative.admit([child.slot], [child.tokens[: child.length]], [child.steering])
             return children
 
     def _new_request_id(self, request_id: str | None) -> str:
@@ -351,7 +361,12 @@ class TokenGenerator:
                     return
                 raise ValueError(f"context {rid!r} belongs to another generator")
             if ctx is None:
-                raise KeyError(f"unknown request_id {rid!r}")
+                waiting = self._issued.get(rid)  # preempted, or never admitted: holds nothing
+                if waiting is None:
+                    raise KeyError(f"unknown request_id {rid!r}")
+                if waiting.status is GenerationStatus.ACTIVE:
+                    waiting.status = GenerationStatus.CANCELLED
+                return
             del self._contexts[rid]
             if ctx.status is GenerationStatus.ACTIVE:
                 ctx.status = GenerationStatus.CANCELLED
@@ -366,20 +381,28 @@ class TokenGenerator:
         Contexts new to the generator are prefilled first (their first token counts as one
         step); a speculative step may emit several tokens. Returns, per request id, the
         tokens produced in this call and the status after it. Done requests free their slot
-        at once; call :meth:`release` to forget them.
+        at once; call :meth:`release` to forget them. When the paged cache is short of
+        blocks, a context may get no tokens in a call (it waits, or was preempted: still
+        ACTIVE, see ``stats.waiting`` / ``stats.preempted``); include it in a later call.
         """
         int_at_least("num_steps", num_steps, 1)
         with self._lock, nvtx.nvtx_range("decodekit.step", len(batch)):
             t0, stats = time.perf_counter(), StepStats()
             self._check_batch(batch)
             live, fresh = self._admit_all(batch, stats)
-            live = self._make_room(live, fresh, num_steps, stats)
+            try:
+                live = self._make_room(live, fresh, num_steps, stats)
+            except BaseException:
+                for ctx in fresh:
+                    self._unadmit(ctx)
+                raise
             pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
             spec: list[tuple[TextGenerationContext, int, int]] = []  # (ctx, drafted, accepted)
             tx = CallTransaction(live, self.sampler, self.runner, self.speculative)
             try:
+                forked = frozenset(c for c in fresh if c.slot in self._forks)
                 self._prefill_all(fresh, pending, stats)
-                self._decode(live, fresh, num_steps, pending, spec, stats)
+                self._decode(live, fresh, num_steps, pending, spec, stats, forked)
                 host = pending.to_host()
             except BaseException:
                 self._undo(tx, pending, fresh)
@@ -393,9 +416,12 @@ class TokenGenerator:
         return out
 
     def _decode(self, live: list[TextGenerationContext], fresh: list[TextGenerationContext], num_steps: int,
-                pending: PendingTokens, spec: list, stats: StepStats) -> None:
+                pending: PendingTokens, spec: list, stats: StepStats,
+                forked: frozenset[TextGenerationContext] = frozenset()) -> None:
         """Up to ``num_steps`` decode steps (a prefill counts as one) over the rows with room."""
-        steps = {c.request_id: int(c in fresh) for c in live}
+        # a prefill counts as a step; a fork sharing a prefill takes only its first token now
+        # (no room was reserved for it before its parent's prefill)
+        steps = {c.request_id: num_steps if c in forked else int(c in fresh) for c in live}
         for _ in range(num_steps):
             rows = [c for c in live if steps[c.request_id] < num_steps
                     and self._room(c, pending.count(c.request_id))]
@@ -472,7 +498,8 @@ class TokenGenerator:
                     if waiting:
                         waiting.append(ctx)
                         continue
-                    parent = ctx.fork_of if ctx.fork_of in fresh else None
+                    parent = ctx.fork_of if ctx.fork_of in fresh and not ctx.fork_of.generated_token_ids \
+                        and not ctx.generated_token_ids else None
                     try:
                         self._admit(ctx, share=parent)
                     except OutOfBlocks:
@@ -500,7 +527,7 @@ class TokenGenerator:
         order = sorted(live, key=lambda c: self._age[c.request_id])
         rows = list(order)
         for ctx in order:
-            if ctx not in rows:
+            if ctx not in rows or ctx.slot in self._forks:  # a fork holds nothing before its parent's prefill
                 continue
             cap = min(self.max_seq_len, len(ctx.prompt_token_ids) + (ctx.params.max_new_tokens
                                                                       or DEFAULT_MAX_NEW_TOKENS))
@@ -511,7 +538,7 @@ class TokenGenerator:
             end = min(start + steps * adv, cap) + self.spec_k + 1
             while True:
                 try:
-                    self.runner.reserve([ctx.slot], [start], [end])
+                    self.runner.reserve([ctx.slot], [start], [end], sync=False)
                     break
                 except OutOfBlocks:
                     victim = max(self._contexts.values(), key=lambda c: self._age[c.request_id])
@@ -529,7 +556,7 @@ class TokenGenerator:
                         rows.remove(victim)
                     if victim is ctx:
                         break
-        self.runner.reserve([], [], [])  # bring the tables up to date after the frees
+        self.runner.reserve([], [], [])  # one upload of every table change of the call
         return [c for c in live if c in rows]
 
     def _preempt(self, ctx: TextGenerationContext) -> None:
@@ -563,8 +590,7 @@ class TokenGenerator:
         try:
             if share is None:
                 self._cached[slot] = self.runner.admit(slot, ctx.tokens, self._salts(ctx))
-            else:
-                self.runner.fork(share.slot, slot)
+            else:  # the cache is shared once ``share`` is prefilled (_sample_forks)
                 self._forks[slot] = share
         except OutOfBlocks:
             self.sampler.remove(slot)
@@ -624,13 +650,17 @@ class TokenGenerator:
     def _sample_forks(self, forks: list[TextGenerationContext], rows: dict[int, torch.Tensor],
                       pending: PendingTokens, stats: StepStats) -> None:
         slots = [c.slot for c in forks]
-        logits = torch.stack([rows[self._forks.pop(s).slot] for s in slots])  # [R, V]
+        parents = [self._forks.pop(s) for s in slots]
+        for p, s in zip(parents, slots, strict=True):  # the parent's prompt is in its cache now
+            self.runner.fork(p.slot, s)
+        logits = torch.stack([rows[p.slot] for p in parents])  # [R, V]
         with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(forks)):
             res = self.sampler.sample(logits, slots)
             pending.add_sampled([c.request_id for c in forks], res)
             self.runner.set_last_tokens(self.runner.upload(slots), res.token_ids)
         for c in forks:
             c.length = len(c.tokens)
+            c.fork_of = None
             if self.speculative is not None:
                 self.speculative.admit([c.slot], [c.tokens], [c.steering])
 

@@ -1,11 +1,15 @@
-"""A static, slot-based KV cache behind transformers' ``Cache`` API.
+"""KV caches behind transformers' ``Cache`` API: :class:`PagedKVCache` (blocks read through
+per-row block tables, the default) and :class:`SlotKVCache` (one static row per slot).
 
-Created once: per layer ``keys``/``values`` of shape ``[slots, kv_heads, max_seq_len,
+The slot cache is created once: per layer ``keys``/``values`` of shape ``[slots, kv_heads, max_seq_len,
 head_dim]``. Before each forward the generator says which slots the batch rows are
 (a contiguous range, so the returned tensors are views, never copies) and where each
 row writes (its own positions). The model's attention code runs unchanged: it calls
 ``update`` and attends over the returned keys/values with the 4D masks that
 :meth:`SlotKVCache.attention_masks` builds (per-row lengths, sliding windows).
+
+The paged cache keeps the same binding API (rows, write positions) and maps each position
+through the row's block table; who holds which block is decided in :mod:`.paging`.
 
 Rolling a row back (speculative decoding) is only length bookkeeping in the
 generator: positions past a row's length are masked out and overwritten later.

@@ -15,7 +15,7 @@ by :func:`~decodekit.engine.blocks.block_keys`; at least the prompt's last token
 compute), and :meth:`KVBlocks.register` names the slot's full prompt blocks after the
 prefill so later requests find them.
 
-May call: :mod:`.blocks`, :mod:`.kv_cache`.
+May call: :mod:`.blocks`, :mod:`.kv_cache`, :mod:`.staging`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .blocks import NULL_BLOCK, BlockPool, OutOfBlocks, block_keys
 from .kv_cache import PagedKVCache
+from .staging import StepUploads
 
 __all__ = ["KVBlocks", "KVStats", "range_salts"]
 
@@ -37,7 +37,7 @@ __all__ = ["KVBlocks", "KVStats", "range_salts"]
 class KVStats:
     """Counters of a paged cache since it was built."""
 
-    prefix_hit_tokens: int = 0  # prompt tokens taken from cached blocks (not computed)
+    prefix_hit_tokens: int = 0  # prompt tokens taken from cached blocks (not computed), prefilled requests
     copied_blocks: int = 0  # copy-on-write copies
 
 
@@ -74,6 +74,10 @@ class KVBlocks:
         self._host = np.zeros((cache.max_slots, cache.max_blocks), dtype=np.int64)  # NULL_BLOCK = 0
         self._dirty: set[int] = set()
         self._copies: list[tuple[int, int]] = []  # (src, dst) blocks to copy at the next sync
+        self._hits: dict[int, int] = {}  # slot -> prefix tokens found at admission, not yet prefilled
+        # changed rows + copies travel in one pinned, non-blocking upload (no host sync)
+        self._uploads = StepUploads(cache.max_slots * (cache.max_blocks + 1) + 2 * cache.max_slots,
+                                    cache.block_tables.device)
 
     # ------------------------------------------------------------------ queries
     def blocks(self, slot: int) -> list[int]:
@@ -114,7 +118,7 @@ class KVBlocks:
         except OutOfBlocks:
             self.free(slot)
             raise
-        self.stats.prefix_hit_tokens += cached
+        self._hits[slot] = cached  # counted once the prefill happened (register)
         return cached
 
     def prepare(self, slot: int, start: int, end: int) -> None:
@@ -141,6 +145,7 @@ class KVBlocks:
     def register(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> None:
         """Add the full blocks of ``tokens`` (what ``slot`` holds from position 0) to the
         prefix cache. A block whose content another block already caches stays private."""
+        self.stats.prefix_hit_tokens += self._hits.pop(slot, 0)
         if not self.prefix_caching:
             return
         held = self._held[slot]
@@ -161,6 +166,7 @@ class KVBlocks:
     def free(self, slot: int) -> None:
         """``slot`` lets go of every block (the last ones first, so the prefix cache evicts a
         prompt's tail before its head)."""
+        self._hits.pop(slot, None)
         for block in reversed(self._held[slot]):
             self.pool.release(block)
         if self._held[slot]:
@@ -170,16 +176,19 @@ class KVBlocks:
 
     # ------------------------------------------------------------------ device
     def sync(self) -> None:
-        """Apply the queued changes to the device: block copies, then the changed table rows."""
-        dev = self.cache.block_tables.device
-        if self._copies:
-            src, dst = torch.tensor(self._copies, dtype=torch.long).T
-            self.cache.copy_blocks(src.to(dev), dst.to(dev))
-            self._copies.clear()
-        if self._dirty:
-            rows = sorted(self._dirty)
-            self.cache.block_tables[rows] = torch.from_numpy(self._host[rows]).to(dev)
-            self._dirty.clear()
+        """Apply the queued changes to the device (one upload): block copies, then the
+        changed table rows."""
+        if not (self._copies or self._dirty):
+            return
+        rows = sorted(self._dirty)
+        src, dst = zip(*self._copies, strict=True) if self._copies else ((), ())
+        r, table, s, d = self._uploads.put(rows, self._host[rows].reshape(-1), src, dst)
+        if len(s):
+            self.cache.copy_blocks(s, d)
+        if rows:
+            self.cache.block_tables.index_copy_(0, r, table.view(len(rows), -1))
+        self._copies.clear()
+        self._dirty.clear()
 
     def _mark(self, slot: int, i: int, block: int) -> None:
         self._host[slot, i] = block

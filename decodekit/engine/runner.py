@@ -1,6 +1,7 @@
-"""The model runner: batch inputs, the forward over the slot KV cache, uploads, CUDA graphs.
+"""The model runner: batch inputs, the forward over the KV cache, uploads, CUDA graphs.
 
-A :class:`ModelRunner` owns one model's slot cache, its steering hooks and a device
+A :class:`ModelRunner` owns one model's KV cache (paged, with its block tables in
+:attr:`ModelRunner.kv`, or static slots), its steering hooks and a device
 buffer of each slot's newest sampled token (the next decode input, so decode steps never
 copy tokens from the host). It knows slots and positions, not requests: the caller passes
 each slot's cache length (``lengths[slot]``, 0 for a free slot).
@@ -12,8 +13,8 @@ is masked and overwritten later. A step's integers (slots, positions, lengths) t
 one upload (:mod:`.staging`); decode steps and verification windows replay CUDA graphs
 when captured (:meth:`ModelRunner.enable_graphs`).
 
-May call: :mod:`.model_adapter`, :mod:`.kv_cache`, :mod:`.graphs`, :mod:`.staging`, the
-steering hooks.
+May call: :mod:`.model_adapter`, :mod:`.kv_cache`, :mod:`.paging`, :mod:`.attention`,
+:mod:`.graphs`, :mod:`.staging`, the steering hooks.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class ModelRunner:
         forward; otherwise (a model whose attention does not go through transformers'
         attention interface, or no way to run the kernel here) warn and read the blocks
         through the gather path instead. Leaves the cache as it was."""
-        n, dev = 6, self.device
+        n, dev = 40, self.device  # a prefill of several query tiles, then a decode step
         ids = torch.arange(1, n + 2, device=dev)[None] % self.adapter.vocab_size
         self.cache.kernel_attention = True
         try:
@@ -176,15 +177,17 @@ class ModelRunner:
         (prefix caching; 0 without paging). ``OutOfBlocks`` when the blocks run out."""
         return 0 if self.kv is None else self.kv.admit(slot, tokens, salts)
 
-    def reserve(self, slots: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> None:
+    def reserve(self, slots: Sequence[int], starts: Sequence[int], ends: Sequence[int], *,
+                sync: bool = True) -> None:
         """Each ``slots[i]`` is about to write positions ``starts[i] .. ends[i] - 1``: hold
-        private blocks for them and bring the device tables up to date (no-op without
-        paging). ``OutOfBlocks`` when the blocks run out."""
+        private blocks for them and (``sync``) bring the device tables up to date, in one
+        upload (no-op without paging). ``OutOfBlocks`` when the blocks run out."""
         if self.kv is None:
             return
         for slot, a, b in zip(slots, starts, ends, strict=True):
             self.kv.prepare(slot, a, b)
-        self.kv.sync()
+        if sync:
+            self.kv.sync()
 
     def register(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> None:
         """``slot``'s cache holds ``tokens`` from position 0: offer its full blocks to the
@@ -349,6 +352,8 @@ class ModelRunner:
         :func:`window_widths` (they need ``k + 1`` scratch positions per slot). ``capture``
         defaults to CUDA graph capture; pass :func:`~decodekit.engine.graphs.eager_capture` to
         run the same logic on a CPU. Buckets whose capture fails run eagerly (with a warning)."""
+        if self.kv is not None:
+            self.kv.sync()  # freed slots' tables point at the null block before capture writes
         if window and window + 1 > self.window_ids.shape[1]:
             raise ValueError(f"window {window} needs {window + 1} scratch positions per slot, "
                              f"the runner has {self.window_ids.shape[1]}")
