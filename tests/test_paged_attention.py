@@ -39,6 +39,7 @@ CASES = [  # (B, H, KVH, Q, D, lens)
     (2, 6, 2, 5, 32, [21, 40]),  # GQA 3 (not a power of two), a window of 5
     (1, 4, 1, 17, 64, [60]),  # MQA, a speculative window of 17
     (2, 2, 2, 40, 16, [40, 55]),  # a prefill chunk: 40 queries, two query tiles
+    (2, 4, 2, 3, 24, [33, 17]),  # head_dim 24: a 32-wide tile with masked columns
 ]
 
 

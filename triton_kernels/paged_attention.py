@@ -144,7 +144,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"block_size must be a power of two >= 16, got {BS}")
     G = H // KVH
     block_d = next_pow2(D, 16)
-    block_r = min(next_pow2(G * Q, 16), max(16, 8192 // block_d))  # query rows per program: tile <= 8K
+    block_r = min(next_pow2(G * Q, 16), 128, max(16, 8192 // block_d))  # query rows: <= 128, tile <= 8K
     n_qtiles = cdiv(G * Q, block_r)
     table_blocks = block_tables.shape[1]
     S = splits or split_count(B * n_qtiles, KVH, table_blocks, q.device)  # prefill tiles fill the device
@@ -170,20 +170,20 @@ SIGNATURE_INTS = ["sq_b", "sq_h", "sq_q", "sk_blk", "sk_pos", "sk_h", "sv_blk", 
 
 
 def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, object], int]]:
-    """Every compiled variant: dtypes, GQA groups of 1/2/4/8 (Llama, Qwen, Mistral, Gemma
-    shapes) at decode, window and prefill tiles, head_dim 64/128/256 (Gemma 2: 256 with
-    softcap and windows)."""
-    # (G, head_dim, query rows): decode tiles, window tiles, and the largest prefill tile per
-    # head_dim (rows * head_dim <= 8192)
-    cases = [(1, 64, 16), (4, 64, 16), (8, 128, 16), (2, 256, 16), (4, 64, 32), (8, 128, 64),
-             (1, 64, 128), (2, 256, 32), (1, 128, 64)]
+    """Every tile shape the launcher can pick: each head_dim tile (32, 64, 128, 256; odd
+    head dims round up to these; 16 only in tests) with every query-row count from 16 to the
+    cap (128 rows, 8K elements), GQA groups of 1 to 8 spread over them, each dtype, with and
+    without soft-capping / windows."""
+    flags = ((False, False), (True, True), (False, True))
     for dt in ("fp32", "bf16", "fp16"):
-        for G, D, block_r in cases:
-            for softcap, window in ((False, False), (True, True)):
+        for n, (block_d, block_r) in enumerate((d, r) for d in (32, 64, 128, 256) for r in (16, 32, 64, 128)
+                                               if r * d <= 8192):
+            G = (1, 2, 4, 8)[n % 4]
+            for softcap, window in flags:
                 sig = {k: v.format(t=dt) for k, v in SIGNATURE_PTRS.items()}
                 sig |= {k: "i32" for k in SIGNATURE_INTS}
                 sig |= {"scale": "fp32", "softcap": "fp32", "window": "i32"}
-                cfg = dict(G=G, BLOCK_R=block_r, BLOCK_D=D, D=D, BS=16, SOFTCAP=softcap, WINDOW=window,
-                           IEEE=dt == "fp32")
-                warps = launch((1,), block_r * D).num_warps
+                cfg = dict(G=G, BLOCK_R=block_r, BLOCK_D=block_d, D=block_d - 16 * (n % 2), BS=16,
+                           SOFTCAP=softcap, WINDOW=window, IEEE=dt == "fp32")
+                warps = launch((1,), block_r * block_d).num_warps
                 yield "paged_attention", _paged_attention_kernel, sig, cfg, warps

@@ -91,18 +91,16 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 @contextlib.contextmanager
-def kernel_attention(model: torch.nn.Module, cache: Any) -> Iterator[None]:
-    """Run ``model``'s attention through the paged kernel over ``cache`` (a bound
+def kernel_attention(adapter: Any, cache: Any) -> Iterator[None]:
+    """Run the model's attention (a :class:`~decodekit.engine.model_adapter.ModelAdapter`'s)
+    through the paged kernel over ``cache`` (a bound
     :class:`~decodekit.engine.kv_cache.PagedKVCache` in kernel mode) for the duration."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(BACKEND, _attention)  # idempotent
-    config = model.config
-    before = config._attn_implementation
     token = _ACTIVE.set(cache)
-    config._attn_implementation = BACKEND
     try:
-        yield
+        with adapter.attention_implementation(BACKEND):
+            yield
     finally:
-        config._attn_implementation = before
         _ACTIVE.reset(token)

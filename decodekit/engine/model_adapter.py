@@ -22,7 +22,7 @@ import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -302,27 +302,50 @@ class ModelAdapter:
             raise ValueError(f"{what} needs a tokenizer; this generator has none (pass token ids)")
 
     @torch.inference_mode()
+    def cache_check(self, run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                    n: int = 6) -> str | None:
+        """Why a prefill of ``n`` tokens then one decode step through ``run(ids [1, q],
+        pos [1, q], length [1]) -> logits [1, V]`` (a cache path) disagrees with a cache-free
+        forward, or None when it agrees (relative error within 1e-3 in fp32, 5e-2 else)."""
+        dev = self.device
+        ids = torch.arange(1, n + 2, device=dev)[None] % self.vocab_size
+        pos = torch.arange(n + 1, device=dev)[None]
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
+            a = run(ids[:, :n], pos[:, :n], torch.tensor([n], device=dev))
+            b = run(ids[:, n:], pos[:, n:], torch.tensor([n + 1], device=dev))
+        except Exception as e:  # noqa: BLE001 - any failure means: not this way
+            return f"the forward failed ({type(e).__name__}: {e})"
+        got = torch.cat([a, b]).float()
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+        return None if err <= tol else f"relative error {err:.2e}"
+
     def self_test(self) -> None:
         """Prefill + decode through a slot cache must match a cache-free forward; otherwise
         the model's attention does not follow the Cache API as decodekit drives it
         (``ValueError``, never wrong tokens later)."""
-        n, dev = 6, self.device
-        ids = torch.arange(1, n + 2, device=dev)[None] % self.vocab_size
-        cache = SlotKVCache(self.model.config, 2, 64, dev, self.dtype)
-        try:
-            ref = self.model(input_ids=ids, use_cache=False).logits[0, -2:].float()
-            pos = torch.arange(n, device=dev)[None]
+        cache = SlotKVCache(self.model.config, 2, 64, self.device, self.dtype)
+
+        def run(ids: torch.Tensor, pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
             cache.bind(1, pos, 64)  # slot 1: rows are not assumed to start at 0
-            a = self.forward(ids[:, :n], pos, torch.tensor([n], device=dev), cache, 64)[:, -1]
-            p2 = torch.tensor([[n]], device=dev)
-            cache.bind(1, p2, 64)
-            b = self.forward(ids[:, n:], p2, torch.tensor([n + 1], device=dev), cache, 64)[:, -1]
-        except Exception as e:  # noqa: BLE001 - any failure means unsupported
-            raise ValueError(f"unsupported model {self.name}: a forward through decodekit's slot KV "
-                             f"cache failed ({type(e).__name__}: {e})") from e
-        got = torch.cat([a, b]).float()
-        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
-        err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
-        if not err <= tol:
-            raise ValueError(f"unsupported model {self.name}: its attention does not follow the Cache "
-                             f"API as decodekit drives it (relative error {err:.2e})")
+            return self.forward(ids, pos, length, cache, 64)[:, -1]
+
+        why = self.cache_check(run)
+        if why is not None:
+            raise ValueError(f"unsupported model {self.name}: its attention does not follow the Cache API "
+                             f"as decodekit drives it through its slot KV cache ({why})")
+
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str) -> Iterator[None]:
+        """Run the model's attention layers through the registered attention backend
+        ``name`` for the duration. transformers reads ``config._attn_implementation`` at
+        every attention call; ``set_attn_implementation`` would re-validate the model on
+        every forward, so the config field is swapped here, the one place that does."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
