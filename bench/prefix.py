@@ -2,7 +2,9 @@
 scheduler loop with and without prefix caching and by transformers' continuous batching
 (``model.generate_batch``, its block sharing on) on the same prompts, in the same run. Reports
 tokens/s, prompt tokens computed, peak KV memory held and the ratios; then the memory section:
-how many requests of a realistic length mix fit in a fixed KV budget with static slots vs blocks.
+how many requests of a realistic length mix fit in a fixed KV budget with static slots vs blocks;
+then the step section: decode step time of the block cache against the static slot cache
+(``kv_cache="slots"``, the previous decodekit) at a few batch sizes and context lengths.
 
 Usage: ``python -m bench.prefix [--requests R] [--prefix P] [--suffix S] [--batch B]
 [common flags, see --help]``
@@ -11,6 +13,7 @@ Usage: ``python -m bench.prefix [--requests R] [--prefix P] [--suffix S] [--batc
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import random
 import sys
@@ -108,6 +111,39 @@ def memory_section(wl: Workload, budget: int, max_seq_len: int, block: int) -> d
             "budget_mb": budget * H.kv_bytes_per_token(wl.model) / 2**20}
 
 
+def step_section(wl: Workload, dev: torch.device, points: Sequence[tuple[int, int]], steps: int,
+                 repeats: int) -> list[dict[str, Any]]:
+    """Median ms per decode step (``next_token(num_steps=steps)`` after the prefill) of
+    ``kv_cache="paged"`` and ``"slots"`` at each ``(batch, context)`` point, sides interleaved."""
+    import decodekit
+
+    out = []
+    for batch, ctx in points:
+        prompts = [[3 + (i * 7919 + j * 104729) % (wl.model.config.vocab_size - 3) for j in range(ctx)]
+                   for i in range(batch)]
+        n = steps * (repeats + 1)
+        gens, batches = {}, {}
+        for kind in ("paged", "slots"):
+            gens[kind] = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=batch,
+                                                  max_seq_len=ctx + n + 8, seed=0, kv_cache=kind)
+            params = decodekit.SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+            ctxs = [gens[kind].new_context(p, params) for p in prompts]
+            batches[kind] = {c.request_id: c for c in ctxs}
+            gens[kind].next_token(batches[kind], num_steps=1)  # prefill
+        times: dict[str, list[float]] = {k: [] for k in gens}
+        for _ in range(repeats):
+            for kind, gen in gens.items():
+                wall, _ = H.timed_call(functools.partial(gen.next_token, batches[kind], num_steps=steps), dev)
+                times[kind].append(wall * 1e3 / steps)
+        row = {"batch": batch, "context": ctx, **{f"{k}_ms": H.median(v) for k, v in times.items()}}
+        row["ratio"] = row["slots_ms"] / row["paged_ms"]
+        print(row, flush=True)
+        out.append(row)
+        gens.clear()
+        gc.collect()
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = H.parser("bench.prefix", __doc__.splitlines()[0])
     for flag, what in (("requests", "requests (64)"), ("prefix", "shared prompt tokens (300)"),
@@ -146,11 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         r["ratio"] = rows[0]["tok_s"] / r["tok_s"] if r.get("tok_s") and rows[0].get("tok_s") else None
         print(r, flush=True)
+    step_points = [(2, 20)] if smoke else [(1, 300), (8, 20), (8, 100), (8, 300)]
+    steps = step_section(wl, dev, step_points, 2 if smoke else 8, 1 if smoke else 2 * repeats + 1)
     mem = memory_section(wl, 4 * 256 if smoke else 16 * 2048, 256 if smoke else 2048, block)
     meta = H.metadata(dev, "wall time (time.perf_counter, device synchronised) of the whole serving loop, "
                       "median over repeats, sides interleaved", model=f"{wl.description}, {wl.dtype_name}",
                       requests=R, shared_prefix=P, suffix=S, max_batch=B, max_new_tokens=n, repeats=repeats,
-                      block_size=block, memory=mem)
+                      block_size=block, memory=mem, steps=steps)
     body = [f"- {R} requests: a shared {P}-token prefix + {S} own tokens, {n} new tokens each (greedy, "
             f"ignore EOS), at most {B} running; KV blocks of {block} positions on every side; HF's peak KV "
             "is its preallocated cache", "",
@@ -163,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "", f"Memory: requests of a length mix (mean {mem['mean_length']:.0f} tokens) admitted until a "
             f"{mem['budget_tokens']:,}-position KV budget ({mem['budget_mb']:.0f} MB) is full: static slots "
             f"of {mem['max_seq_len']} fit {mem['slots_fit']}, blocks of {block} fit {mem['paged_fit']} "
-            f"({H.ratio(mem['ratio'])})."]
+            f"({H.ratio(mem['ratio'])}).", "",
+            "Decode step, block cache vs static slots (the previous decodekit; same prompts, greedy, "
+            "ms per step, median; ratio > 1: blocks faster):", "",
+            H.table(["B", "context", "paged ms", "slots ms", "slots / paged"],
+                    [[r["batch"], r["context"], H.f(r["paged_ms"], "{:.2f}"), H.f(r["slots_ms"], "{:.2f}"),
+                      H.ratio(r["ratio"])] for r in steps])]
     H.report("prefix", "Prefix-caching benchmark", args, meta, rows, body)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -95,7 +95,7 @@ def _read(cache: PagedKVCache, slot: int, n: int) -> list[float]:
     cache.bind(slot, torch.tensor([[cache.max_seq_len - 1]]), n)
     out = []
     for layer in range(len(cache.layers)):
-        k, v = cache._gather(cache.layers[layer].keys), cache._gather(cache.layers[layer].values)
+        k, v = cache._gather(cache.layers[layer].keys, 0), cache._gather(cache.layers[layer].values, 1)
         assert torch.equal(k, -v)
         out.append((k[0, 0, :, 0] - layer).tolist())
     assert out[0] == out[1]

@@ -196,6 +196,7 @@ class PagedKVCache(SlotKVCache):
         self._write_pos: torch.Tensor | None = None
         self._write_block = self._write_off = self._read_blocks = None
         self._table = self._length = None
+        self._scratch: list[torch.Tensor | None] = [None, None]  # gather buffers (keys, values)
         self.kernel_attention = False  # update() returns the stores, the backend reads the tables
 
     @property
@@ -232,7 +233,7 @@ class PagedKVCache(SlotKVCache):
         layer.values[blk, off] = value_states.transpose(1, 2).to(layer.values.dtype)
         if self.kernel_attention:  # the attention kernel reads the blocks itself
             return layer.keys, layer.values
-        return self._gather(layer.keys), self._gather(layer.values)
+        return self._gather(layer.keys, 0), self._gather(layer.values, 1)
 
     def attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bound rows' ``(block_tables [B, max_blocks], lengths [B], positions [B, q])``:
@@ -241,9 +242,23 @@ class PagedKVCache(SlotKVCache):
             raise RuntimeError("PagedKVCache: kernel attention needs bind(..., length=...)")
         return self._table, self._length, self._write_pos
 
-    def _gather(self, store: torch.Tensor) -> torch.Tensor:
+    def _gather(self, store: torch.Tensor, which: int) -> torch.Tensor:
+        """The bound rows' first ``kv_len`` positions of ``store`` as ``[B, H, kv_len, D]``.
+
+        ``index_select`` copies whole blocks (advanced indexing costs ~3x on CPU). On CPU the
+        copy lands in a held buffer (``which``: 0 keys, 1 values), reused by every layer since a
+        layer's attention is done with it before the next layer gathers: no fresh pages each
+        call. Elsewhere a fresh tensor (a buffer replaced between CUDA-graph captures would
+        leave an earlier graph writing into freed memory)."""
         B, nb = self._read_blocks.shape
-        rows = store[self._read_blocks]  # [B, nb, bs, H, D]
+        n, idx = B * nb, self._read_blocks.reshape(-1)
+        if store.device.type == "cpu":
+            buf = self._scratch[which]
+            if buf is None or buf.shape[0] < n:
+                buf = self._scratch[which] = store.new_empty((n, *store.shape[1:]))
+            rows = torch.index_select(store, 0, idx, out=buf[:n])  # [B * nb, bs, H, D]
+        else:
+            rows = store.index_select(0, idx)
         return rows.view(B, nb * self.block_size, *store.shape[2:])[:, : self.kv_len].transpose(1, 2)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
