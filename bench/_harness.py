@@ -439,3 +439,16 @@ PROFILE_PARTS = {
     "sampler": ("decodekit/sampling/sampler.py", "sample"),
     "eos_detok": ("decodekit/engine/eos.py", "commit"),
 }
+
+
+def mask_fill_us(gen: Any, contexts: Sequence[Any]) -> float:
+    """Median microseconds of one bitmask fill for ``contexts`` (``gen.guidance.mask`` over
+    their matchers, ``TextGenerationContext.guide``; upload included), of 5."""
+    guides = [c.guide for c in contexts]
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        gen.guidance.mask(guides)
+        synchronize(gen.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6

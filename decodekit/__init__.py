@@ -2,11 +2,12 @@
 
 Public surface (what users call):
 
-- settings and results: :class:`SamplingParams`, :class:`GenerationStatus`,
+- settings and results: :class:`SamplingParams`, :class:`GuidedDecodingParams`, :class:`GenerationStatus`,
   :class:`TextResponse`, :class:`TextGenerationResponse`, :class:`RequestOutput`,
   :class:`LogProbabilities`;
 - the sampler: :class:`Sampler` and the functional :func:`sample` / :func:`processed_probs`;
-- the engine: :class:`TokenGenerator` (the per-step API for schedulers),
+- the engine: :class:`TokenGenerator` (the per-step API for schedulers), logits processors
+  (:class:`ProcessorInputs`, :class:`BatchProcessorInputs`, :class:`HFLogitsProcessor`),
   :class:`TextGenerationContext`, :class:`EOSTracker`, :func:`load`, :class:`LLM`;
 - speculative decoding: :class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`,
   :class:`SpecStats`;
@@ -14,12 +15,13 @@ Public surface (what users call):
   :func:`train_steering_vector`.
 
 The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.speculative``,
-``decodekit.steering``, ``decodekit.kernels``) are importable for advanced use.
+``decodekit.steering``, ``decodekit.structured``, ``decodekit.kernels``) are importable for advanced use.
 """
 
 from .engine.context import TextGenerationContext
 from .engine.eos import EOSTracker
 from .engine.generator import TokenGenerator
+from .engine.processors import BatchProcessorInputs, HFLogitsProcessor, ProcessorInputs
 from .llm import LLM
 from .loading import load
 from .outputs import (
@@ -33,15 +35,20 @@ from .params import SamplingParams
 from .sampling import Sampler, processed_probs, sample
 from .speculative import DraftModel, LayerSkipDraft, NGramDraft, SpecStats
 from .steering import Steering, SteeringVector, steer, train_steering_vector
+from .structured import GuidedDecodingParams
 
 __all__ = [
+    "BatchProcessorInputs",
     "DraftModel",
     "EOSTracker",
     "GenerationStatus",
+    "GuidedDecodingParams",
+    "HFLogitsProcessor",
     "LLM",
     "LayerSkipDraft",
     "LogProbabilities",
     "NGramDraft",
+    "ProcessorInputs",
     "RequestOutput",
     "Sampler",
     "SamplingParams",

@@ -23,6 +23,7 @@ import torch
 
 from .params import SamplingParams
 from .sampling import Sampler
+from .structured.spec import GuidedDecodingParams
 
 DEMO_SETTINGS: list[tuple[str, SamplingParams]] = [
     ("greedy", SamplingParams(temperature=0.0)),
@@ -237,21 +238,41 @@ def run_steer_train(args) -> int:
     return 0
 
 
+def _guided(args) -> GuidedDecodingParams | None:
+    """``--json-schema FILE`` / ``--regex RE`` / ``--grammar FILE`` / ``--choice a,b`` (at most one)."""
+    given = [f for f in ("json_schema", "regex", "grammar", "choice") if getattr(args, f) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"at most one of --json-schema, --regex, --grammar, --choice; got {len(given)}")
+    if args.json_schema is not None:
+        return GuidedDecodingParams(json=Path(args.json_schema).read_text())
+    if args.grammar is not None:
+        return GuidedDecodingParams(grammar=Path(args.grammar).read_text())
+    if args.regex is not None:
+        return GuidedDecodingParams(regex=args.regex)
+    return GuidedDecodingParams(choice=[c for c in args.choice.split(",") if c])
+
+
 def run_generate(args) -> int:
     from .engine.generator import TokenGenerator
     from .engine.scheduler import continuous_batching
     from .loading import load
 
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, guided_decoding=_guided(args),
+        )
+    except (OSError, ValueError) as e:
+        print(f"decodekit generate: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         model, tok = load(args.model, device=args.device, dtype=args.dtype)
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-    )
     max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
     try:
         draft = _make_draft(args.draft, args.num_speculative_tokens, args.device, args.dtype)
@@ -314,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.safetensors, or a .gguf control vector)")
     g.add_argument("--steer-strength", type=_unit("--steer-strength", -1e3, 1e3), default=None,
                    help="steering strength (default: the preset's, else 1.0)")
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="output: JSON valid for this schema")
+    g.add_argument("--regex", default=None, metavar="RE", help="output: matches this regular expression")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="output: in this EBNF/GBNF or Lark grammar")
+    g.add_argument("--choice", default=None, metavar="A,B,...", help="output: one of these strings")
     g.add_argument("--device", type=_device, default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     st = sub.add_parser("steer", help="steering vectors")

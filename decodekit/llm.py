@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ from .loading import load
 from .outputs import RequestOutput
 from .params import SamplingParams
 from .steering.vector import Steering, SteeringVector
+from .structured.spec import GuidedDecodingParams
 
 __all__ = ["LLM", "RequestOutput"]
 
@@ -93,13 +95,21 @@ class LLM:
         steering_preset: str | None = None,
         steering_positions="all",
         steering_op: str = "add",
+        json_schema: Mapping | str | None = None,
+        regex_pattern: str | None = None,
+        grammar: str | None = None,
+        choice: Sequence[str] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids or chat messages); outputs in order.
 
         The ``steering_*`` options steer every prompt of the call (see :meth:`steering`).
+        ``json_schema`` / ``regex_pattern`` / ``grammar`` / ``choice`` (at most one) constrain
+        every output of the call (:class:`~decodekit.GuidedDecodingParams`; a request's own
+        ``params.guided_decoding`` is replaced).
         """
         steering = self.steering(steering_vector, steering_strength, steering_preset, steering_positions,
                                  steering_op)
+        guided = _guided(json_schema, regex_pattern, grammar, choice)
         if isinstance(prompts, Mapping):
             raise ValueError("prompts: a chat is a list of messages [{'role': ..., 'content': ...}], "
                              "and several prompts a list of those; got a single dict")
@@ -118,6 +128,8 @@ class LLM:
             pl = list(params)
             if len(pl) != len(plist):
                 raise ValueError(f"{len(pl)} params for {len(plist)} prompts")
+        if guided is not None:
+            pl = [p.replace(guided_decoding=guided) for p in pl]
         gen = self.generator
         contexts = [gen.new_context(p, sp, steering=steering) for p, sp in zip(plist, pl, strict=True)]
         for _ in continuous_batching(gen, contexts):
@@ -136,3 +148,21 @@ class LLM:
                 text = res[ctx.request_id].text
                 if text:
                     yield text
+
+
+def _guided(json_schema: Any, regex_pattern: str | None, grammar: str | None,
+            choice: Sequence[str] | None) -> GuidedDecodingParams | None:
+    """The guided-decoding spec of :meth:`LLM.generate`'s keywords (None when none is set)."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex_pattern", regex_pattern),
+                               ("grammar", grammar), ("choice", choice)) if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"at most one of json_schema, regex_pattern, grammar, choice; got "
+                         f"{', '.join(given)}")
+    (name, value), = given.items()
+    field = {"json_schema": "json", "regex_pattern": "regex"}.get(name, name)
+    try:
+        return GuidedDecodingParams(**{field: value})
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None

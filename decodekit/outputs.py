@@ -117,6 +117,7 @@ class StepStats:
     preempted: int = 0  # running requests that gave their KV blocks back (they re-prefill later)
     waiting: int = 0  # contexts of the call left without cache room (no tokens this call)
     steps: int = 0
+    forced_tokens: int = 0  # guided tokens emitted by jump-forward (steps saved)
     forward_s: float = 0.0
     sample_s: float = 0.0
     total_s: float = 0.0

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._checks import as_items, check_float, check_int, describe, token_id
 from .patterns import MAX_STOP_PATTERN_CHARS, compile_stop_pattern
+from .structured.spec import GuidedDecodingParams
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "LIMITS", "SamplingParams"]
 
@@ -163,6 +164,12 @@ class SamplingParams:
     ignore_eos, include_stop_str_in_output, detokenize, skip_special_tokens : bool
         Keep generating past EOS; keep the matched stop string / pattern in the returned text;
         output text options.
+    guided_decoding : GuidedDecodingParams or None
+        Constrain the output to a JSON schema, regex, choice or grammar
+        (:class:`~decodekit.GuidedDecodingParams`). The request finishes (``"stop"``) when the
+        grammar is complete and a stop token is drawn, even with ``ignore_eos``; where the
+        grammar and this request's own masks (``logit_bias`` -inf, ``allowed_token_ids``,
+        bad words, ``min_new_tokens``) leave no token in common, the grammar wins that step.
 
     Raises
     ------
@@ -193,6 +200,7 @@ class SamplingParams:
     logprobs: int | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -223,6 +231,9 @@ class SamplingParams:
             set_("stop", _stop_strings(self.stop))
         if self.stop_pattern is not None:
             compile_stop_pattern(self.stop_pattern)
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise ValueError(f"guided_decoding must be a GuidedDecodingParams or None, got "
+                             f"{describe(self.guided_decoding)}")
 
     def _plain_fields(self) -> dict[str, Any]:
         """Field values by name, with ``logit_bias`` as a plain dict."""

@@ -22,6 +22,7 @@ EXPECTED_FIELDS = [
     ("min_new_tokens", 0), ("max_new_tokens", None), ("ignore_eos", False), ("stop", None),
     ("stop_token_ids", None), ("stop_pattern", None), ("include_stop_str_in_output", False),
     ("seed", None), ("logprobs", None), ("detokenize", True), ("skip_special_tokens", True),
+    ("guided_decoding", None),
 ]
 
 

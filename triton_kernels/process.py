@@ -100,9 +100,15 @@ def _banned_seq_tokens(badseq_ptr, badlen_ptr, hist_ptr, slot, n_hist, H, d, ran
 
 @triton.jit
 def _process_tile(x, offs, inb, slot, V, flags, rep, freq, pres, temp, sup, ban, d,
-                  bias_ptr, counts_ptr, HAS_BIAS: tl.constexpr, HAS_PENALTY: tl.constexpr,
-                  HAS_SUPPRESS: tl.constexpr, HAS_BADSEQ: tl.constexpr, WINDOW: tl.constexpr):
-    """Processed logits of one tile (``-inf`` where banned) and the banned mask."""
+                  bias_ptr, counts_ptr, mask_row, HAS_BIAS: tl.constexpr, HAS_PENALTY: tl.constexpr,
+                  HAS_SUPPRESS: tl.constexpr, HAS_BADSEQ: tl.constexpr, WINDOW: tl.constexpr,
+                  HAS_MASK: tl.constexpr):
+    """Processed logits of one tile (``-inf`` where banned) and the banned mask.
+
+    ``HAS_MASK``: ``mask_row`` points at the row's allowed-token bitmask (int32 words, bit
+    ``i % 32`` of word ``i // 32``); a token outside it is banned, and a token the request's
+    own masks ban but the bitmask allows gets ``-FLT_MAX`` instead of ``-inf``: probability
+    0 unless every allowed token is banned (then the bitmask wins: uniform over it)."""
     banned = ~inb
     if HAS_BIAS:
         b = tl.load(bias_ptr + slot * V + offs, mask=tl.where((flags & F_BIAS) != 0, inb, False),
@@ -127,6 +133,11 @@ def _process_tile(x, offs, inb, slot, V, flags, rep, freq, pres, temp, sup, ban,
     l = x / temp
     l = tl.where(l != l, -float("inf"), l)
     l = tl.minimum(tl.maximum(l, -FLT_MAX), FLT_MAX)
+    if HAS_MASK:
+        words = tl.load(mask_row + offs // 32, mask=inb, other=0)
+        ok = ((words >> (offs % 32)) & 1) != 0
+        l = tl.where(banned & ok, -FLT_MAX, l)
+        banned = ~ok
     return tl.where(banned, -float("inf"), l), banned
 
 
@@ -165,11 +176,12 @@ def _process_kernel(
     drafts_ptr,                          # [N / W, W - 1] i64 (WINDOW)
     work_ptr,                            # [N, V] f32 processed logits (if WRITE_WORK)
     part_f_ptr, part_i_ptr,              # flat [N * C * NPART] f32, [N * C] i32
-    V, chunk, H, W,
+    mask_ptr,                            # [N, MW] i32 allowed-token bitmask (HAS_MASK)
+    V, chunk, H, W, MW,
     HAS_BIAS: tl.constexpr, HAS_PENALTY: tl.constexpr, HAS_SUPPRESS: tl.constexpr,
     HAS_BADSEQ: tl.constexpr, WRITE_WORK: tl.constexpr, NEED_RAW: tl.constexpr,
     WINDOW: tl.constexpr, NSP: tl.constexpr, NBP: tl.constexpr, LP: tl.constexpr,
-    KP: tl.constexpr, BLOCK: tl.constexpr,
+    KP: tl.constexpr, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
     c = tl.program_id(1)
@@ -218,8 +230,8 @@ def _process_kernel(
         if NEED_RAW:
             raw_m, raw_s = _online_lse(x, raw_m, raw_s)
         l, banned = _process_tile(x, offs, inb, slot, V, flags, rep, freq, pres, temp, sup, ban, d,
-                                  bias_ptr, counts_ptr, HAS_BIAS, HAS_PENALTY, HAS_SUPPRESS,
-                                  HAS_BADSEQ, WINDOW)
+                                  bias_ptr, counts_ptr, mask_ptr + row * MW, HAS_BIAS, HAS_PENALTY,
+                                  HAS_SUPPRESS, HAS_BADSEQ, WINDOW, HAS_MASK)
         if WRITE_WORK:
             tl.store(work_ptr + row * V + offs, l, mask=inb)
         nm, s_run = _online_lse(l, m_run, s_run)
@@ -257,10 +269,12 @@ def process_logits(
     chunk: int,
     need_raw: bool,
     drafts: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """Launch :func:`_process_kernel` over ``logits [N, V]`` for the slot of each row ``slots [N]``.
 
     Optional state tensors that are ``None`` turn their feature off at compile time.
+    ``mask [N, ceil(V / 32)]`` int32: each row's allowed tokens (guided decoding).
     ``part_f [N, chunks, NPART]`` / ``part_i [N, chunks]`` receive the per-chunk statistics.
     ``drafts [R, W - 1]`` int64 (window rows, ``N = R * W``): row ``q * W + j`` counts
     ``drafts[q, :j]`` as accepted (-1 entries are skipped).
@@ -278,6 +292,9 @@ def process_logits(
         if drafts.dtype != torch.int64 or not drafts.is_contiguous() or drafts.shape[0] * W != N:
             raise ValueError(f"drafts must be contiguous int64 [N / W, W - 1], got {drafts.dtype} "
                              f"{tuple(drafts.shape)} for {N} rows")
+    MW = -(-V // 32)
+    if mask is not None and (mask.dtype != torch.int32 or mask.shape != (N, MW) or not mask.is_contiguous()):
+        raise ValueError(f"mask must be contiguous int32 [{N}, {MW}], got {mask.dtype} {tuple(mask.shape)}")
     dummy_i, dummy_f = iparams, fparams
     go = launch((N, chunks), layout.BLOCK_PROCESS)
     _process_kernel[go.grid](
@@ -290,15 +307,15 @@ def process_logits(
         hist if hist is not None else dummy_i,
         drafts if drafts is not None else dummy_i,
         work if work is not None else dummy_f,
-        part_f, part_i,
-        V, chunk, hist.shape[1] if hist is not None else 1, W,
+        part_f, part_i, mask if mask is not None else dummy_i,
+        V, chunk, hist.shape[1] if hist is not None else 1, W, MW,
         HAS_BIAS=bias is not None, HAS_PENALTY=counts is not None,
         HAS_SUPPRESS=suppress is not None, HAS_BADSEQ=badseq is not None,
         WRITE_WORK=work is not None, NEED_RAW=need_raw, WINDOW=drafts is not None,
         NSP=suppress.shape[1] if suppress is not None else 1,
         NBP=badseq.shape[1] if badseq is not None else 1,
         LP=badseq.shape[2] if badseq is not None else 1,
-        KP=next_pow2(W - 1), BLOCK=layout.BLOCK_PROCESS,
+        KP=next_pow2(W - 1), BLOCK=layout.BLOCK_PROCESS, HAS_MASK=mask is not None,
         num_warps=go.num_warps,
     )
 
@@ -309,18 +326,18 @@ SIGNATURE = {
     "iparams_ptr": "*i32", "seed_ptr": "*i64", "bias_ptr": "*fp32", "counts_ptr": "*i32",
     "suppress_ptr": "*i32", "badseq_ptr": "*i32", "badlen_ptr": "*i32", "hist_ptr": "*i32",
     "drafts_ptr": "*i64", "work_ptr": "*fp32", "part_f_ptr": "*fp32", "part_i_ptr": "*i32",
-    "V": "i32", "chunk": "i32", "H": "i32", "W": "i32",
+    "mask_ptr": "*i32", "V": "i32", "chunk": "i32", "H": "i32", "W": "i32", "MW": "i32",
 }
 
 
 WARPS = launch((1,), layout.BLOCK_PROCESS).num_warps
 
 
-def _config(bias, pen, sup, bad, work, raw, window, kp=4) -> dict[str, object]:
+def _config(bias, pen, sup, bad, work, raw, window, kp=4, mask=False) -> dict[str, object]:
     return dict(HAS_BIAS=bias, HAS_PENALTY=pen, HAS_SUPPRESS=sup, HAS_BADSEQ=bad,
                 WRITE_WORK=work, NEED_RAW=raw, WINDOW=window, NSP=8 if sup else 1,
                 NBP=4 if bad else 1, LP=4 if bad else 1, KP=kp if window else 1,
-                BLOCK=layout.BLOCK_PROCESS)
+                BLOCK=layout.BLOCK_PROCESS, HAS_MASK=mask)
 
 
 def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, object], int]]:
@@ -345,3 +362,16 @@ def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, objec
                 _config(*feats, True, False, True), WARPS
     yield "process_window", _process_kernel, SIGNATURE, \
         _config(True, True, True, True, True, False, True, kp=64), WARPS
+    # guided decoding (the bitmask only meets the other features in `banned`): every
+    # (work, raw) pair with no other feature, each one alone, and all of them; bf16 plain
+    masks = [(False,) * 4] + [tuple(i == j for j in range(4)) for i in range(4)] + [(True,) * 4]
+    for feats in masks:
+        for work, raw in product([False, True], repeat=2):
+            yield "process_mask", _process_kernel, SIGNATURE, \
+                _config(*feats, work, raw, False, mask=True), WARPS
+    for work, raw in product([False, True], repeat=2):
+        yield "process_mask", _process_kernel, SIGNATURE | {"logits_ptr": "*bf16"}, \
+            _config(False, False, False, False, work, raw, False, mask=True), WARPS
+    for feats in ((False,) * 4, (True,) * 4):
+        yield "process_mask_window", _process_kernel, SIGNATURE, \
+            _config(*feats, True, False, True, mask=True), WARPS

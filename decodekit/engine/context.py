@@ -13,6 +13,7 @@ from ..outputs import GenerationStatus, LogProbabilities
 from ..params import SamplingParams
 from ..speculative.base import SpecStats
 from ..steering.vector import Steering
+from ..structured.grammar import Guide
 from .eos import EOSTracker
 
 __all__ = ["TextGenerationContext"]
@@ -30,7 +31,8 @@ class TextGenerationContext:
     retried call samples the same tokens). ``preemptions`` counts the times a full paged
     cache took its room back: it then waits without a slot (``slot`` None, still ACTIVE) and
     the next call that includes it prefills its prompt and generated tokens again, then goes
-    on exactly as if nothing had happened.
+    on exactly as if nothing had happened. ``guide``: its grammar's matcher, at the point of
+    its generated tokens (guided decoding).
     """
 
     request_id: str
@@ -50,6 +52,8 @@ class TextGenerationContext:
     preemptions: int = 0  # times the paged cache ran out and took its blocks back (it re-prefills)
     fork_of: TextGenerationContext | None = None  # made by fork() before its parent's prefill
     forks: int = 0  # children forked from it so far (their seeds go on from seed + forks + 1)
+    guide: Guide | None = None  # its grammar matcher (params.guided_decoding)
+    logits_processors: tuple = ()  # callables editing its logits before sampling (engine.processors)
 
     @property
     def text(self) -> str:

@@ -283,7 +283,7 @@ class EOSTracker:
         return self._max_new
 
     # ------------------------------------------------------------------ commit
-    def commit(self, token_ids: Iterable[int]) -> Commit:
+    def commit(self, token_ids: Iterable[int], *, stop_after: int | None = None) -> Commit:
         """Add newly generated tokens; stop at the first stop point among them.
 
         Parameters
@@ -291,6 +291,11 @@ class EOSTracker:
         token_ids : Iterable[int]
             One or several new tokens in generation order (several for multi-step or
             speculative decoding). Tokens after the first stop point are dropped.
+        stop_after : int or None
+            Index of a token that ends the request (``finish_reason="stop"``, the token as
+            the stop reason, treated like a stop token) if nothing stopped it earlier: a
+            guided request whose grammar terminated there, whatever ``ignore_eos`` and
+            ``min_new_tokens`` say.
 
         Returns
         -------
@@ -308,9 +313,12 @@ class EOSTracker:
         ids = checks.token_ids("token_ids", token_ids)
         self._chunks = []
         kept: list[int] = []
-        for tid in ids:
+        for i, tid in enumerate(ids):
             kept.append(tid)
             if self._step(tid):
+                break
+            if i == stop_after:
+                self._finish("stop", tid, flush=True)
                 break
         if not self._finished:
             self._release()

@@ -21,14 +21,14 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .. import nvtx
 from .._checks import int_at_least
-from ..outputs import GenerationStatus, StepStats, TextGenerationResponse, TextResponse
+from ..outputs import GenerationStatus, SamplerOutput, StepStats, TextGenerationResponse, TextResponse
 from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..sampling import Sampler
 from ..speculative import DraftModel, LayerSkipDraft, NGramDraft
@@ -40,9 +40,11 @@ from .blocks import OutOfBlocks
 from .context import TextGenerationContext
 from .eos import EOSTracker
 from .graphs import Capture
+from .guidance import Guidance
 from .model_adapter import ModelAdapter, Prompt
 from .paging import KVStats, range_salts
 from .pending import PendingTokens
+from .processors import apply_processors, check_processors
 from .runner import ModelRunner, Paging
 from .slots import SlotTable
 from .transaction import CallTransaction
@@ -114,6 +116,11 @@ class TokenGenerator:
         (registered as a transformers attention backend; reads only each row's live blocks;
         on CPU tensors only under ``TRITON_INTERPRET=1``); ``"torch"`` gathers each row's
         blocks for the model's own attention; ``"auto"``: Triton on CUDA, torch elsewhere.
+    batch_logits_processors : Sequence[Callable] | None
+        Called once per step with a :class:`~decodekit.engine.processors.BatchProcessorInputs`
+        (the step's logits, edited in place, and its requests) before the sampler. Per-request
+        ones: ``new_context(..., logits_processors=...)``. Steps with processors or guided
+        requests are plain (no speculative window).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
@@ -122,7 +129,8 @@ class TokenGenerator:
                  num_speculative_tokens: int | None = None, adaptive_k: bool = True,
                  window_cost: dict[int, float] | None = None, steering: bool = True,
                  kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
-                 prefix_caching: bool = True, attention: str = "auto") -> None:
+                 prefix_caching: bool = True, attention: str = "auto",
+                 batch_logits_processors: Sequence[Callable] | None = None) -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
         if kv_cache not in ("paged", "slots"):
@@ -132,6 +140,7 @@ class TokenGenerator:
         if attention == "triton" and kv_cache != "paged":
             raise ValueError("attention='triton' needs kv_cache='paged'")
         k = _speculative_k(draft, num_speculative_tokens)
+        self._batch_processors = check_processors("batch_logits_processors", batch_logits_processors)
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
         limit = self.adapter.max_positions
         if limit is not None and max_seq_len + (k + 1 if k else 0) > limit:
@@ -155,6 +164,7 @@ class TokenGenerator:
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
                                logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
         self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
+        self.guidance = Guidance(tokenizer, self.vocab_size, self.eos_token_ids, max_batch_size, self.device)
         self._contexts: dict[str, TextGenerationContext] = {}  # admitted (hold a slot)
         self._issued: weakref.WeakValueDictionary[str, TextGenerationContext] = weakref.WeakValueDictionary()
         self._steered: set[int] = set()  # slots whose steering rows are written
@@ -169,7 +179,7 @@ class TokenGenerator:
             else:
                 cost = WindowCost({1: 1.0})
             policy = DraftPolicy(k, drafter.cost, cost, drafter.prior, adaptive_k)
-            self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, policy)
+            self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, policy, self.guidance)
         self.stats = StepStats()
         if cuda_graphs and self.device.type == "cuda":
             self.enable_graphs()
@@ -242,16 +252,19 @@ class TokenGenerator:
     # ------------------------------------------------------------------ requests
     def new_context(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, truncate_prompt_tokens: int | None = None,
-                    steering: Steering | None = None) -> TextGenerationContext:
+                    steering: Steering | None = None,
+                    logits_processors: Sequence[Callable] | None = None) -> TextGenerationContext:
         """Make a request context; nothing runs until :meth:`next_token`.
 
         ``prompt`` is text, token ids, or chat messages (rendered with the tokenizer's chat
         template). A prompt longer than ``max_seq_len - max_new_tokens`` raises ``ValueError``
         unless ``truncate_prompt_tokens`` keeps only its last tokens. ``steering`` steers this
         request alone (positions are its absolute token positions: the prompt is
-        ``0 .. len(prompt) - 1``).
+        ``0 .. len(prompt) - 1``). ``logits_processors``: callables that edit this request's
+        logits before each draw (:mod:`decodekit.engine.processors`).
         """
         self._check_steering(steering)
+        processors = check_processors("logits_processors", logits_processors)
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -268,12 +281,14 @@ class TokenGenerator:
                              f"{self.max_seq_len} - max_new_tokens {max_new}); shorten it, lower "
                              "max_new_tokens, or set truncate_prompt_tokens")
         self.sampler.check(params, ids)  # masks that could leave nothing to sample, etc.
+        guide = self.guidance.guide(params.guided_decoding)  # compiled here: a bad spec fails now
         eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
                          prompt_token_ids=ids, default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
         with self._lock:
             rid = self._new_request_id(request_id)
             seed = params.seed if params.seed is not None else self.sampler.new_seed()
-            ctx = TextGenerationContext(rid, ids, params, eos, steering=steering, seed=seed)
+            ctx = TextGenerationContext(rid, ids, params, eos, steering=steering, seed=seed, guide=guide,
+                                        logits_processors=processors)
             self._issued[rid] = ctx
         return ctx
 
@@ -315,7 +330,9 @@ class TokenGenerator:
                 name = f"{ctx.request_id}.{i}"
                 rid = self._new_request_id(None if name in self._issued or name in self._contexts else name)
                 child = TextGenerationContext(rid, list(ctx.prompt_token_ids), params, ctx.eos.fork(),
-                                              steering=ctx.steering, seed=seed, speculate=ctx.speculate)
+                                              steering=ctx.steering, seed=seed, speculate=ctx.speculate,
+                                              guide=ctx.guide.fork() if ctx.guide is not None else None,
+                                              logits_processors=ctx.logits_processors)
                 self._issued[rid] = child
                 children.append(child)
             if not ctx.generated_token_ids:  # before the prefill: share it
@@ -399,12 +416,14 @@ class TokenGenerator:
             pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
             spec: list[tuple[TextGenerationContext, int, int]] = []  # (ctx, drafted, accepted)
             tx = CallTransaction(live, self.sampler, self.runner, self.speculative)
+            marks = Guidance.marks([c.guide for c in live])
             try:
                 forked = frozenset(c for c in fresh if c.slot in self._forks)
                 self._prefill_all(fresh, pending, stats)
                 self._decode(live, fresh, num_steps, pending, spec, stats, forked)
                 host = pending.to_host()
             except BaseException:
+                Guidance.undo(marks)
                 self._undo(tx, pending, fresh)
                 raise
             out = {rid: TextGenerationResponse([], c.status) for rid, c in batch.items()}
@@ -655,7 +674,7 @@ class TokenGenerator:
             self.runner.fork(p.slot, s)
         logits = torch.stack([rows[p.slot] for p in parents])  # [R, V]
         with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(forks)):
-            res = self.sampler.sample(logits, slots)
+            res = self._sample(forks, logits, slots, pending)
             pending.add_sampled([c.request_id for c in forks], res)
             self.runner.set_last_tokens(self.runner.upload(slots), res.token_ids)
         for c in forks:
@@ -680,7 +699,7 @@ class TokenGenerator:
                 if self.speculative is not None:
                     self.speculative.admit(slots, prompts, [c.steering for c in run])
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
-                res = self.sampler.sample(logits, slots)
+                res = self._sample(run, logits, slots, pending)
                 pending.add_sampled([c.request_id for c in run], res)
                 self.runner.set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
         stats.prefill_tokens += n_tokens
@@ -691,19 +710,34 @@ class TokenGenerator:
     def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
               stats: StepStats) -> None:
         """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
-        if self.speculative is not None and self._speculate(rows, pending, spec, stats):
+        # logits processors: plain steps (their speculative windows: not yet)
+        plain = self._batch_processors or any(c.logits_processors for c in rows)
+        if self.speculative is not None and not plain and self._speculate(rows, pending, spec, stats):
             return
         slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             with stats.timing("forward_s"):
                 out = self.runner.decode(slots, self.slots.lengths())
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(rows)):
-                res = self.sampler.sample(out.logits, slots, index=out.index32)
+                res = self._sample(rows, out.logits, slots, pending, out.index32)
                 pending.add_sampled([c.request_id for c in rows], res)
                 self.runner.set_last_tokens(out.index, res.token_ids)
         for c in rows:
             c.length += 1
         stats.steps += 1
+
+    def _sample(self, rows: list[TextGenerationContext], logits: torch.Tensor, slots: list[int],
+                pending: PendingTokens, index: torch.Tensor | None = None) -> SamplerOutput:
+        """Sample one token per row: after the logits processors, within each guided row's
+        grammar (its matcher accepts the token)."""
+        if self._batch_processors or any(c.logits_processors for c in rows):
+            host = pending.to_host([c.request_id for c in rows])  # processors see every token so far
+            seen = [c.tokens + host[c.request_id][0] for c in rows]
+            logits = apply_processors(logits, rows, seen, self._batch_processors)
+        guides = [c.guide for c in rows]
+        res = self.sampler.sample(logits, slots, index=index, mask=self.guidance.mask(guides))
+        self.guidance.accept(guides, res.token_ids)
+        return res
 
     def _speculate(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
                    stats: StepStats) -> bool:
@@ -726,12 +760,15 @@ class TokenGenerator:
     def _room(self, ctx: TextGenerationContext, n_pending: int) -> bool:
         done = len(ctx.generated_token_ids) + n_pending
         limit = ctx.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        return done < limit and ctx.length < self.max_seq_len
+        over = ctx.guide is not None and ctx.guide.terminated  # its grammar ended with its last token
+        return done < limit and ctx.length < self.max_seq_len and not over
 
     def _commit(self, ctx: TextGenerationContext, toks: list[int], lps: list, stats: StepStats
                 ) -> TextGenerationResponse:
         """Hand the call's tokens to the EOS tracker; keep what precedes the first stop."""
-        commit = ctx.eos.commit(toks)
+        # a grammar that terminated did so at the call's last token: the request stops there
+        stop = len(toks) - 1 if toks and ctx.guide is not None and ctx.guide.terminated else None
+        commit = ctx.eos.commit(toks, stop_after=stop)
         kept = list(commit.token_ids)
         responses = [TextResponse(t, lp) for t, lp in zip(kept, lps[: len(kept)], strict=True)]
         if ctx.params.logprobs is not None:

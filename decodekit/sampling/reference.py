@@ -150,10 +150,17 @@ class RowState:
     badseq_len: torch.Tensor | None = None
     hist: torch.Tensor | None = None
     n_hist: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None  # int32 [B, ceil(V / 32)] bitmask (guided decoding)
 
     @property
     def greedy(self) -> torch.Tensor:
         return self.temperature == 0
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 ``[B, ceil(V / 32)]`` (bit ``i % 32`` of word ``i // 32``) -> bool ``[B, V]``."""
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab_size]
 
 
 def _badseq_bans(state: RowState, vocab_size: int) -> torch.Tensor | None:
@@ -217,6 +224,14 @@ def process_logits(logits: torch.Tensor, state: RowState) -> torch.Tensor:
     # NaN and -inf count as the lowest finite value, +inf as the highest (a NaN input is
     # -inf before any arithmetic in the kernel; both end here).
     x = torch.nan_to_num(x, nan=-FLT_MAX, posinf=FLT_MAX, neginf=-FLT_MAX)
+    if state.allowed is not None:
+        # guided decoding: outside the bitmask is banned; a token the request's own masks ban
+        # but the bitmask allows gets -FLT_MAX (probability 0 unless nothing else is allowed:
+        # then the grammar wins, uniform over its tokens)
+        ok = unpack_bitmask(state.allowed, V)
+        if banned is not None:
+            x = x.masked_fill(banned & ok, -FLT_MAX)
+        banned = ~ok
     if banned is not None:
         x = x.masked_fill(banned, -math.inf)
     return x

@@ -209,26 +209,31 @@ class Sampler:
         self.state.advance(self.state.index(slots), n)
 
     # ------------------------------------------------------------------ steps
-    def sample(self, logits: torch.Tensor, slots: Slots, *, index: torch.Tensor | None = None
-               ) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, slots: Slots, *, index: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> SamplerOutput:
         """Draw one token per row of ``logits [B, V]`` for the requests in ``slots [B]``
         (a list, or an int tensor on the sampler's device; no slot twice). ``index``: the
         caller's upload of ``slots`` (int32 ``[B]`` on the device), which saves the sampler's.
+        ``mask``: allowed tokens per row, int32 ``[B, ceil(V / 32)]`` on the device (bit
+        ``i % 32`` of word ``i // 32``; guided decoding), applied inside the processing pass;
+        where it meets nothing the request's own masks allow, it wins (see
+        :func:`~decodekit.sampling.reference.process_logits`). Raw logprobs stay the model's.
 
         The tokens are committed to each slot's state (penalty counts, step counter,
         bad-word history). On the Triton backend there is no host synchronisation (the
         torch backend is the CPU path and may synchronise).
         """
         idx = self._prepare(logits, slots, index)
+        mask = self._check_mask(mask, logits.shape[0])
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         flags, nlp = self.state.union_flags(slots), self.state.max_logprobs(slots)
         if self.backend == "torch":
-            return self._sample_reference(logits, slots, idx, flags, nlp)
+            return self._sample_reference(logits, slots, idx, flags, nlp, mask)
         from ..kernels.select import select
 
         B = logits.shape[0]
         work = self._work_rows(B) if flags & L.FILTER or self.logprobs_mode == "processed" else None
-        split = self._process(logits, idx, flags, work, need_raw=nlp >= 0)
+        split = self._process(logits, idx, flags, work, need_raw=nlp >= 0, mask=mask)
         bands = self._bands(work, B, idx, flags, split)
         chunks = split[0]
         out_tok = torch.empty(B, dtype=torch.int64, device=self.device)
@@ -244,14 +249,18 @@ class Sampler:
             top = self.raw_logprobs(logits) if mode == 1 else torch.log_softmax(work[:B], -1)
         return self._output(out_tok, (out_lp, top), nlp)
 
-    def probs(self, logits: torch.Tensor, slots: Slots) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, slots: Slots, *, mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """The processed distribution fp32 ``[B, V]`` of ``logits [B, V]`` for ``slots [B]``
-        (one-hot for greedy rows); commits nothing."""
+        (one-hot for greedy rows); commits nothing. ``mask``: as in :meth:`sample`."""
         idx = self._prepare(logits, slots)
+        mask = self._check_mask(mask, logits.shape[0])
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         if self.backend == "torch":
-            return ref.processed_probs_from_logits(logits, self.state.rows(idx))
-        return self._probs_triton(logits, idx, self.state.union_flags(slots))
+            rows = self.state.rows(idx)
+            rows.allowed = mask
+            return ref.processed_probs_from_logits(logits, rows)
+        return self._probs_triton(logits, idx, self.state.union_flags(slots), mask=mask)
 
     def passes(self, logits: torch.Tensor, slots: Slots, *,
                banded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +305,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ speculative windows
     def window_probs(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor, *,
-                     index: torch.Tensor | None = None) -> torch.Tensor:
+                     index: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Processed distributions of a speculative window; commits nothing.
 
         ``logits [R, W, V]``: the target's logits at the ``W`` window positions of ``R``
@@ -306,25 +315,32 @@ class Sampler:
         an output token for the penalties, advances the step counter of the
         ``min_new_tokens`` suppression and extends the bad-word history). On the Triton
         path: one process and one select launch over the ``R * W`` rows (plus the banded
-        filter's when rows filter). ``index``: as in :meth:`sample`.
+        filter's when rows filter). ``index``: as in :meth:`sample`. ``mask``: int32
+        ``[R * W, ceil(V / 32)]``, the allowed tokens of each window position (row ``r * W + j``;
+        guided decoding, as in :meth:`sample`).
         """
         idx, drafts = self._prepare_window(logits, slots, drafts, index)
         R, W, V = logits.shape
+        mask = self._check_mask(mask, R * W)
         flat = logits.reshape(R * W, V)
         flat = flat if flat.stride(1) == 1 else flat.contiguous()
         if self.backend == "torch":
             rows = self.state.window_rows(idx, drafts)
+            rows.allowed = mask
             return ref.processed_probs_from_logits(flat, rows).view(R, W, V)
         rows_slot = idx[:, None].expand(R, W).reshape(R * W)  # several rows per slot
-        return self._probs_triton(flat, rows_slot, self.state.union_flags(slots), drafts).view(R, W, V)
+        return self._probs_triton(flat, rows_slot, self.state.union_flags(slots), drafts,
+                                  mask=mask).view(R, W, V)
 
-    def window_logprobs(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor) -> torch.Tensor:
+    def window_logprobs(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor, *,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
         """What ``logprobs_mode="processed"`` reports at each window position, fp32
-        ``[R, W, V]`` (shapes and state rule of :meth:`window_probs`); commits nothing.
-        Torch ops on any device (may synchronise)."""
+        ``[R, W, V]`` (shapes, state rule and ``mask`` of :meth:`window_probs`); commits
+        nothing. Torch ops on any device (may synchronise)."""
         idx, drafts = self._prepare_window(logits, slots, drafts)
         R, W, V = logits.shape
         rows = self.state.window_rows(idx, drafts)
+        rows.allowed = self._check_mask(mask, R * W)
         return self._reference_logprobs_processed(logits.reshape(R * W, V), rows).view(R, W, V)
 
     def verify(self, p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
@@ -352,19 +368,25 @@ class Sampler:
                       backend="triton" if self.backend == "triton" else "torch")
 
     def verify_greedy(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor,
-                      n_draft: torch.Tensor, *, index: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      n_draft: torch.Tensor, *, index: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Verification without distributions when every row decodes greedily and nothing
         changes its argmax (no bias, penalties, suppressed tokens or bad words; filters keep
         the top token): drafts are accepted while they equal the argmax of the raw logits
         ``[R, W, V]``; then the argmax. What :meth:`window_probs` + :meth:`verify` give for
         such rows, in two torch ops. Returns ``(tokens int64 [R, W] -1 padded, n_accepted
-        int32 [R])``, or None when a row needs the full path. Commits nothing."""
+        int32 [R])``, or None when a row needs the full path. Commits nothing. ``mask``: as in
+        :meth:`window_probs` (the argmax is taken inside it)."""
         if not self.state.all_greedy(slots) or self.state.union_flags(slots) & _ARGMAX_CHANGING:
             return None
         self._prepare_window(logits, slots, drafts, index)
         x = logits if logits.dtype == torch.float32 else logits.float()
-        top = torch.nan_to_num(x, nan=-ref.FLT_MAX).argmax(-1)  # [R, W], as the plain greedy step
+        x = torch.nan_to_num(x, nan=-ref.FLT_MAX)
+        if mask is not None:  # no request mask here (_ARGMAX_CHANGING): the grammar's alone
+            R, W, V = x.shape
+            ok = ref.unpack_bitmask(self._check_mask(mask, R * W), V).view(R, W, V)
+            x = x.masked_fill(~ok, -math.inf)
+        top = x.argmax(-1)  # [R, W], as the plain greedy step
         R, W = top.shape
         col = torch.arange(W, device=top.device)
         ok = (drafts.to(top.device) == top[:, : W - 1]) & (col[: W - 1] < n_draft[:, None])
@@ -486,6 +508,19 @@ class Sampler:
             raise ValueError(f"{R} window requests but {idx.shape[0]} slots")
         return idx, self.state.upload(drafts).to(torch.int64).contiguous()
 
+    def _check_mask(self, mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        """A guided-decoding bitmask checked against ``rows`` and the vocabulary."""
+        if mask is None:
+            return None
+        words = -(-self.vocab_size // 32)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.int32 or mask.shape != (rows, words):
+            raise ValueError(f"mask must be an int32 tensor [{rows}, {words}] (ceil(V / 32) words per row), "
+                             f"got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        if mask.device.type != self.device.type:
+            raise ValueError(f"mask is on {mask.device}, the sampler on {self.device}")
+        return mask.contiguous()
+
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.dtype not in LOGITS_DTYPES:
             raise ValueError(f"logits dtype must be float32/float16/bfloat16, got {logits.dtype}")
@@ -504,8 +539,8 @@ class Sampler:
         return self._work
 
     def _process(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,
-                 work: torch.Tensor | None, *, need_raw: bool, drafts: torch.Tensor | None = None
-                 ) -> tuple[int, int]:
+                 work: torch.Tensor | None, *, need_raw: bool, drafts: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> tuple[int, int]:
         """Launch 1 over ``logits [N, V]`` (row ``n`` reads slot ``rows_slot[n]``); returns
         its row split ``(programs per row, columns per program)``, which the later launches
         share."""
@@ -519,7 +554,7 @@ class Sampler:
         t, st = self.state.tables(flags), self.state
         process_logits(logits, rows_slot, st.fparams, st.iparams, st.seed, t.bias, t.counts,
                        t.suppress, t.badseq, t.badlen, t.hist, work, self._part_f, self._part_i,
-                       chunks=chunks, chunk=chunk, need_raw=need_raw, drafts=drafts)
+                       chunks=chunks, chunk=chunk, need_raw=need_raw, drafts=drafts, mask=mask)
         return chunks, chunk
 
     def _bands(self, work: torch.Tensor | None, N: int, rows_slot: torch.Tensor, flags: int,
@@ -538,13 +573,13 @@ class Sampler:
         return self._band_buf.fin_i, self._band_buf.fin_f
 
     def _probs_triton(self, logits: torch.Tensor, rows_slot: torch.Tensor, flags: int,
-                      drafts: torch.Tensor | None = None) -> torch.Tensor:
+                      drafts: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Processed distributions fp32 ``[N, V]`` in two launches (window rows with ``drafts``)."""
         from ..kernels.select import select
 
         N, V = logits.shape
         work = self._work_rows(N)
-        split = self._process(logits, rows_slot, flags, work, need_raw=False, drafts=drafts)
+        split = self._process(logits, rows_slot, flags, work, need_raw=False, drafts=drafts, mask=mask)
         bands = self._bands(work, N, rows_slot, flags, split)
         chunks = split[0]
         out = torch.empty(N, V, dtype=torch.float32, device=self.device)
@@ -555,15 +590,17 @@ class Sampler:
         return out
 
     def _sample_reference(self, logits: torch.Tensor, slots: Slots, idx: torch.Tensor,
-                          flags: int, nlp: int) -> SamplerOutput:
+                          flags: int, nlp: int, mask: torch.Tensor | None = None) -> SamplerOutput:
         """The torch path of :meth:`sample` (commits like the kernels do)."""
-        if flags == L.GREEDY and nlp < 0 and self.state.all_greedy(slots):
+        if flags == L.GREEDY and nlp < 0 and mask is None and self.state.all_greedy(slots):
             # plain greedy batch: the argmax, and count the step
             x = logits if logits.dtype == torch.float32 else logits.float()
             tok = torch.nan_to_num(x, nan=-ref.FLT_MAX).argmax(-1)
             self.state.advance(idx, 1)
             return SamplerOutput(tok)
-        tok, l, keep = ref.sample_from_logits(logits, self.state.rows(idx))
+        rows = self.state.rows(idx)
+        rows.allowed = mask
+        tok, l, keep = ref.sample_from_logits(logits, rows)
         lp = None
         if nlp >= 0:
             lp = self.raw_logprobs(logits) if self.logprobs_mode == "raw" else \

@@ -64,12 +64,15 @@ class DraftRequest:
 
     ``tokens``: its prompt, generated and pending tokens (host ints); the last one is the
     newest, not yet in the KV cache, at position ``len(tokens) - 1 == length``.
-    ``budget``: the most tokens to draft (>= 0).
+    ``budget``: the most tokens to draft (>= 0). ``room``: the most a window may hold for it
+    (``budget`` is the draft policy's choice within it; jump-forward of guided requests may
+    use all of it).
     """
 
     slot: int
     tokens: Sequence[int]
     budget: int
+    room: int = 0
 
     @property
     def length(self) -> int:

@@ -62,9 +62,9 @@ class SpeculativeStep:
     """
 
     def __init__(self, drafter: Drafter, runner: ModelRunner, sampler: Any, k: int,
-                 policy: DraftPolicy) -> None:
+                 policy: DraftPolicy, guidance: Any = None) -> None:
         self.drafter, self.runner, self.sampler = drafter, runner, sampler
-        self.k, self.policy = k, policy
+        self.k, self.policy, self.guidance = k, policy, guidance
         self.stats = SpecStats()  # counted by the generator once a call succeeds
 
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], steering: Sequence[Any]) -> None:
@@ -104,14 +104,19 @@ class SpeculativeStep:
             caps.append(cap)
             sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
         plan = self.policy.plan([c.slot for c in rows], caps, sure)
-        if not any(plan):
-            return None
-        return [DraftRequest(c.slot, seen, n) for c, seen, n in zip(rows, tokens, plan, strict=True)]
+        if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
+            return None  # (a guided row may still jump forward over tokens its grammar forces)
+        return [DraftRequest(c.slot, seen, n, cap)
+                for c, seen, n, cap in zip(rows, tokens, plan, caps, strict=True)]
 
     def run(self, rows: Sequence[Any], requests: Sequence[DraftRequest], lengths: Sequence[int],
             stats: StepStats) -> list[SpecRow] | None:
         """Draft, verify and commit for ``rows``; None (nothing done) when no row got a draft."""
-        drafts = self.drafter.propose(requests, lengths)
+        drafts = self.drafter.propose(requests, lengths) if any(r.budget for r in requests) else None
+        guides = [c.guide for c in rows]
+        mask, forced = None, [0] * len(rows)
+        if any(g is not None for g in guides):
+            drafts, mask, forced = self._guided(rows, requests, drafts)
         if drafts is None or not any(drafts.lengths):
             return None
         slots = [r.slot for r in requests]
@@ -120,37 +125,78 @@ class SpeculativeStep:
                 win = self.runner.window(slots, drafts.tokens, lengths, drafts.lengths)
                 logits = win.logits  # [R, K + 1, V]
             with stats.timing("sample_s"), nvtx_range("decodekit.sample", len(rows)):
-                lp_src = self._logprob_source(rows, logits, slots, drafts.tokens)  # before the commit
-                out, n_acc = self._verify(win, slots, drafts)
+                lp_src = self._logprob_source(rows, logits, slots, drafts.tokens, mask)  # before the commit
+                out, n_acc = self._verify(win, slots, drafts, mask)
                 self.runner.set_last_tokens(win.index, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()  # the step's one host transfer
+                if mask is not None:
+                    self.guidance.accept(guides, [o[: a + 1] for o, a in zip(out_h, acc_h, strict=True)])
                 lps = None if lp_src is None else self._logprobs(rows, lp_src, out, out_h)
         stats.steps += 1
-        self.drafter.committed(requests, acc_h, drafts.tokens.shape[1])
+        stats.forced_tokens += sum(min(f, a) for f, a in zip(forced, acc_h, strict=True))
+        # a forced run is not what the drafter drafted: it catches up from before the window
+        self.drafter.committed(requests, [0 if f else a for f, a in zip(forced, acc_h, strict=True)],
+                               drafts.tokens.shape[1])
         result = []
         for r, (d, o, a) in enumerate(zip(drafts.lengths, out_h, acc_h, strict=True)):
             result.append(SpecRow(o[: a + 1], [None] * (a + 1) if lps is None else lps[r][: a + 1], d, a))
-            if d:
+            if d and not forced[r]:  # jump-forward runs say nothing about the drafter
                 self.policy.update(requests[r].slot, d, a)
         return result
 
-    def _verify(self, win: Rows, slots: list[int], drafts: Drafts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Processed distributions of the window, verification, commit to the sampler state:
-        ``(tokens int64 [R, K + 1] (-1 padded), accepted int32 [R])``. No upload: the
-        window's carried the slots and draft counts."""
+    def _guided(self, rows: Sequence[Any], requests: Sequence[DraftRequest], drafts: Drafts | None
+                ) -> tuple[Drafts | None, torch.Tensor | None, list[int]]:
+        """Guided rows: drafts cut at the first token the grammar refuses (exact for point-mass
+        drafts and greedy rows; a sampled guided row with drawn drafts keeps none, since a cut
+        changes what the draws stand for); jump-forward: where the grammar forces more tokens
+        than survive, the forced run is the row's draft, a point mass accepted with
+        probability 1. Returns the drafts, the window's masks and the forced count per row."""
+        R = len(rows)
+        guides = [c.guide for c in rows]
+        forced = self.guidance.forced(guides, [r.room for r in requests])
+        width = max([len(f) for f in forced] + ([drafts.tokens.shape[1]] if drafts is not None else [0]))
+        if width == 0:
+            return None, None, [0] * R
+        tokens = torch.full((R, width), -1, dtype=torch.long, device=self.runner.device)
+        lengths = [0] * R
+        if drafts is not None:
+            tokens[:, : drafts.tokens.shape[1]] = drafts.tokens
+            lengths = [0 if c.guide is not None and drafts.q is not None and not c.params.is_greedy else n
+                       for c, n in zip(rows, drafts.lengths, strict=True)]
+        mask, cut = self.guidance.window(guides, tokens, lengths)
+        q = None if drafts is None or drafts.q is None else drafts.q
+        n_forced = [0] * R
+        for r, f in enumerate(forced):
+            if len(f) > cut[r]:  # the forced run replaces the drafter's shorter valid prefix
+                tokens[r, : len(f)] = torch.tensor(f, device=tokens.device)
+                cut[r] = n_forced[r] = len(f)
+        if any(n_forced):  # walk the runs in the grammars (cut before one that completes it)
+            mask, cut = self.guidance.window(guides, tokens, cut)
+            n_forced = [min(n, c) for n, c in zip(n_forced, cut, strict=True)]
+            if q is not None:  # a point mass where the run replaced drawn drafts
+                q = _with_point_masses(q, tokens, n_forced, width)
+        col = torch.arange(width, device=tokens.device)
+        tokens = torch.where(col[None, :] < torch.tensor(cut, device=tokens.device)[:, None], tokens, -1)
+        return Drafts(tokens, cut, q), mask, n_forced
+
+    def _verify(self, win: Rows, slots: list[int], drafts: Drafts, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed distributions of the window (within ``mask``: guided rows), verification,
+        commit to the sampler state: ``(tokens int64 [R, K + 1] (-1 padded), accepted int32
+        [R])``. No upload: the window's carried the slots and draft counts."""
         sp = self.sampler
         # greedy rows: p is one-hot, so any q accepts exactly the drafts equal to the argmax
-        fast = sp.verify_greedy(win.logits, slots, drafts.tokens, win.n_draft, index=win.index32)
+        fast = sp.verify_greedy(win.logits, slots, drafts.tokens, win.n_draft, index=win.index32, mask=mask)
         if fast is not None:
             out, n_acc = fast
         else:
-            p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32)  # [R, K + 1, V]
+            p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32, mask=mask)
             out, n_acc = sp.verify(p, drafts.q, drafts.tokens, win.n_draft, slots, index=win.index32)
         sp.accept(slots, out, index=win.index32)
         return out, n_acc
 
     def _logprob_source(self, rows: Sequence[Any], logits: torch.Tensor, slots: list[int],
-                        drafts: torch.Tensor) -> torch.Tensor | None:
+                        drafts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """Log-probabilities ``[R, K + 1, V]`` the rows' logprobs come from, with the definitions
         of plain steps (None when no row asks): the target's log-softmax at each position (raw
         mode) or the processed log-probabilities of each window position (processed mode; read
@@ -159,7 +205,7 @@ class SpeculativeStep:
             return None
         if self.sampler.logprobs_mode == "raw":
             return self.sampler.raw_logprobs(logits)
-        return self.sampler.window_logprobs(logits, slots, drafts)
+        return self.sampler.window_logprobs(logits, slots, drafts, mask=mask)
 
     @staticmethod
     def _logprobs(rows: Sequence[Any], src: torch.Tensor, out: torch.Tensor, out_h: list[list[int]]
@@ -185,3 +231,16 @@ class SpeculativeStep:
                 row.append(LogProbabilities([chosen[r][j]], [top_d]))
             res.append(row)
         return res
+
+
+def _with_point_masses(q: torch.Tensor, tokens: torch.Tensor, n_forced: Sequence[int], width: int
+                       ) -> torch.Tensor:
+    """``q [R, K, V]`` widened to ``width`` positions, with one-hot rows at the forced tokens."""
+    R, K, V = q.shape
+    out = torch.zeros(R, width, V, dtype=q.dtype, device=q.device)
+    out[:, :K] = q
+    for r, n in enumerate(n_forced):
+        if n:
+            out[r, :n] = 0.0
+            out[r, torch.arange(n, device=q.device), tokens[r, :n]] = 1.0
+    return out
