@@ -6,7 +6,7 @@ Public surface (what users call):
   :class:`TextResponse`, :class:`TextGenerationResponse`, :class:`RequestOutput`,
   :class:`LogProbabilities`;
 - the sampler: :class:`Sampler` and the functional :func:`sample` / :func:`processed_probs`;
-- the engine: :class:`TokenGenerator` (the per-step API for schedulers), logits processors
+- the engine: :class:`TokenGenerator` (the per-step API for schedulers), :class:`Ensemble`, logits processors
   (:class:`ProcessorInputs`, :class:`BatchProcessorInputs`, :class:`HFLogitsProcessor`),
   :class:`TextGenerationContext`, :class:`EOSTracker`, :func:`load`, :class:`LLM`;
 - speculative decoding: :class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`,
@@ -19,6 +19,7 @@ The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.spec
 """
 
 from .engine.context import TextGenerationContext
+from .engine.ensemble import Ensemble
 from .engine.eos import EOSTracker
 from .engine.generator import TokenGenerator
 from .engine.processors import BatchProcessorInputs, HFLogitsProcessor, ProcessorInputs
@@ -41,6 +42,7 @@ __all__ = [
     "BatchProcessorInputs",
     "DraftModel",
     "EOSTracker",
+    "Ensemble",
     "GenerationStatus",
     "GuidedDecodingParams",
     "HFLogitsProcessor",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .engine.context import TextGenerationContext
+from .engine.ensemble import Ensemble
 from .engine.generator import TokenGenerator
 from .engine.scheduler import continuous_batching
 from .loading import load
@@ -44,15 +45,21 @@ class LLM:
 
     ``generator_options`` go to :class:`~decodekit.TokenGenerator` (``max_batch_size``,
     ``max_seq_len``, ...), except ``device``/``dtype`` which also steer loading, and
-    ``model``/``tokenizer`` to pass objects already in memory.
+    ``model``/``tokenizer`` to pass objects already in memory. ``ensemble_models``: models
+    sampled together with this one (an :class:`~decodekit.Ensemble`, equal-weight mixture;
+    ``ensemble_weights`` / ``ensemble_combine`` change that).
     """
 
-    def __init__(self, name_or_path: str | None = None, **generator_options) -> None:
+    def __init__(self, name_or_path: str | None = None, *, ensemble_models: Sequence | None = None,
+                 ensemble_weights: Sequence[float] | None = None, ensemble_combine: str = "mixture",
+                 **generator_options) -> None:
         model = generator_options.pop("model", None)
         tokenizer = generator_options.pop("tokenizer", None)
         if model is None or tokenizer is None:
             model, tokenizer = load(name_or_path, device=generator_options.get("device"),
                                     dtype=generator_options.get("dtype"))
+        if ensemble_models is not None:
+            generator_options["ensemble"] = Ensemble(ensemble_models, ensemble_weights, ensemble_combine)
         self.generator = TokenGenerator(model, tokenizer, **generator_options)
         self.tokenizer = tokenizer
 

@@ -18,4 +18,6 @@ def test_guided_bench_smoke(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "guided-cpu-smoke.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["batch"] == 2
     assert rows[0]["guided_step_ms"] > 0 and rows[0]["fill_us"] > 0
+    jf = json.loads((tmp_path / "guided-cpu-smoke.json").read_text())["metadata"]["jump_forward"]
+    assert jf["identical"] and jf["forced_tokens"] > 0 and jf["jf_steps"] < jf["plain_steps"], jf
     assert "Guided-decoding benchmark" in (tmp_path / "guided-cpu-smoke.md").read_text()

@@ -86,7 +86,9 @@ def test_bad_specs_fail_at_new_context_naming_the_field():
         "guided_decoding.grammar": GuidedDecodingParams(grammar="root ::= undefined_rule"),
         "guided_decoding.json": GuidedDecodingParams(json={"type": "no-such-type"}),
         "whitespace_pattern": GuidedDecodingParams(json={"type": "object"}, whitespace_pattern=r"\s*"),
-        "llguidance": GuidedDecodingParams(regex="a", backend="llguidance"),
+        "needs the xgrammar backend": GuidedDecodingParams(structural_tag={"type": "structural_tag"},
+                                                            backend="llguidance"),
+        "guided_decoding.regex does not compile": GuidedDecodingParams(regex="(x", backend="llguidance"),
     }
     for field, spec in cases.items():
         with pytest.raises(ValueError, match=re.escape(field)):
@@ -310,6 +312,38 @@ def test_every_output_validates_on_smollm(seeds):
             _llguidance_accepts(spec, c.generated_token_ids)
 
 
+def _xgrammar_accepts(gen: TokenGenerator, spec: GuidedDecodingParams, tokens: list[int]) -> None:
+    """The reverse cross-check: xgrammar's matcher takes an llguidance-guided output."""
+    g = gen.guidance.guide(spec.replace(backend="xgrammar"))
+    for t in tokens:
+        g.accept(t)
+    # llguidance stops where nothing can follow, without an EOS: the grammar must be complete
+    assert g.terminated or g.try_accept(gen.eos_token_ids[0]) and g.terminated
+
+
+def test_llguidance_backend_outputs_validate_and_xgrammar_accepts_them():
+    """backend='llguidance' (incl. whitespace_pattern, which xgrammar refuses): every output
+    validates, and xgrammar's matcher accepts its tokens one by one. (xgrammar never writes
+    properties a schema does not list; llguidance follows JSON Schema and may, unless
+    ``disable_additional_properties``: set here so that both read the schemas alike.)"""
+    model, tok = smollm()
+    gen = _gen(model, tok)
+    specs = [s.replace(backend="llguidance", disable_additional_properties=s.json is not None)
+             for s in _specs()]
+    specs.append(GuidedDecodingParams(json=SCHEMAS["enum_and_range"], backend="llguidance",
+                                      whitespace_pattern=r"[ ]?"))
+    prompt = [{"role": "user", "content": "Describe a person as JSON."}]
+    params = [SamplingParams(temperature=0.7, seed=i, max_new_tokens=120, guided_decoding=s)
+              for i, s in enumerate(specs)]
+    for i in range(0, len(specs), 8):
+        for spec, c in zip(specs[i:i + 8], _run(gen, [prompt] * len(params[i:i + 8]), params[i:i + 8]),
+                           strict=True):
+            assert c.finish_reason == "stop", (spec.mode, c.text)
+            _check_output(spec, c.text)
+            if spec.whitespace_pattern is None:
+                _xgrammar_accepts(gen, spec, c.generated_token_ids)
+
+
 def test_tiny_model_outputs_validate_and_mixed_batches_keep_unguided_rows():
     """A random model writes anything the grammar allows: still valid. The unguided
     requests of a mixed batch get the same tokens as in a batch without guided rows."""
@@ -479,3 +513,16 @@ def test_cli_guided_flags(tmp_path):
                 ["--choice", ","]):  # refused before the model loads
         r = run(*bad)
         assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
+def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_cleanly():
+    """The word-level tokenizer has no token with a space: after "w5" the regex is a dead end.
+    The request ends there with EOS (a RuntimeWarning), never a token outside the grammar."""
+    from _models import EOS_ID, tiny_model, word_tokenizer
+
+    gen = TokenGenerator(tiny_model("llama"), word_tokenizer(), max_batch_size=2, max_seq_len=64, seed=0)
+    spec = GuidedDecodingParams(regex="w5 w6")
+    c = gen.new_context([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=10, guided_decoding=spec))
+    with pytest.warns(RuntimeWarning, match="no token of this vocabulary spells"):
+        gen.next_token({c.request_id: c}, num_steps=4)
+    assert c.is_done and c.finish_reason == "stop" and c.generated_token_ids == [5, EOS_ID]

@@ -38,6 +38,7 @@ from ..speculative.step import SpeculativeStep
 from ..steering.vector import Steering
 from .blocks import OutOfBlocks
 from .context import TextGenerationContext
+from .ensemble import Ensemble
 from .eos import EOSTracker
 from .graphs import Capture
 from .guidance import Guidance
@@ -119,8 +120,13 @@ class TokenGenerator:
     batch_logits_processors : Sequence[Callable] | None
         Called once per step with a :class:`~decodekit.engine.processors.BatchProcessorInputs`
         (the step's logits, edited in place, and its requests) before the sampler. Per-request
-        ones: ``new_context(..., logits_processors=...)``. Steps with processors or guided
-        requests are plain (no speculative window).
+        ones: ``new_context(..., logits_processors=...)``. Steps with processors are plain
+        (no speculative window).
+    ensemble : Ensemble | None
+        Sample from this model combined with other models over its vocabulary
+        (:class:`~decodekit.engine.ensemble.Ensemble`: mixture or product of the members'
+        distributions); each member keeps a static KV cache in step with the slots. Not
+        with ``draft`` (ensemble steps are plain); steering steers the target only.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
@@ -130,7 +136,8 @@ class TokenGenerator:
                  window_cost: dict[int, float] | None = None, steering: bool = True,
                  kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
                  prefix_caching: bool = True, attention: str = "auto",
-                 batch_logits_processors: Sequence[Callable] | None = None) -> None:
+                 batch_logits_processors: Sequence[Callable] | None = None,
+                 ensemble: Ensemble | None = None) -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
         if kv_cache not in ("paged", "slots"):
@@ -141,6 +148,11 @@ class TokenGenerator:
             raise ValueError("attention='triton' needs kv_cache='paged'")
         k = _speculative_k(draft, num_speculative_tokens)
         self._batch_processors = check_processors("batch_logits_processors", batch_logits_processors)
+        if ensemble is not None and not isinstance(ensemble, Ensemble):
+            raise ValueError(f"ensemble must be an Ensemble or None, got {type(ensemble).__name__}")
+        if ensemble is not None and draft is not None:
+            raise ValueError("ensemble and draft cannot be combined (ensemble steps have no speculative "
+                             "window)")
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
         limit = self.adapter.max_positions
         if limit is not None and max_seq_len + (k + 1 if k else 0) > limit:
@@ -164,6 +176,7 @@ class TokenGenerator:
         self.sampler = Sampler(self.vocab_size, max_batch_size, self.device, eos_token_ids=self.eos_token_ids,
                                logprobs_mode=logprobs_mode, seed=seed, backend=sampler_backend)
         self.slots: SlotTable[TextGenerationContext] = SlotTable(max_batch_size)
+        self.members = None if ensemble is None else ensemble.build(self.runner, self.vocab_size, tokenizer)
         self.guidance = Guidance(tokenizer, self.vocab_size, self.eos_token_ids, max_batch_size, self.device)
         self._contexts: dict[str, TextGenerationContext] = {}  # admitted (hold a slot)
         self._issued: weakref.WeakValueDictionary[str, TextGenerationContext] = weakref.WeakValueDictionary()
@@ -195,6 +208,8 @@ class TokenGenerator:
             if self._contexts:
                 raise RuntimeError("enable_graphs needs every slot free (capture writes to the cache)")
             self.runner.enable_graphs(capture, window=self.spec_k)
+            if self.members is not None:
+                self.members.enable_graphs(capture)
             if self.speculative is not None:
                 self.speculative.enable_graphs(capture)
 
@@ -345,7 +360,7 @@ class TokenGenerator:
                 child.last_token = ctx.last_token
                 if ctx.slot is not None:
                     self._admit(child, share=ctx)
-                    self.runner.fork(ctx.slot, child.slot)
+                    self._fork_cache(ctx.slot, child.slot)
                     self._forks.pop(child.slot)
                     child.length = ctx.length
                     if self.speculative is not None:
@@ -671,12 +686,12 @@ class TokenGenerator:
         slots = [c.slot for c in forks]
         parents = [self._forks.pop(s) for s in slots]
         for p, s in zip(parents, slots, strict=True):  # the parent's prompt is in its cache now
-            self.runner.fork(p.slot, s)
+            self._fork_cache(p.slot, s)
         logits = torch.stack([rows[p.slot] for p in parents])  # [R, V]
         with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(forks)):
             res = self._sample(forks, logits, slots, pending)
             pending.add_sampled([c.request_id for c in forks], res)
-            self.runner.set_last_tokens(self.runner.upload(slots), res.token_ids)
+            self._set_last_tokens(self.runner.upload(slots), res.token_ids)
         for c in forks:
             c.length = len(c.tokens)
             c.fork_of = None
@@ -692,6 +707,8 @@ class TokenGenerator:
         with nvtx.nvtx_range("decodekit.prefill", n_tokens):
             with stats.timing("forward_s"):
                 logits = self.runner.prefill(prompts, slots[0], starts)
+                if self.members is not None:  # the ensemble's members prefill the same slots
+                    logits = self.members.prefill(logits, prompts, slots[0])
                 if rows is not None:  # forks sample from these
                     rows.update(zip(slots, logits, strict=True))
                 for c, p in zip(run, prompts, strict=True):
@@ -701,7 +718,7 @@ class TokenGenerator:
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(run)):
                 res = self._sample(run, logits, slots, pending)
                 pending.add_sampled([c.request_id for c in run], res)
-                self.runner.set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
+                self._set_last_tokens(slice(slots[0], slots[-1] + 1), res.token_ids)
         stats.prefill_tokens += n_tokens
         stats.prefix_hit_tokens += sum(starts)
         for c, p in zip(run, prompts, strict=True):
@@ -718,13 +735,27 @@ class TokenGenerator:
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
             with stats.timing("forward_s"):
                 out = self.runner.decode(slots, self.slots.lengths())
+                if self.members is not None:
+                    out = self.members.decode(out, slots, self.slots.lengths())
             with stats.timing("sample_s"), nvtx.nvtx_range("decodekit.sample", len(rows)):
                 res = self._sample(rows, out.logits, slots, pending, out.index32)
                 pending.add_sampled([c.request_id for c in rows], res)
-                self.runner.set_last_tokens(out.index, res.token_ids)
+                self._set_last_tokens(out.index, res.token_ids)
         for c in rows:
             c.length += 1
         stats.steps += 1
+
+    def _fork_cache(self, parent: int, child: int) -> None:
+        """``child``'s caches (the target's and each ensemble member's) take ``parent``'s."""
+        self.runner.fork(parent, child)
+        if self.members is not None:
+            self.members.fork(parent, child)
+
+    def _set_last_tokens(self, slots: torch.Tensor | slice, tokens: torch.Tensor) -> None:
+        """The next decode inputs of the target and every ensemble member."""
+        self.runner.set_last_tokens(slots, tokens)
+        if self.members is not None:
+            self.members.set_last_tokens(slots, tokens)
 
     def _sample(self, rows: list[TextGenerationContext], logits: torch.Tensor, slots: list[int],
                 pending: PendingTokens, index: torch.Tensor | None = None) -> SamplerOutput:

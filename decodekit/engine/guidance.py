@@ -74,7 +74,14 @@ class Guidance:
                 continue
             ok = 0
             for j in range(K + 1):
-                g.fill(host, r * (K + 1) + j)
+                if not g.fill(host, r * (K + 1) + j):  # a dead end: no draft leads into it
+                    if j == 0:
+                        g.fill_or_end(host, r * (K + 1))
+                    else:  # (that position is past the cut drafts: any mask will do)
+                        host[r * (K + 1) + j].fill_(-1)
+                        g.rollback(1)
+                        ok -= 1
+                    break
                 if j >= lengths[r] or not g.try_accept(toks[r][j]):
                     break
                 ok += 1

@@ -47,7 +47,7 @@ class BitmaskBuffer:
             if g is None:
                 host[i].fill_(-1)
             else:
-                g.fill(host, i)
+                g.fill_or_end(host, i)
         return self.upload(n)
 
     def host_rows(self, n: int) -> torch.Tensor:

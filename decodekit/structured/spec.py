@@ -78,14 +78,15 @@ class GuidedDecodingParams:
     structural_tag : Mapping or str
         An xgrammar structural tag (JSON text or a mapping), e.g. tool calls in tags.
     backend : {"auto", "xgrammar", "llguidance"}
-        ``auto``: xgrammar. ``llguidance`` is refused when the package is not installed.
+        ``auto``: xgrammar. ``llguidance`` (an optional package; a ``ValueError`` at compile
+        time when it is missing) takes every mode but ``structural_tag``.
     disable_any_whitespace : bool
         JSON modes: no whitespace between tokens except what the compact form needs.
     disable_additional_properties : bool
         JSON schema: objects without an ``additionalProperties`` entry get ``false``.
     whitespace_pattern : str or None
-        A regex for JSON whitespace; the xgrammar backend refuses it (a ``ValueError`` when
-        the grammar is compiled), as vLLM's does.
+        A regex for JSON whitespace (llguidance); the xgrammar backend refuses it (a
+        ``ValueError`` when the grammar is compiled), as vLLM's does.
 
     Raises
     ------
