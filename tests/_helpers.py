@@ -198,3 +198,14 @@ def random_params(
     if bool(banned_mask(params, V).all()):  # nothing left: drop the bans
         params = params.replace(logit_bias=None, bad_words_token_ids=None)
     return params
+
+
+def bitmask_words(allowed: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, V]`` -> the guided-decoding bitmask int32 ``[B, ceil(V / 32)]`` (bit
+    ``i % 32`` of word ``i // 32``: xgrammar's layout), packed here independently of decodekit."""
+    B, V = allowed.shape
+    W = -(-V // 32)
+    padded = torch.zeros(B, W * 32, dtype=torch.int64)
+    padded[:, :V] = allowed.long()
+    words = (padded.view(B, W, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

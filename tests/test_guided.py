@@ -17,6 +17,7 @@ import lark
 import pytest
 import torch
 import xgrammar
+from _helpers import bitmask_words
 from _models import tiny_config
 from conftest import KERNEL_DEVICE
 from scipy import stats as sst
@@ -99,16 +100,6 @@ def test_bad_specs_fail_at_new_context_naming_the_field():
 
 
 # ----------------------------------------------------------------------------- the sampler mask
-def _bitmask(allowed: torch.Tensor) -> torch.Tensor:
-    """bool [B, V] -> int32 [B, ceil(V / 32)] (xgrammar's layout)."""
-    B, V = allowed.shape
-    W = -(-V // 32)
-    padded = torch.zeros(B, W * 32, dtype=torch.int64)
-    padded[:, :V] = allowed.long()
-    words = (padded.view(B, W, 32) << torch.arange(32)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def _random_allowed(B: int, V: int, seed: int, frac: float = 0.3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     allowed = torch.rand(B, V, generator=g) < frac
@@ -120,9 +111,9 @@ def test_bitmask_layout_is_xgrammars():
     allowed = _random_allowed(3, 100, 0)
     logits = torch.randn(3, 100)
     theirs = logits.clone()
-    xgrammar.apply_token_bitmask_inplace(theirs, _bitmask(allowed))
+    xgrammar.apply_token_bitmask_inplace(theirs, bitmask_words(allowed))
     assert torch.equal(theirs == -math.inf, ~allowed)
-    assert torch.equal(ref.unpack_bitmask(_bitmask(allowed), 100), allowed)
+    assert torch.equal(ref.unpack_bitmask(bitmask_words(allowed), 100), allowed)
 
 
 SETTINGS = [dict(temperature=0.0), dict(temperature=0.8, seed=1), dict(top_k=5, seed=2),
@@ -145,7 +136,7 @@ def test_masked_probs_equal_xgrammar_masking_then_reference(backend):
     for step in range(3):
         logits = torch.randn(B, V, generator=torch.Generator().manual_seed(step)) * 3
         allowed = _random_allowed(B, V, 10 + step)
-        mask = _bitmask(allowed)
+        mask = bitmask_words(allowed)
         masked = logits.clone()
         xgrammar.apply_token_bitmask_inplace(masked, mask)
         want = plain.probs(masked, slots)
@@ -174,7 +165,7 @@ def test_grammar_wins_when_nothing_else_is_allowed(backend):
     allowed[:, 7] = allowed[:, 8] = True
     logits = torch.zeros(2, V)
     logits[:, 7] = 5.0  # the model prefers 7
-    tok = s.sample(logits.to(dev), [0, 1], mask=_bitmask(allowed).to(dev)).token_ids.cpu().tolist()
+    tok = s.sample(logits.to(dev), [0, 1], mask=bitmask_words(allowed).to(dev)).token_ids.cpu().tolist()
     assert tok == [7, 8]  # row 0: grammar wins (argmax inside it); row 1: 7 banned by bias, 8 left
 
 
@@ -188,7 +179,7 @@ def test_unguided_rows_are_bit_identical_beside_guided_ones():
     allowed[1] = allowed[3] = True  # rows 1 and 3 unguided (all ones)
     for step in range(4):
         logits = torch.randn(B, V, generator=torch.Generator().manual_seed(step))
-        ra = a.sample(logits, list(range(B)), mask=_bitmask(allowed))
+        ra = a.sample(logits, list(range(B)), mask=bitmask_words(allowed))
         rb = b.sample(logits, list(range(B)))
         for r in (1, 3):
             assert ra.token_ids[r] == rb.token_ids[r] and ra.logprobs[r] == rb.logprobs[r]
@@ -202,7 +193,7 @@ def test_masked_distribution_chi_square_with_negative_control():
     allowed = _random_allowed(1, V, 8, frac=0.5)[0]
     s = Sampler(V, B, "cpu", seed=0)
     counts = torch.zeros(V)
-    mask = _bitmask(allowed[None].expand(B, V))
+    mask = bitmask_words(allowed[None].expand(B, V))
     for start in range(0, draws, B):
         for i in range(B):
             if start:

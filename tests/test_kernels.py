@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from _helpers import bitmask_words
 from conftest import KERNEL_DEVICE
 from decodekit.kernels import _common as KC
 from decodekit.kernels.accept import accept as accept_kernel
@@ -286,16 +287,6 @@ def test_kernel_accept_skips_out_of_range_device_ids():
         kern.accept([0, 1], [[35], [1]])  # host ids are checked
 
 
-def _words(allowed: torch.Tensor) -> torch.Tensor:
-    """bool [B, V] -> the int32 bitmask [B, ceil(V / 32)] (bit i % 32 of word i // 32)."""
-    B, V = allowed.shape
-    W = -(-V // 32)
-    bits = torch.zeros(B, W * 32, dtype=torch.int64)
-    bits[:, :V] = allowed.long()
-    w = (bits.view(B, W, 32) << torch.arange(32)).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-
-
 @pytest.mark.parametrize("feature", ["greedy", "temperature", "top_p", "typical_masked", "penalties", "all"])
 def test_kernel_bitmask_matches_reference(feature):
     """Guided decoding's allowed-token bitmask inside the process pass: kernel == reference
@@ -313,7 +304,7 @@ def test_kernel_bitmask_matches_reference(feature):
         allowed = torch.rand(B, V, generator=g) < 0.3
         allowed[0] = False
         allowed[0, [0, 9, 12]] = True  # tokens the bias / bad words may ban: the grammar wins there
-        mask = _words(allowed)
+        mask = bitmask_words(allowed)
         x = _logits(B, V, seed=10 + step)
         pk = kern.probs(x.to(KERNEL_DEVICE), slots, mask=mask.to(KERNEL_DEVICE)).cpu()
         pr = tref.probs(x, slots, mask=mask)
@@ -323,7 +314,7 @@ def test_kernel_bitmask_matches_reference(feature):
         tr = tref.sample(x, slots, mask=mask).token_ids
         assert tk.tolist() == tr.tolist() and allowed.gather(1, tr[:, None]).all()
     drafts = torch.tensor([[9, -1], [4, 5], [-1, -1]])
-    wmask = _words(torch.rand(B * 3, V, generator=torch.Generator().manual_seed(5)) < 0.5)
+    wmask = bitmask_words(torch.rand(B * 3, V, generator=torch.Generator().manual_seed(5)) < 0.5)
     xw = _logits(B * 3, V, seed=99).view(B, 3, V)
     dev = KERNEL_DEVICE
     got = kern.window_probs(xw.to(dev), slots, drafts.to(dev), mask=wmask.to(dev)).cpu()
