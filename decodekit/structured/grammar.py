@@ -144,8 +144,13 @@ class Grammars:
             raise ValueError("guided_decoding.backend 'llguidance' needs the llguidance package: "
                              "pip install 'decodekit[guided]'") from exc
         if self._llg_tokenizer is None:
-            self._llg_tokenizer = llguidance.hf.from_tokenizer(
-                self._tokenizer, n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids) or None)
+            eos = list(self.eos_token_ids) or None
+            try:
+                self._llg_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size,
+                                                                   eos_token=eos)
+            except TypeError:  # older llguidance (1.0) takes one EOS id
+                self._llg_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size,
+                                                                   eos_token=eos[0] if eos else None)
         M, mode = llguidance.LLMatcher, spec.mode
         opts: dict[str, Any] = {"whitespace_flexible": not spec.disable_any_whitespace}
         if spec.whitespace_pattern is not None:
