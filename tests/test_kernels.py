@@ -319,3 +319,20 @@ def test_kernel_bitmask_matches_reference(feature):
     dev = KERNEL_DEVICE
     got = kern.window_probs(xw.to(dev), slots, drafts.to(dev), mask=wmask.to(dev)).cpu()
     torch.testing.assert_close(got, tref.window_probs(xw, slots, drafts, mask=wmask), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_bitmask_with_half_logits(dtype):
+    """The bitmask launch with fp16 / bf16 logits (the plain path's dtypes) == the reference."""
+    V, B = 200, 2
+    kern, tref = _pair(V, B)
+    for b in range(B):
+        p = SamplingParams(seed=b, temperature=0.9 if b else 0.0)
+        kern.add(b, p)
+        tref.add(b, p)
+    allowed = torch.rand(B, V, generator=torch.Generator().manual_seed(1)) < 0.4
+    mask = bitmask_words(allowed)
+    x = _logits(B, V, dtype, seed=3)
+    pk = kern.probs(x.to(KERNEL_DEVICE), [0, 1], mask=mask.to(KERNEL_DEVICE)).cpu()
+    torch.testing.assert_close(pk, tref.probs(x, [0, 1], mask=mask), atol=2e-6, rtol=1e-5)
+    assert (pk[~allowed] == 0).all()

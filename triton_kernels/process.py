@@ -369,8 +369,8 @@ def aot_configs() -> Iterator[tuple[str, object, dict[str, str], dict[str, objec
         for work, raw in product([False, True], repeat=2):
             yield "process_mask", _process_kernel, SIGNATURE, \
                 _config(*feats, work, raw, False, mask=True), WARPS
-    for work, raw in product([False, True], repeat=2):
-        yield "process_mask", _process_kernel, SIGNATURE | {"logits_ptr": "*bf16"}, \
+    for work, raw, ldt in product([False, True], [False, True], ("*fp16", "*bf16")):
+        yield "process_mask", _process_kernel, SIGNATURE | {"logits_ptr": ldt}, \
             _config(False, False, False, False, work, raw, False, mask=True), WARPS
     for feats in ((False,) * 4, (True,) * 4):
         yield "process_mask_window", _process_kernel, SIGNATURE, \
