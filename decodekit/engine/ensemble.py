@@ -32,11 +32,11 @@ __all__ = ["Ensemble", "EnsembleMembers", "combine_logits"]
 COMBINES = ("mixture", "product")
 
 
-def combine_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], combine: str) -> torch.Tensor:
+def combine_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor, combine: str) -> torch.Tensor:
     """The ensemble's logits fp32 ``[R, V]`` from each model's ``logits[m] [R, V]`` (the
-    target first), ``weights`` per model, ``combine`` in :data:`COMBINES`."""
+    target first), ``weights`` fp32 ``[M]`` on their device, ``combine`` in :data:`COMBINES`."""
     lsm = torch.stack([torch.log_softmax(x.float(), -1) for x in logits])  # [M, R, V]
-    w = torch.tensor(list(weights), dtype=torch.float32, device=lsm.device)[:, None, None]
+    w = weights[:, None, None]
     if combine == "mixture":
         return torch.logsumexp(lsm + w.log(), 0)
     return (lsm * w).sum(0)
@@ -97,7 +97,9 @@ class EnsembleMembers:
     """The members' runners, driven in lock-step with the target's slots."""
 
     def __init__(self, runners: list[ModelRunner], weights: list[float], combine: str) -> None:
-        self.runners, self.weights, self.combine = runners, weights, combine
+        self.runners, self.combine = runners, combine
+        # uploaded once: the per-step combination copies nothing from the host
+        self.weights = torch.tensor(weights, dtype=torch.float32, device=runners[0].device)
 
     def prefill(self, target_logits: torch.Tensor, prompts: Sequence[Sequence[int]], first_slot: int
                 ) -> torch.Tensor:

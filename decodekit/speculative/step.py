@@ -164,7 +164,7 @@ class SpeculativeStep:
             lengths = [0 if c.guide is not None and drafts.q is not None and not c.params.is_greedy else n
                        for c, n in zip(rows, drafts.lengths, strict=True)]
         mask, cut = self.guidance.window(guides, tokens, lengths)
-        q = None if drafts is None or drafts.q is None else drafts.q
+        q = drafts.q if drafts is not None else None
         n_forced = [0] * R
         for r, f in enumerate(forced):
             if len(f) > cut[r]:  # the forced run replaces the drafter's shorter valid prefix

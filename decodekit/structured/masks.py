@@ -25,8 +25,9 @@ class BitmaskBuffer:
     def __init__(self, vocab_size: int, max_rows: int, device: torch.device) -> None:
         self.words = bitmask_words(vocab_size)
         pin = device.type == "cuda"
-        self._host = torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin)
-        self._dev = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
+        with torch.inference_mode(False):  # made during a step, filled in place at any time
+            self._host = torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin)
+            self._dev = self._host if device.type == "cpu" else torch.empty_like(self._host, device=device)
         self._device = device
 
     @property
@@ -34,21 +35,14 @@ class BitmaskBuffer:
         """Rows the buffer holds."""
         return self._host.shape[0]
 
-    def fill(self, guides: Sequence[Guide | None]) -> torch.Tensor | None:
-        """The allowed tokens of each row, int32 ``[len(guides), W]`` on the device; None when
-        no row is guided (the sampler then compiles the mask out)."""
-        if all(g is None for g in guides):
-            return None
-        n = len(guides)
-        if n > self._host.shape[0]:
-            raise ValueError(f"{n} rows but the bitmask buffer holds {self._host.shape[0]}")
-        host = self._host[:n]
+    def fill(self, guides: Sequence[Guide | None]) -> torch.Tensor:
+        """The allowed tokens of each row, int32 ``[len(guides), W]`` on the device (all-ones
+        for rows without a guide)."""
+        host = self.host_rows(len(guides))
         for i, g in enumerate(guides):
-            if g is None:
-                host[i].fill_(-1)
-            else:
+            if g is not None:
                 g.fill_or_end(host, i)
-        return self.upload(n)
+        return self.upload(len(guides))
 
     def host_rows(self, n: int) -> torch.Tensor:
         """The first ``n`` host rows, reset to all-allowed, for the caller to fill."""
