@@ -4,7 +4,8 @@ Public surface (what users call):
 
 - settings and results: :class:`SamplingParams`, :class:`GuidedDecodingParams`, :class:`GenerationStatus`,
   :class:`TextResponse`, :class:`TextGenerationResponse`, :class:`RequestOutput`,
-  :class:`LogProbabilities`;
+  :class:`CompletionOutput`, :class:`RequestOutputKind`, :class:`LogProbabilities`,
+  :class:`BeamSearchParams`, :class:`BeamSearchOutput`, :class:`BeamSequence`;
 - the sampler: :class:`Sampler` and the functional :func:`sample` / :func:`processed_probs`;
 - the engine: :class:`TokenGenerator` (the per-step API for schedulers), :class:`Ensemble`, logits processors
   (:class:`ProcessorInputs`, :class:`BatchProcessorInputs`, :class:`HFLogitsProcessor`),
@@ -18,6 +19,7 @@ The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.spec
 ``decodekit.steering``, ``decodekit.structured``, ``decodekit.kernels``) are importable for advanced use.
 """
 
+from .engine.beam import BeamSearchOutput, BeamSearchParams, BeamSequence
 from .engine.context import TextGenerationContext
 from .engine.ensemble import Ensemble
 from .engine.eos import EOSTracker
@@ -26,13 +28,14 @@ from .engine.processors import BatchProcessorInputs, HFLogitsProcessor, Processo
 from .llm import LLM
 from .loading import load
 from .outputs import (
+    CompletionOutput,
     GenerationStatus,
     LogProbabilities,
     RequestOutput,
     TextGenerationResponse,
     TextResponse,
 )
-from .params import SamplingParams
+from .params import RequestOutputKind, SamplingParams
 from .sampling import Sampler, processed_probs, sample
 from .speculative import DraftModel, LayerSkipDraft, NGramDraft, SpecStats
 from .steering import Steering, SteeringVector, steer, train_steering_vector
@@ -40,6 +43,10 @@ from .structured import GuidedDecodingParams
 
 __all__ = [
     "BatchProcessorInputs",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSequence",
+    "CompletionOutput",
     "DraftModel",
     "EOSTracker",
     "Ensemble",
@@ -52,6 +59,7 @@ __all__ = [
     "NGramDraft",
     "ProcessorInputs",
     "RequestOutput",
+    "RequestOutputKind",
     "Sampler",
     "SamplingParams",
     "SpecStats",

@@ -263,6 +263,7 @@ def run_generate(args) -> int:
         params = SamplingParams(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             max_new_tokens=args.max_new_tokens, seed=args.seed, guided_decoding=_guided(args),
+            truncate_prompt_tokens=args.truncate_prompt_tokens,
         )
     except (OSError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
@@ -283,7 +284,7 @@ def run_generate(args) -> int:
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
         steering = _make_steering(args, model, tok)
-        ctx = gen.new_context(prompt, params, truncate_prompt_tokens=None, steering=steering)
+        ctx = gen.new_context(prompt, params, steering=steering)
     except (FileNotFoundError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_unit("--top-p", 0.0, 1.0, lo_open=True), default=0.9)
     g.add_argument("--min-p", type=_unit("--min-p", 0.0, 1.0), default=0.0)
     g.add_argument("--seed", type=_int_at_least("--seed", 0), default=None, help="in [0, 2**63 - 1]")
+    g.add_argument("--truncate-prompt-tokens", type=_int_at_least("--truncate-prompt-tokens", -1),
+                   default=None, metavar="K", help="keep the last K prompt tokens (-1: as many as fit)")
     g.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
     g.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH",

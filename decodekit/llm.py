@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from .engine.beam import BeamSearchOutput, BeamSearchParams
 from .engine.context import TextGenerationContext
 from .engine.ensemble import Ensemble
 from .engine.generator import TokenGenerator
 from .engine.scheduler import continuous_batching
 from .loading import load
-from .outputs import RequestOutput
-from .params import SamplingParams
+from .outputs import CompletionOutput, RequestOutput
+from .params import RequestOutputKind, SamplingParams
 from .steering.vector import Steering, SteeringVector
 from .structured.spec import GuidedDecodingParams
 
@@ -29,14 +30,32 @@ __all__ = ["LLM", "RequestOutput"]
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 
-def _output(ctx: TextGenerationContext) -> RequestOutput:
+def _completion(ctx: TextGenerationContext, logprobs: bool, seen: tuple[int, int] = (0, 0)
+                ) -> CompletionOutput:
+    """``ctx``'s output past ``seen`` (characters, tokens already given: DELTA), with its
+    logprobs when ``logprobs`` (the user asked)."""
+    chars, n = seen
+    lps = list(ctx.logprobs[n:]) if logprobs else None
+    return CompletionOutput(ctx.index, ctx.text[chars:], list(ctx.generated_token_ids[n:]), ctx.finish_reason,
+                            lps, ctx.cumulative_logprob)
+
+
+def _output(group: Sequence[TextGenerationContext], params: SamplingParams,
+            seen: Mapping[str, tuple[int, int]] | None = None) -> RequestOutput:
+    """The :class:`RequestOutput` of one prompt's samples ``group`` (the user's ``params``):
+    the best ``n`` by cumulative logprob with ``best_of``, else all of them in order."""
+    first = group[0]
+    keep = list(group)
+    if params.samples > params.n:  # every sample finished: choose the best n
+        keep = sorted(group, key=lambda c: -(c.cumulative_logprob or 0.0))[: params.n]
+    seen = seen or {}
+    outs = [_completion(c, params.logprobs is not None, seen.get(c.request_id, (0, 0))) for c in keep]
     return RequestOutput(
-        request_id=ctx.request_id,
-        prompt_token_ids=list(ctx.prompt_token_ids),
-        text=ctx.text,
-        token_ids=list(ctx.generated_token_ids),
-        finish_reason=ctx.finish_reason,
-        logprobs=list(ctx.logprobs) if ctx.params.logprobs is not None else None,
+        request_id=first.parent_id or first.request_id,
+        prompt_token_ids=list(first.prompt_token_ids),
+        text=outs[0].text, token_ids=outs[0].token_ids, finish_reason=outs[0].finish_reason,
+        logprobs=outs[0].logprobs, outputs=outs, prompt_logprobs=first.prompt_logprobs,
+        finished=all(c.is_done for c in group),
     )
 
 
@@ -112,23 +131,64 @@ class LLM:
         The ``steering_*`` options steer every prompt of the call (see :meth:`steering`).
         ``json_schema`` / ``regex_pattern`` / ``grammar`` / ``choice`` (at most one) constrain
         every output of the call (:class:`~decodekit.GuidedDecodingParams`; a request's own
-        ``params.guided_decoding`` is replaced).
+        ``params.guided_decoding`` is replaced). ``params.n`` / ``best_of``: several outputs
+        per prompt from one prefill (``RequestOutput.outputs``).
         """
-        steering = self.steering(steering_vector, steering_strength, steering_preset, steering_positions,
-                                 steering_op)
-        guided = _guided(json_schema, regex_pattern, grammar, choice)
-        if isinstance(prompts, Mapping):
-            raise ValueError("prompts: a chat is a list of messages [{'role': ..., 'content': ...}], "
-                             "and several prompts a list of those; got a single dict")
-        if isinstance(prompts, torch.Tensor):  # [T] one prompt of ids, [N, T] N prompts
-            prompts = prompts.tolist()
-            if prompts and isinstance(prompts[0], int):
-                prompts = [prompts]
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, list))
-            and not (isinstance(prompts[0], Sequence) and not isinstance(prompts[0], Mapping))
-        )
-        plist = [prompts] if single else list(prompts)
+        requests = self._requests(prompts, params, locals())
+        for _ in continuous_batching(self.generator, [c for group, _ in requests for c in group]):
+            pass
+        return [_output(group, p) for group, p in requests]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, **steering_options
+                    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt with transformers' ``generate(num_beams=...)`` rules
+        (:class:`~decodekit.BeamSearchParams`); outputs in order, each with its
+        ``sequences`` best first. ``steering_options``: the ``steering_*`` keywords of
+        :meth:`generate` (every beam is steered)."""
+        steering = self.steering(**steering_options)
+        return self.generator.beam_search(_prompt_list(prompts), params, steering=steering)
+
+    def stream_outputs(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **options: Any,
+    ) -> Iterator[RequestOutput]:
+        """Generate for every prompt and yield :class:`RequestOutput` objects as the requests
+        advance, each shaped by its ``params.output_kind``: ``CUMULATIVE`` everything so far,
+        ``DELTA`` only the text, tokens and logprobs new since its last output (concatenated,
+        they are the final output), ``FINAL_ONLY`` one output when done. A request's last
+        output has ``finished=True``. With ``best_of > n`` a request yields only its final
+        output (the best samples are known at the end). ``options``: :meth:`generate`'s
+        keywords. Stopping the iteration early releases the running requests."""
+        requests = self._requests(prompts, params, {"self": self, **options})
+        owner = {c.request_id: (group, p) for group, p in requests for c in group}
+        seen: dict[str, tuple[int, int]] = {}
+        contexts = [c for group, _ in requests for c in group]
+        with contextlib.closing(continuous_batching(self.generator, contexts)) as steps:
+            for res in steps:
+                for group, p in {id(owner[r][0]): owner[r] for r in res}.values():
+                    done = all(c.is_done for c in group)
+                    final = p.output_kind is RequestOutputKind.FINAL_ONLY or p.samples > p.n
+                    if final and not done:
+                        continue
+                    delta = p.output_kind is RequestOutputKind.DELTA and p.samples == p.n
+                    yield _output(group, p, seen if delta else None)
+                    if delta:
+                        seen.update({c.request_id: (len(c.text), len(c.generated_token_ids)) for c in group})
+
+    def _requests(self, prompts: Prompt | Sequence[Prompt], params: Any, options: Mapping[str, Any]
+                  ) -> list[tuple[list[TextGenerationContext], SamplingParams]]:
+        """Contexts for each prompt (its samples) with its params, from :meth:`generate`'s
+        arguments (``options``: its keywords by name)."""
+        unknown = set(options) - set(_GENERATE_OPTIONS) - {"self", "prompts", "params"}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
+        opt = {k: options.get(k, d) for k, d in _GENERATE_OPTIONS.items()}
+        steering = self.steering(opt["steering_vector"], opt["steering_strength"], opt["steering_preset"],
+                                 opt["steering_positions"], opt["steering_op"])
+        guided = _guided(opt["json_schema"], opt["regex_pattern"], opt["grammar"], opt["choice"])
+        plist = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             pl = [params or SamplingParams()] * len(plist)
         else:
@@ -138,23 +198,46 @@ class LLM:
         if guided is not None:
             pl = [p.replace(guided_decoding=guided) for p in pl]
         gen = self.generator
-        contexts = [gen.new_context(p, sp, steering=steering) for p, sp in zip(plist, pl, strict=True)]
-        for _ in continuous_batching(gen, contexts):
-            pass
-        return [_output(c) for c in contexts]
+        return [(gen.new_contexts(p, sp, steering=steering), sp) for p, sp in zip(plist, pl, strict=True)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **steering_options
                ) -> Iterator[str]:
         """Yield text deltas as they are final (stop strings are never streamed).
         ``steering_options``: the ``steering_*`` keywords of :meth:`generate`."""
         gen = self.generator
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams) and params.samples > 1:
+            raise ValueError(f"stream yields one text, but params ask for n={params.n}, "
+                             f"best_of={params.best_of}: use stream_outputs")
         steering = self.steering(**steering_options)
-        ctx = gen.new_context(prompt, params or SamplingParams(), steering=steering)
+        ctx = gen.new_context(prompt, params, steering=steering)
         with contextlib.closing(continuous_batching(gen, [ctx])) as steps:  # released on early exit
             for res in steps:
                 text = res[ctx.request_id].text
                 if text:
                     yield text
+
+
+#: Keywords of :meth:`LLM.generate` beyond prompts and params, with their defaults.
+_GENERATE_OPTIONS: dict[str, Any] = dict(
+    steering_vector=None, steering_strength=None, steering_preset=None, steering_positions="all",
+    steering_op="add", json_schema=None, regex_pattern=None, grammar=None, choice=None)
+
+
+def _prompt_list(prompts: Any) -> list:
+    """``prompts`` (one prompt or several) as a list of prompts."""
+    if isinstance(prompts, Mapping):
+        raise ValueError("prompts: a chat is a list of messages [{'role': ..., 'content': ...}], "
+                         "and several prompts a list of those; got a single dict")
+    if isinstance(prompts, torch.Tensor):  # [T] one prompt of ids, [N, T] N prompts
+        prompts = prompts.tolist()
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, list))
+        and not (isinstance(prompts[0], Sequence) and not isinstance(prompts[0], Mapping))
+    )
+    return [prompts] if single else list(prompts)
 
 
 def _guided(json_schema: Any, regex_pattern: str | None, grammar: str | None,

@@ -10,11 +10,12 @@ import contextlib
 import enum
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
+    "CompletionOutput",
     "GenerationStatus",
     "LogProbabilities",
     "RequestOutput",
@@ -133,8 +134,27 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class CompletionOutput:
+    """One output of a request (vLLM's names): ``index`` the sample it comes from (seeded
+    ``seed + index``), its ``text`` and ``token_ids``, ``finish_reason``, per-token
+    ``logprobs`` (None unless asked) and their sum ``cumulative_logprob`` (None unless
+    logprobs were computed)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[LogProbabilities] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass(frozen=True)
 class RequestOutput:
-    """The result of one request of :meth:`~decodekit.LLM.generate`."""
+    """The result of one request of :meth:`~decodekit.LLM.generate`. ``outputs``: its
+    ``n`` completions (best first with ``best_of``, else by sample); ``text``, ``token_ids``,
+    ``finish_reason`` and ``logprobs`` are those of ``outputs[0]``. ``prompt_logprobs``:
+    entry ``i`` for prompt token ``i`` (entry 0 None), when asked. ``finished``: False for
+    the intermediate outputs of :meth:`~decodekit.LLM.stream_outputs`."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -142,3 +162,6 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length" or "cancelled"
     logprobs: list[LogProbabilities] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[LogProbabilities | None] | None = None
+    finished: bool = True

@@ -6,6 +6,7 @@ May call: the validators (:mod:`decodekit._checks`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 import numbers
@@ -18,13 +19,15 @@ from ._checks import as_items, check_float, check_int, describe, token_id
 from .patterns import MAX_STOP_PATTERN_CHARS, compile_stop_pattern
 from .structured.spec import GuidedDecodingParams
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "LIMITS", "SamplingParams"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "LIMITS", "MAX_SAMPLES", "RequestOutputKind", "SamplingParams"]
 
 #: Number of tokens the token generator produces when ``SamplingParams.max_new_tokens`` is None.
 DEFAULT_MAX_NEW_TOKENS = 256
 
 _MAX_SEED = 2**63 - 1
 _MAX_LOGPROBS = 20
+#: Largest ``n`` / ``best_of``: samples of one prompt (each one a running request).
+MAX_SAMPLES = 64
 _MAX_INT32 = 2**31 - 1  # top_k, min_new_tokens, step counters live in int32 device tables
 _FLT_MAX = 3.4028234663852886e38  # logit_bias values are fp32 on the device
 #: Positive temperatures below this are refused: logits / T overflows fp32 (use 0 for greedy).
@@ -57,6 +60,11 @@ _INT_RULES: dict[str, tuple[Callable[[int], bool], str, bool]] = {
     "max_new_tokens": (lambda v: 1 <= v <= _MAX_INT32, ">= 1 and <= 2**31 - 1, or None", True),
     "seed": (lambda v: 0 <= v <= _MAX_SEED, f"in [0, 2**63 - 1] ({_MAX_SEED}) or None", True),
     "logprobs": (lambda v: 0 <= v <= _MAX_LOGPROBS, f"in [0, {_MAX_LOGPROBS}] or None", True),
+    "prompt_logprobs": (lambda v: 0 <= v <= _MAX_LOGPROBS, f"in [0, {_MAX_LOGPROBS}] or None", True),
+    "n": (lambda v: 1 <= v <= MAX_SAMPLES, f"in [1, {MAX_SAMPLES}]", False),
+    "best_of": (lambda v: 1 <= v <= MAX_SAMPLES, f"in [1, {MAX_SAMPLES}] or None", True),
+    "truncate_prompt_tokens": (lambda v: v == -1 or 1 <= v <= _MAX_INT32,
+                               ">= 1 (keep the last k prompt tokens), -1 (fit the context) or None", True),
 }
 # SamplingParams field -> HF GenerationConfig attribute
 _HF_FIELDS = {name: name for name in ("temperature", "top_k", "top_p", "min_p", "typical_p",
@@ -122,6 +130,25 @@ def _bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
     return tuple(words) or None
 
 
+class RequestOutputKind(enum.Enum):
+    """What :meth:`~decodekit.LLM.stream_outputs` yields for a request: ``CUMULATIVE`` the
+    whole output so far at every step, ``DELTA`` only what is new since the last yield,
+    ``FINAL_ONLY`` one output when the request is done."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+def _output_kind(value: Any) -> RequestOutputKind:
+    if isinstance(value, RequestOutputKind):
+        return value
+    if isinstance(value, str) and value.upper() in RequestOutputKind.__members__:
+        return RequestOutputKind[value.upper()]
+    raise ValueError(f"output_kind must be a RequestOutputKind or one of "
+                     f"{[k.lower() for k in RequestOutputKind.__members__]}, got {describe(value)}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated, immutable sampling settings for one request.
@@ -170,6 +197,22 @@ class SamplingParams:
         grammar is complete and a stop token is drawn, even with ``ignore_eos``; where the
         grammar and this request's own masks (``logit_bias`` -inf, ``allowed_token_ids``,
         bad words, ``min_new_tokens``) leave no token in common, the grammar wins that step.
+    n : int
+        Outputs per prompt, in [1, 64]. The prompt is prefilled once and the request forks
+        into ``best_of or n`` samples, sample ``i`` seeded ``seed + i`` (so it equals the
+        request seeded ``seed + i``; the generator draws ``seed`` when it is None).
+    best_of : int or None
+        Samples drawn, ``n <= best_of <= 64``; the ``n`` with the highest cumulative raw
+        log-probability are returned (None: ``n``).
+    prompt_logprobs : int or None
+        Return, for every prompt token after the first, its log-probability given the tokens
+        before it (the model's raw log-softmax) and the top-k, k in [0, 20].
+    output_kind : RequestOutputKind or str
+        What :meth:`~decodekit.LLM.stream_outputs` yields: ``CUMULATIVE`` (default),
+        ``DELTA`` or ``FINAL_ONLY``.
+    truncate_prompt_tokens : int or None
+        Keep only the last k prompt tokens (k >= 1), or -1: the most that fit the context
+        (``max_seq_len - max_new_tokens``). ``new_context``'s keyword overrides it.
 
     Raises
     ------
@@ -201,6 +244,11 @@ class SamplingParams:
     detokenize: bool = True
     skip_special_tokens: bool = True
     guided_decoding: GuidedDecodingParams | None = None
+    n: int = 1
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -231,6 +279,9 @@ class SamplingParams:
             set_("stop", _stop_strings(self.stop))
         if self.stop_pattern is not None:
             compile_stop_pattern(self.stop_pattern)
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n (or None), got best_of={self.best_of} < n={self.n}")
+        set_("output_kind", _output_kind(self.output_kind))
         if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
             raise ValueError(f"guided_decoding must be a GuidedDecodingParams or None, got "
                              f"{describe(self.guided_decoding)}")
@@ -256,6 +307,11 @@ class SamplingParams:
         parts = [f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(self)
                  if values[f.name] != f.default]
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    @property
+    def samples(self) -> int:
+        """Samples drawn for the prompt: ``best_of or n``."""
+        return self.best_of or self.n
 
     @property
     def is_greedy(self) -> bool:

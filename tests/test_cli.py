@@ -31,7 +31,7 @@ def test_bad_arguments_are_argparse_errors():
 
 def test_generate_on_the_embedded_model():
     r = run("generate", "What is the capital of France?", "--chat", "--temperature", "0",
-            "--max-new-tokens", "12")
+            "--max-new-tokens", "12", "--truncate-prompt-tokens", "-1")
     assert r.returncode == 0, r.stderr[-2000:]
     text, summary = r.stdout.rsplit("\n", 2)[0], r.stdout.strip().splitlines()[-1]
     assert "Paris" in text
@@ -61,6 +61,7 @@ def test_generate_bad_arguments():
         assert r.returncode == 2, (args, r.stdout)
         assert "usage:" in r.stderr and "Traceback" not in r.stderr
     for args in (["--model", "/nonexistent/model"], ["--draft", "/nonexistent/draft"],
+                 ["--truncate-prompt-tokens", "0"],
                  ["--draft", "layerskip:40"], ["--draft", "layerskip:a-b"]):
         r = run("generate", "x", *args)
         assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, args

@@ -517,3 +517,55 @@ def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_cleanly():
     with pytest.warns(RuntimeWarning, match="no token of this vocabulary spells"):
         gen.next_token({c.request_id: c}, num_steps=4)
     assert c.is_done and c.finish_reason == "stop" and c.generated_token_ids == [5, EOS_ID]
+
+
+def test_matchers_take_token_t_after_forward_t_plus_1_is_enqueued(monkeypatch):
+    """The overlap: in plain steps a guided row's token t reaches its matcher only after the
+    next forward was issued (on a GPU, the host's accept and mask fill run beside it). The
+    request still ends where its grammar does, with nothing after the end."""
+    from decodekit.structured.grammar import Guide
+
+    model, tok = tiny_smol()
+    gen = _gen(model, tok)
+    events: list[str] = []
+    model.register_forward_pre_hook(lambda *_: events.append("F"))
+    accept = Guide.accept
+    monkeypatch.setattr(Guide, "accept", lambda self, t: (events.append("A"), accept(self, t))[1])
+    spec = GuidedDecodingParams(regex=r"[a-z]{6}")
+    c = gen.new_context("hello", SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True,
+                                                guided_decoding=spec))
+    gen.next_token({c.request_id: c}, num_steps=12)
+    assert c.finish_reason == "stop" and re.fullmatch(r"[a-z]{6}", c.text), c.text
+    accepts = [i for i, e in enumerate(events) if e == "A"]
+    assert len(accepts) == len(c.generated_token_ids) >= 2
+    for t, i in enumerate(accepts):  # token t: its own forward and the next one came first
+        assert events[:i].count("F") >= t + 2, events
+
+
+def test_a_failed_call_drops_tokens_the_matchers_had_not_taken_yet():
+    """A forward failing mid-call (token t sampled, not yet accepted) leaves every matcher
+    where the call found it: the request then goes on exactly as an undisturbed one."""
+    model, tok = tiny_smol()
+    spec = GuidedDecodingParams(json=SCHEMAS["enum_and_range"], disable_any_whitespace=True)
+    params = SamplingParams(temperature=0.7, seed=5, max_new_tokens=60, guided_decoding=spec)
+    (want,) = _run(_gen(model, tok), ["hi"], [params])
+
+    gen = _gen(model, tok)
+    c = gen.new_context("hi", params)
+    gen.next_token({c.request_id: c}, num_steps=2)
+    calls = {"n": 0}
+
+    def boom(*_):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+
+    h = model.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            gen.next_token({c.request_id: c}, num_steps=8)
+    finally:
+        h.remove()
+    while not c.is_done:
+        gen.next_token({c.request_id: c}, num_steps=8)
+    assert c.generated_token_ids == want.generated_token_ids and c.text == want.text

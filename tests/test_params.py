@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from decodekit.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from decodekit.params import DEFAULT_MAX_NEW_TOKENS, RequestOutputKind, SamplingParams
 
 INF = math.inf
 NAN = math.nan
@@ -22,7 +22,8 @@ EXPECTED_FIELDS = [
     ("min_new_tokens", 0), ("max_new_tokens", None), ("ignore_eos", False), ("stop", None),
     ("stop_token_ids", None), ("stop_pattern", None), ("include_stop_str_in_output", False),
     ("seed", None), ("logprobs", None), ("detokenize", True), ("skip_special_tokens", True),
-    ("guided_decoding", None),
+    ("guided_decoding", None), ("n", 1), ("best_of", None), ("prompt_logprobs", None),
+    ("output_kind", RequestOutputKind.CUMULATIVE), ("truncate_prompt_tokens", None),
 ]
 
 

@@ -44,10 +44,44 @@ def test_hf_processors_through_the_adapter_match_generate(num_steps):
         assert _dk(model, [HFLogitsProcessor(proc)], num_steps) == want, name
 
 
-def test_processors_with_a_drafter_give_the_same_tokens():
+def test_processors_in_speculative_windows_match_generate():
+    """With a drafter the processors edit every window position (their drafts appended to
+    the tokens they see); verification against the edited logits keeps generate's tokens."""
     model = tiny_model("llama")
-    proc = [HFLogitsProcessor(NoRepeatNGramLogitsProcessor(2))]
-    assert _dk(model, proc, 4, draft=NGramDraft(k=3), adaptive_k=False) == _dk(model, proc, 4)
+    proc = SequenceBiasLogitsProcessor({(5, 9): -20.0, (11,): 4.0, (3, 40): 9.0})
+    want = [_hf(model, p, proc) for p in PROMPTS]
+    rows: list[int] = []
+
+    def count(inputs: BatchProcessorInputs) -> None:
+        rows.extend(b - a for a, b in zip(inputs.logit_offsets[:-1], inputs.logit_offsets[1:], strict=True))
+
+    kw = dict(draft=NGramDraft(k=3, min_n=1), adaptive_k=False, batch_logits_processors=[count])
+    assert _dk(model, [HFLogitsProcessor(proc)], 4, **kw) == want
+    assert max(rows) > 1, "no window reached the processors: a weak test"
+    proc2 = [HFLogitsProcessor(NoRepeatNGramLogitsProcessor(2))]
+    assert _dk(model, proc2, 4, draft=NGramDraft(k=3, min_n=1), adaptive_k=False) == _dk(model, proc2, 4)
+
+
+def test_window_rows_follow_their_token_prefixes():
+    """Row j of a request's window share is the model's distribution after
+    ``token_ids[: T - n + 1 + j]``: checked against cache-free forwards of those prefixes."""
+    model = tiny_model("llama")
+    shares: list[tuple[torch.Tensor, list[int]]] = []
+
+    def record(inputs: BatchProcessorInputs) -> None:
+        for b, tokens in enumerate(inputs.token_ids):
+            lo, hi = inputs.logit_offsets[b], inputs.logit_offsets[b + 1]
+            shares.append((inputs.logits[lo:hi].clone(), list(tokens)))
+
+    _dk(model, [], 4, draft=NGramDraft(k=3, min_n=1), adaptive_k=False, batch_logits_processors=[record])
+    windows = [(x, t) for x, t in shares if x.shape[0] > 1]
+    assert windows, "no speculative window: a weak test"
+    for x, tokens in windows[:6]:
+        n, T = x.shape[0], len(tokens)
+        for j in range(n):
+            with torch.no_grad():
+                ref = model(torch.tensor([tokens[: T - n + 1 + j]])).logits[0, -1]
+            torch.testing.assert_close(x[j], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_batch_processor_rows_offsets_and_argmax_invariance():

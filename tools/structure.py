@@ -10,7 +10,7 @@ Rules:
 - no bare column numbers into the sampler's packed tables (``iparams[..., 2]``) outside the
   layout module;
 - at least four subpackages under ``decodekit/``;
-- bench Python under 2,400 lines (about 250 per benchmark area; the harness holds what they share).
+- bench Python under 2,900 lines (about 250 per benchmark area; the harness holds what they share).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"decodekit": 80, "triton_kernels": 100}
 TABLES = ("iparams", "fparams")
 LAYOUT_MODULE = "layout.py"
-BENCH_LIMIT = 2400
+BENCH_LIMIT = 2900
 # Private names of other libraries that decodekit has to touch, each with its reason.
 THIRD_PARTY_PRIVATE = {
     # transformers' per-forward attention switch: the only way to run a registered attention

@@ -32,7 +32,10 @@ class TextGenerationContext:
     cache took its room back: it then waits without a slot (``slot`` None, still ACTIVE) and
     the next call that includes it prefills its prompt and generated tokens again, then goes
     on exactly as if nothing had happened. ``guide``: its grammar's matcher, at the point of
-    its generated tokens (guided decoding).
+    its generated tokens (guided decoding). ``parent_id`` / ``index``: sample ``index`` of
+    a prompt drawn ``n`` / ``best_of`` times (:meth:`~decodekit.TokenGenerator.new_contexts`);
+    ``prompt_logprobs``: entry ``i`` the raw log-probability of prompt token ``i`` given the
+    ones before it (entry 0 None), filled by the prefill when ``params.prompt_logprobs`` asks.
     """
 
     request_id: str
@@ -54,6 +57,9 @@ class TextGenerationContext:
     forks: int = 0  # children forked from it so far (their seeds go on from seed + forks + 1)
     guide: Guide | None = None  # its grammar matcher (params.guided_decoding)
     logits_processors: tuple = ()  # callables editing its logits before sampling (engine.processors)
+    parent_id: str | None = None  # one of several samples of a prompt (new_contexts): the first one's id
+    index: int = 0  # which sample (seeded seed + index)
+    prompt_logprobs: list[LogProbabilities | None] | None = None  # params.prompt_logprobs, once prefilled
 
     @property
     def text(self) -> str:
@@ -68,6 +74,13 @@ class TextGenerationContext:
     @property
     def is_done(self) -> bool:
         return self.status.is_done
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the generated tokens' log-probabilities (None unless ``params.logprobs``)."""
+        if self.params.logprobs is None:
+            return None
+        return float(sum(lp.token_log_probabilities[0] for lp in self.logprobs))
 
     @property
     def tokens(self) -> list[int]:

@@ -36,6 +36,7 @@ from ..speculative.base import SpecStats
 from ..speculative.policy import DraftPolicy, WindowCost
 from ..speculative.step import SpeculativeStep
 from ..steering.vector import Steering
+from .beam import BeamSearch, BeamSearchOutput, BeamSearchParams
 from .blocks import OutOfBlocks
 from .context import TextGenerationContext
 from .ensemble import Ensemble
@@ -45,8 +46,9 @@ from .guidance import Guidance
 from .model_adapter import ModelAdapter, Prompt
 from .paging import KVStats, range_salts
 from .pending import PendingTokens
-from .processors import apply_processors, check_processors
+from .processors import apply_processors, apply_window_processors, check_processors
 from .runner import ModelRunner, Paging
+from .scoring import score_prompt
 from .slots import SlotTable
 from .transaction import CallTransaction
 
@@ -276,21 +278,54 @@ class TokenGenerator:
         unless ``truncate_prompt_tokens`` keeps only its last tokens. ``steering`` steers this
         request alone (positions are its absolute token positions: the prompt is
         ``0 .. len(prompt) - 1``). ``logits_processors``: callables that edit this request's
-        logits before each draw (:mod:`decodekit.engine.processors`).
+        logits before each draw (:mod:`decodekit.engine.processors`). ``truncate_prompt_tokens``
+        (k >= 1: the last k tokens; -1: as many as fit) overrides ``params``'. Several samples
+        (``params.n`` or ``best_of`` > 1) need :meth:`new_contexts`.
         """
+        params = params if params is not None else SamplingParams()
+        if isinstance(params, SamplingParams) and params.samples > 1:
+            raise ValueError(f"new_context makes one context, but params ask for n={params.n}, "
+                             f"best_of={params.best_of}: use new_contexts (one context per sample)")
+        return self._new_context(prompt, params, request_id, truncate_prompt_tokens=truncate_prompt_tokens,
+                                 steering=steering, logits_processors=logits_processors)
+
+    def new_contexts(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None, **options: Any) -> list[TextGenerationContext]:
+        """The ``params.best_of or params.n`` samples of one prompt, as contexts a scheduler
+        runs like any other (``options``: :meth:`new_context`'s keywords). Sample ``i`` has
+        ``index`` i, ``parent_id`` the first one's request id and seed ``seed + i``: it equals
+        the request seeded ``seed + i``. Passed to one :meth:`next_token` call in this order,
+        they share one prefill (:meth:`fork`). With ``best_of > n`` they report logprobs
+        (``logprobs=0`` unless more were asked): choosing the best needs them."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.samples > params.n and params.logprobs is None:
+            params = params.replace(logprobs=0)
+        first = self._new_context(prompt, params, request_id, **options)
+        group = [first] + (self.fork(first, params.samples - 1) if params.samples > 1 else [])
+        for i, c in enumerate(group):
+            c.parent_id, c.index = first.request_id, i
+        return group
+
+    def _new_context(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                     *, truncate_prompt_tokens: int | None = None,
+                     steering: Steering | None = None,
+                     logits_processors: Sequence[Callable] | None = None) -> TextGenerationContext:
         self._check_steering(steering)
         processors = check_processors("logits_processors", logits_processors)
-        params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate_for_vocab(self.vocab_size)
         ids = self.adapter.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")
-        if truncate_prompt_tokens is not None:
-            ids = ids[-int_at_least("truncate_prompt_tokens", truncate_prompt_tokens, 1):]
         max_new = params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         room = self.max_seq_len - max_new
+        keep = truncate_prompt_tokens if truncate_prompt_tokens is not None else params.truncate_prompt_tokens
+        if keep is not None:
+            keep = max(room, 1) if keep == -1 else int_at_least("truncate_prompt_tokens", keep, 1)
+            ids = ids[-keep:]
         if len(ids) > room:
             raise ValueError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit (max_seq_len "
                              f"{self.max_seq_len} - max_new_tokens {max_new}); shorten it, lower "
@@ -367,6 +402,23 @@ class TokenGenerator:
                         self.speculative.admit([child.slot], [child.tokens[: child.length]], [child.steering])
             return children
 
+    def beam_search(self, prompts: Sequence[Prompt], params: BeamSearchParams, *,
+                    steering: Steering | None = None) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (text, token ids or chat messages, as :meth:`new_context`
+        takes) with transformers' ``generate(num_beams=...)`` rules (:mod:`.beam`), each on
+        ``params.beam_width`` free slots (``ValueError`` when fewer are free), without
+        speculation; ``steering`` steers every beam. Every slot is free again when it returns
+        or raises."""
+        self._check_steering(steering)
+        if isinstance(prompts, (str, bytes, Mapping, torch.Tensor)) or not isinstance(prompts, Sequence) \
+                or any(isinstance(p, (int, Mapping)) for p in prompts):
+            raise ValueError("prompts must be a list of prompts (wrap a single prompt in a list)")
+        if self.members is not None or self._batch_processors:
+            raise ValueError("beam_search runs neither an ensemble nor batch_logits_processors")
+        ids = [self.adapter.encode(p) for p in prompts]
+        with self._lock:
+            return BeamSearch(self, params, steering).run(ids)
+
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id`` (or a fresh one) if no live context of this generator has it."""
         if request_id is None:
@@ -431,20 +483,21 @@ class TokenGenerator:
             pending = PendingTokens({c.request_id: c.params.logprobs for c in live})
             spec: list[tuple[TextGenerationContext, int, int]] = []  # (ctx, drafted, accepted)
             tx = CallTransaction(live, self.sampler, self.runner, self.speculative)
-            marks = Guidance.marks([c.guide for c in live])
+            marks = self.guidance.marks([c.guide for c in live])
             try:
                 forked = frozenset(c for c in fresh if c.slot in self._forks)
                 self._prefill_all(fresh, pending, stats)
                 self._decode(live, fresh, num_steps, pending, spec, stats, forked)
                 host = pending.to_host()
+                ends = {c.request_id: self.guidance.stop_index(c.guide, marks.get(c.guide)) for c in live}
             except BaseException:
-                Guidance.undo(marks)
+                self.guidance.undo(marks)
                 self._undo(tx, pending, fresh)
                 raise
             out = {rid: TextGenerationResponse([], c.status) for rid, c in batch.items()}
             self._count_speculation(spec)
             for c in live:
-                out[c.request_id] = self._commit(c, *host[c.request_id], stats)
+                out[c.request_id] = self._commit(c, *host[c.request_id], stats, ends[c.request_id])
         stats.batch_size, stats.total_s = len(live), time.perf_counter() - t0
         self.stats = stats
         return out
@@ -457,6 +510,8 @@ class TokenGenerator:
         # (no room was reserved for it before its parent's prefill)
         steps = {c.request_id: num_steps if c in forked else int(c in fresh) for c in live}
         for _ in range(num_steps):
+            if self.speculative is not None:  # drafts need the matchers up to date
+                self.guidance.flush()
             rows = [c for c in live if steps[c.request_id] < num_steps
                     and self._room(c, pending.count(c.request_id))]
             if not rows:
@@ -623,7 +678,9 @@ class TokenGenerator:
                 raise
         try:
             if share is None:
-                self._cached[slot] = self.runner.admit(slot, ctx.tokens, self._salts(ctx))
+                # a prompt to score is computed whole (no logits for cached positions)
+                lookup = ctx.params.prompt_logprobs is None or ctx.prompt_logprobs is not None
+                self._cached[slot] = self.runner.admit(slot, ctx.tokens, self._salts(ctx), lookup)
             else:  # the cache is shared once ``share`` is prefilled (_sample_forks)
                 self._forks[slot] = share
         except OutOfBlocks:
@@ -637,11 +694,16 @@ class TokenGenerator:
 
     def _salts(self, ctx: TextGenerationContext) -> list[bytes]:
         """Prefix-cache salts of the blocks of ``ctx``'s tokens (its steering)."""
-        if ctx.steering is None or self.runner.kv is None:
+        return self.prefix_salts(ctx.steering, len(ctx.prompt_token_ids), len(ctx.tokens))
+
+    def prefix_salts(self, steering: Steering | None, prompt_len: int, n_tokens: int) -> list[bytes]:
+        """Prefix-cache salts of the full blocks of ``n_tokens`` tokens of a request with a
+        ``prompt_len``-token prompt and ``steering``: what changes their keys and values."""
+        if steering is None or self.runner.kv is None:
             return []
-        lo, hi = ctx.steering.position_range(len(ctx.prompt_token_ids))
+        lo, hi = steering.position_range(prompt_len)
         bs = self.runner.kv.block_size
-        return range_salts(ctx.steering.digest(), lo, hi, len(ctx.tokens) // bs, bs)
+        return range_salts(steering.digest(), lo, hi, n_tokens // bs, bs)
 
     def _unadmit(self, ctx: TextGenerationContext) -> None:
         """Undo :meth:`_admit` for a context whose prefill did not complete."""
@@ -676,10 +738,23 @@ class TokenGenerator:
         prefilled here sample their first token from its logits."""
         forks = [c for c in fresh if c.slot in self._forks]
         rows: dict[int, torch.Tensor] = {}  # parent slot -> logits [V]
+        for c in fresh:
+            if (c.slot not in self._forks and c.params.prompt_logprobs is not None
+                    and c.prompt_logprobs is None):
+                self._score(c, stats)
         for run in _contiguous_runs([c for c in fresh if c.slot not in self._forks]):
             self._prefill(run, pending, stats, rows if forks else None)
         if forks:
             self._sample_forks(forks, rows, pending, stats)
+
+    def _score(self, ctx: TextGenerationContext, stats: StepStats) -> None:
+        """``ctx``'s prompt log-probabilities: its prompt but the last token forwarded in
+        chunks (:mod:`.scoring`); the prefill then computes the last token."""
+        with nvtx.nvtx_range("decodekit.prefill", len(ctx.prompt_token_ids) - 1), stats.timing("forward_s"):
+            ctx.prompt_logprobs = score_prompt(self.runner, ctx.slot, ctx.prompt_token_ids,
+                                               ctx.params.prompt_logprobs, self.vocab_size)
+        self._cached[ctx.slot] = len(ctx.prompt_token_ids) - 1
+        stats.prefill_tokens += len(ctx.prompt_token_ids) - 1
 
     def _sample_forks(self, forks: list[TextGenerationContext], rows: dict[int, torch.Tensor],
                       pending: PendingTokens, stats: StepStats) -> None:
@@ -692,9 +767,11 @@ class TokenGenerator:
             res = self._sample(forks, logits, slots, pending)
             pending.add_sampled([c.request_id for c in forks], res)
             self._set_last_tokens(self.runner.upload(slots), res.token_ids)
-        for c in forks:
+        for c, p in zip(forks, parents, strict=True):
             c.length = len(c.tokens)
             c.fork_of = None
+            if c.params.prompt_logprobs is not None:
+                c.prompt_logprobs = p.prompt_logprobs
             if self.speculative is not None:
                 self.speculative.admit([c.slot], [c.tokens], [c.steering])
 
@@ -727,9 +804,7 @@ class TokenGenerator:
     def _step(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
               stats: StepStats) -> None:
         """One decode step for ``rows``: speculative when a drafter has drafts, else plain."""
-        # logits processors: plain steps (their speculative windows: not yet)
-        plain = self._batch_processors or any(c.logits_processors for c in rows)
-        if self.speculative is not None and not plain and self._speculate(rows, pending, spec, stats):
+        if self.speculative is not None and self._speculate(rows, pending, spec, stats):
             return
         slots = [c.slot for c in rows]
         with nvtx.nvtx_range("decodekit.decode", len(rows)):
@@ -767,7 +842,7 @@ class TokenGenerator:
             logits = apply_processors(logits, rows, seen, self._batch_processors)
         guides = [c.guide for c in rows]
         res = self.sampler.sample(logits, slots, index=index, mask=self.guidance.mask(guides))
-        self.guidance.accept(guides, res.token_ids)
+        self.guidance.accept_later(guides, res.token_ids)  # read once the next forward is enqueued
         return res
 
     def _speculate(self, rows: list[TextGenerationContext], pending: PendingTokens, spec: list,
@@ -777,7 +852,11 @@ class TokenGenerator:
         host = pending.to_host([c.request_id for c in rows])  # drafters read tokens on the host
         seen = [c.tokens + host[c.request_id][0] for c in rows]
         requests = step.requests(rows, seen, self.max_seq_len)
-        result = None if requests is None else step.run(rows, requests, self.slots.lengths(), stats)
+        edit = None
+        if self._batch_processors or any(c.logits_processors for c in rows):
+            def edit(logits: torch.Tensor, drafts: list[list[int]]) -> torch.Tensor:
+                return apply_window_processors(logits, rows, seen, drafts, self._batch_processors)
+        result = None if requests is None else step.run(rows, requests, self.slots.lengths(), stats, edit)
         if result is None:
             return False  # a plain step draws the same tokens, cheaper
         for c, r in zip(rows, result, strict=True):
@@ -791,14 +870,14 @@ class TokenGenerator:
     def _room(self, ctx: TextGenerationContext, n_pending: int) -> bool:
         done = len(ctx.generated_token_ids) + n_pending
         limit = ctx.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        over = ctx.guide is not None and ctx.guide.terminated  # its grammar ended with its last token
+        # its grammar has ended (known one step late in plain steps: Guidance.accept_later)
+        over = ctx.guide is not None and ctx.guide.terminated
         return done < limit and ctx.length < self.max_seq_len and not over
 
-    def _commit(self, ctx: TextGenerationContext, toks: list[int], lps: list, stats: StepStats
-                ) -> TextGenerationResponse:
-        """Hand the call's tokens to the EOS tracker; keep what precedes the first stop."""
-        # a grammar that terminated did so at the call's last token: the request stops there
-        stop = len(toks) - 1 if toks and ctx.guide is not None and ctx.guide.terminated else None
+    def _commit(self, ctx: TextGenerationContext, toks: list[int], lps: list, stats: StepStats,
+                stop: int | None = None) -> TextGenerationResponse:
+        """Hand the call's tokens to the EOS tracker; keep what precedes the first stop
+        (``stop``: the index of the token that ended the request's grammar)."""
         commit = ctx.eos.commit(toks, stop_after=stop)
         kept = list(commit.token_ids)
         responses = [TextResponse(t, lp) for t, lp in zip(kept, lps[: len(kept)], strict=True)]

@@ -94,15 +94,16 @@ class KVBlocks:
         return -(-tokens // self.block_size)
 
     # ------------------------------------------------------------------ requests
-    def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> int:
+    def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = (), lookup: bool = True
+              ) -> int:
         """``slot`` (holding nothing) takes blocks for ``tokens``: cached full blocks of its
-        prefix first (prefix caching), fresh ones for the rest. Returns how many leading
-        tokens are cached (their keys and values are there; the prefill starts after them).
-        ``OutOfBlocks``: nothing is held."""
+        prefix first (prefix caching, unless not ``lookup``), fresh ones for the rest. Returns
+        how many leading tokens are cached (their keys and values are there; the prefill
+        starts after them). ``OutOfBlocks``: nothing is held."""
         if self._held[slot]:
             raise ValueError(f"slot {slot} already holds blocks")
         hits: list[int] = []
-        if self.prefix_caching:
+        if self.prefix_caching and lookup:
             limit = (len(tokens) - 1) // self.block_size  # the last token is always computed
             for key in block_keys(tokens[: limit * self.block_size], self.block_size, salts):
                 block = self.pool.lookup(key)

@@ -165,10 +165,12 @@ class ModelRunner:
         return why is None
 
     # ------------------------------------------------------------------ KV blocks
-    def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = ()) -> int:
+    def admit(self, slot: int, tokens: Sequence[int], salts: Sequence[bytes] = (), lookup: bool = True
+              ) -> int:
         """``slot`` takes cache room for a prompt; returns its leading tokens already cached
-        (prefix caching; 0 without paging). ``OutOfBlocks`` when the blocks run out."""
-        return 0 if self.kv is None else self.kv.admit(slot, tokens, salts)
+        (prefix caching, unless not ``lookup``; 0 without paging). ``OutOfBlocks`` when the
+        blocks run out."""
+        return 0 if self.kv is None else self.kv.admit(slot, tokens, salts, lookup)
 
     def reserve(self, slots: Sequence[int], starts: Sequence[int], ends: Sequence[int], *,
                 sync: bool = True) -> None:
@@ -253,6 +255,19 @@ class ModelRunner:
             logits = self.forward(ids.to(self.device), pos.to(self.device), lengths, first_slot,
                                   self.kv_len(max(len(p) for p in prompts)))
         return logits[:, -1]
+
+    def prefill_span(self, tokens: Sequence[int], slot: int, start: int, end: int) -> torch.Tensor:
+        """Forward positions ``start .. end - 1`` of one slot's ``tokens`` (those before
+        ``start`` are in its cache already) and return the logits ``[end - start, V]`` of
+        every one of them: a chunk of a prefill whose prompt log-probabilities are wanted."""
+        if self.kv is not None:
+            self.kv.sync()
+        ids = torch.tensor([list(tokens[start:end])], dtype=torch.long)
+        pos = torch.arange(start, end, dtype=torch.long)[None]
+        with nvtx_range("decodekit.forward", end - start):
+            logits = self.forward(ids.to(self.device), pos.to(self.device), self.upload([end]), slot,
+                                  self.kv_len(end), keep=end - start)
+        return logits[0]
 
     def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> Rows:
         """One decode forward for ``slots``: each one's newest token at position ``lengths[slot]``.

@@ -18,7 +18,7 @@ May call: the runner, the sampler, the drafter, :mod:`.policy`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +110,11 @@ class SpeculativeStep:
                 for c, seen, n, cap in zip(rows, tokens, plan, caps, strict=True)]
 
     def run(self, rows: Sequence[Any], requests: Sequence[DraftRequest], lengths: Sequence[int],
-            stats: StepStats) -> list[SpecRow] | None:
-        """Draft, verify and commit for ``rows``; None (nothing done) when no row got a draft."""
+            stats: StepStats, edit: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None
+            ) -> list[SpecRow] | None:
+        """Draft, verify and commit for ``rows``; None (nothing done) when no row got a draft.
+        ``edit(logits [R, K + 1, V], drafts)``: the window's logits as the verification should
+        see them (logits processors; ``drafts[r]``: row ``r``'s drafts on the host)."""
         drafts = self.drafter.propose(requests, lengths) if any(r.budget for r in requests) else None
         guides = [c.guide for c in rows]
         mask, forced = None, [0] * len(rows)
@@ -125,8 +128,11 @@ class SpeculativeStep:
                 win = self.runner.window(slots, drafts.tokens, lengths, drafts.lengths)
                 logits = win.logits  # [R, K + 1, V]
             with stats.timing("sample_s"), nvtx_range("decodekit.sample", len(rows)):
+                if edit is not None:
+                    host = drafts.tokens.tolist()
+                    logits = edit(logits, [h[:n] for h, n in zip(host, drafts.lengths, strict=True)])
                 lp_src = self._logprob_source(rows, logits, slots, drafts.tokens, mask)  # before the commit
-                out, n_acc = self._verify(win, slots, drafts, mask)
+                out, n_acc = self._verify(win, logits, slots, drafts, mask)
                 self.runner.set_last_tokens(win.index, out.gather(1, n_acc.long()[:, None])[:, 0])
                 out_h, acc_h = out.tolist(), n_acc.tolist()  # the step's one host transfer
                 if mask is not None:
@@ -179,18 +185,19 @@ class SpeculativeStep:
         tokens = torch.where(col[None, :] < torch.tensor(cut, device=tokens.device)[:, None], tokens, -1)
         return Drafts(tokens, cut, q), mask, n_forced
 
-    def _verify(self, win: Rows, slots: list[int], drafts: Drafts, mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Processed distributions of the window (within ``mask``: guided rows), verification,
-        commit to the sampler state: ``(tokens int64 [R, K + 1] (-1 padded), accepted int32
-        [R])``. No upload: the window's carried the slots and draft counts."""
+    def _verify(self, win: Rows, logits: torch.Tensor, slots: list[int], drafts: Drafts,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed distributions of the window's ``logits [R, K + 1, V]`` (within ``mask``:
+        guided rows), verification, commit to the sampler state: ``(tokens int64 [R, K + 1]
+        (-1 padded), accepted int32 [R])``. No upload: the window's carried the slots and
+        draft counts."""
         sp = self.sampler
         # greedy rows: p is one-hot, so any q accepts exactly the drafts equal to the argmax
-        fast = sp.verify_greedy(win.logits, slots, drafts.tokens, win.n_draft, index=win.index32, mask=mask)
+        fast = sp.verify_greedy(logits, slots, drafts.tokens, win.n_draft, index=win.index32, mask=mask)
         if fast is not None:
             out, n_acc = fast
         else:
-            p = sp.window_probs(win.logits, slots, drafts.tokens, index=win.index32, mask=mask)
+            p = sp.window_probs(logits, slots, drafts.tokens, index=win.index32, mask=mask)
             out, n_acc = sp.verify(p, drafts.q, drafts.tokens, win.n_draft, slots, index=win.index32)
         sp.accept(slots, out, index=win.index32)
         return out, n_acc
