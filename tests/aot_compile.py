@@ -16,11 +16,11 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from decodekit.kernels import accept, bands, paged_attention, process, select, verify  # noqa: E402
+from decodekit.kernels import accept, bands, lora, paged_attention, process, select, verify  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-MODULES = (process, bands, select, accept, verify, paged_attention)
+MODULES = (process, bands, select, accept, verify, paged_attention, lora)
 
 
 def jobs():

@@ -1,0 +1,260 @@
+"""LoRA injection: forward hooks on the target linear layers, per-request adapters in a device table.
+
+:class:`LoRAHooks` mirrors :class:`~decodekit.steering.SteeringHooks`: hooks go on every target
+linear layer once; a request row is given an adapter slot with :meth:`~LoRAHooks.set_row`, and
+before each forward the batch is bound to a contiguous range of rows (:meth:`~LoRAHooks.bind`).
+Each hooked layer then adds ``scale[l] * (x A[l]^T) B[l]^T`` to the output tokens of rows whose
+adapter ``l`` targets it. Rows without an adapter get nothing added (bit-identical to the unhooked
+model), and when no bound row has an adapter the hooks return at once (a host-side check).
+
+On CUDA the term is computed by the Triton kernels (:mod:`decodekit.kernels.lora`): per forward,
+the bound rows are grouped by slot on the device, with no host sync and into fixed buffers, and
+each layer runs a shrink and an expand launch that add into its output in place; the tables and
+the row table never move, so the step can live in a CUDA graph (capture inside
+:meth:`~LoRAHooks.every_module`). Elsewhere it is :func:`~decodekit.lora.reference.lora_add`
+(which reads the slots on the host). Inference only: the kernel path is invisible to autograd.
+
+May call: :mod:`.tables`, :mod:`.reference`, :mod:`decodekit.kernels.lora`, :mod:`decodekit.nvtx`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..nvtx import nvtx_range
+from .reference import lora_add
+from .tables import LoRATables
+
+__all__ = ["LoRAHooks"]
+
+
+class LoRAHooks:
+    """Forward hooks on every target linear layer of ``model``, with an adapter per request row.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model ``tables`` was built for.
+    tables : LoRATables
+        The adapter tables (slot 0: no adapter).
+    max_rows : int
+        Number of request rows (e.g. KV-cache slots).
+    skip_idle_modules : bool
+        If True (default), a hook returns at once on layers that no bound row's adapter targets.
+        That is decided on the host at call time, so a CUDA graph captured with it bakes in the
+        adapters bound at capture: capture inside :meth:`every_module` to serve any adapter later.
+    backend : str
+        ``"auto"`` (the Triton kernels on CUDA, the torch reference elsewhere), ``"triton"`` (also
+        on CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
+
+    Notes
+    -----
+    The row table is ``slots [max_rows]`` (int64, on the tables' device): row ``r`` uses adapter
+    slot ``slots[r]``. :meth:`bind` makes the batch's row ``b`` request row ``first_row + b`` and
+    every one of its ``q`` tokens uses that row's adapter (prefill, decode and speculative
+    windows alike).
+    """
+
+    def __init__(self, model: torch.nn.Module, tables: LoRATables, max_rows: int, *,
+                 skip_idle_modules: bool = True, backend: str = "auto") -> None:
+        if not isinstance(tables, LoRATables):
+            raise TypeError(f"tables must be LoRATables, got {type(tables).__name__}")
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.tables = tables
+        self.max_rows = max_rows
+        self.device = tables.device
+        self.skip_idle_modules = bool(skip_idle_modules)
+        self.kernels = backend == "triton" or (backend == "auto" and self.device.type == "cuda")
+        self._slots = torch.zeros(max_rows, dtype=torch.int64, device=self.device)  # [R] row -> slot
+        self._host = [0] * max_rows  # the same, on the host
+        self._n_active = 0  # rows with an adapter
+        self._groups = None
+        if self.kernels:
+            from ..kernels.lora import SlotGroups
+
+            self._groups = SlotGroups(max_rows, tables.num_slots, self.device)
+        self._shape: tuple[int, int] | None = None  # bound (B, q); None: unbound, hooks inert
+        self._first = 0  # bound first row
+        self._seg: torch.Tensor | None = None  # [B] slot of each bound row (a view of _slots)
+        self._grouped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # order, counts, ends
+        self._tok: torch.Tensor | None = None  # [B * q] slot of each token (torch path)
+        self._bound: frozenset[int] = frozenset()  # slots of the bound rows, 0 excluded
+        self._every = False
+        self._cuda = torch.cuda.is_available()
+        modules = [model.get_submodule(name) for name in tables.target_names]
+        self._handles = [m.register_forward_hook(functools.partial(self._hook, i), prepend=True)
+                         for i, m in enumerate(modules)]
+
+    # -- per-request state (host side, not per step) -----------------------------------------
+    def _check_row(self, row: Any) -> int:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.max_rows:
+            raise ValueError(f"row must be an int in [0, {self.max_rows}), got {row!r}")
+        return row
+
+    def set_row(self, row: int, slot: int | str | None) -> None:
+        """Give request row ``row`` the adapter in ``slot`` (an int from
+        :meth:`LoRATables.load`, or the adapter's name); 0 or None: no adapter. The adapter stays
+        pinned in its slot (cannot be unloaded) until the row is cleared or set to another."""
+        self._check_row(row)
+        if slot is None:
+            slot = 0
+        elif isinstance(slot, str):
+            slot = self.tables.slot_of(slot)
+        elif isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.tables.num_slots \
+                or (slot and self.tables.name_of(slot) is None):
+            raise ValueError(f"slot must be 0 or the slot of a loaded adapter, got {slot!r}")
+        old = self._host[row]
+        if old == slot:
+            return
+        if slot:
+            self.tables.acquire(slot)
+        if old:
+            self.tables.release(old)
+        self._host[row] = slot
+        self._slots[row] = slot
+        self._n_active += (slot != 0) - (old != 0)
+
+    def clear_row(self, row: int) -> None:
+        """Request row ``row`` uses no adapter (releases its slot)."""
+        self.set_row(row, 0)
+
+    def row_slot(self, row: int) -> int:
+        """The adapter slot of request row ``row`` (0: none)."""
+        return self._host[self._check_row(row)]
+
+    @property
+    def active(self) -> bool:
+        """Whether any row has an adapter."""
+        return self._n_active > 0
+
+    # -- per step (device side, sync-free) ---------------------------------------------------
+    def bind(self, first_row: int, positions: torch.Tensor | tuple[int, int] | torch.Size) -> None:
+        """Bind the next forward's batch: its row ``b`` is request row ``first_row + b``.
+
+        Parameters
+        ----------
+        first_row : int
+            Request row of batch row 0.
+        positions : Tensor or tuple
+            The batch's token positions ``[B, q]`` (only the shape is used), or ``(B, q)``.
+        """
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else tuple(positions)
+        if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                      for n in shape):
+            raise ValueError(f"positions must be a tensor [B, q] or a shape (B, q) with B, q >= 1, "
+                             f"got {shape}")
+        b, q = shape
+        if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0 \
+                or first_row + b > self.max_rows:
+            raise ValueError(f"first_row must be an int with 0 <= first_row and first_row + batch ({b}) "
+                             f"<= max_rows ({self.max_rows}), got {first_row!r}")
+        self._shape = (b, q)
+        self._first = first_row
+        self._seg = self._slots[first_row:first_row + b]
+        self._bound = frozenset(self._host[first_row:first_row + b]) - {0}
+        self._grouped = self._tok = None
+        if not (self._bound or self._every):
+            return
+        if self.kernels:
+            self._grouped = self._groups.fill(self._seg)
+        else:
+            self._tok = self._seg.repeat_interleave(q)
+
+    @property
+    def bound_rows(self) -> tuple[int, int] | None:
+        """``(first_row, B)`` of the bound batch (None: unbound)."""
+        return None if self._shape is None else (self._first, self._shape[0])
+
+    def unbind(self) -> None:
+        """Make the hooks inert until the next :meth:`bind`."""
+        self._shape = self._seg = self._grouped = self._tok = None
+        self._bound = frozenset()
+
+    @contextlib.contextmanager
+    def bound(self, first_row: int, positions: torch.Tensor | tuple[int, int]) -> Iterator[None]:
+        """``with hooks.bound(first_row, positions): model(...)``: bind, then unbind on exit."""
+        self.bind(first_row, positions)
+        try:
+            yield
+        finally:
+            self.unbind()
+
+    @contextlib.contextmanager
+    def maybe_bound(self, first_row: int, positions: torch.Tensor | tuple[int, int]) -> Iterator[None]:
+        """:meth:`bound` when some row has an adapter (or inside :meth:`every_module`); nothing
+        at all otherwise."""
+        if not (self.active or self._every):
+            yield
+            return
+        with self.bound(first_row, positions):
+            yield
+
+    @property
+    def capturing_every_module(self) -> bool:
+        """Inside :meth:`every_module`."""
+        return self._every
+
+    @contextlib.contextmanager
+    def every_module(self) -> Iterator[None]:
+        """Run the LoRA launches on every target layer whatever the bound rows use: the forwards
+        inside are what a CUDA graph must hold to serve any adapter later. Rows of slot 0 still
+        come out bit-identical (the kernels never touch them)."""
+        old, self._every = self._every, True
+        try:
+            yield
+        finally:
+            self._every = old
+
+    def _hook(self, module_index: int, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if self._shape is None:
+            return None
+        if not self._every and (not self._bound or (self.skip_idle_modules
+                                                    and not self.tables.targets(self._bound, module_index))):
+            return None
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) \
+                or tuple(x.shape[:-1]) != tuple(output.shape[:-1]) or x.numel() // x.shape[-1] != \
+                self._shape[0] * self._shape[1]:
+            raise ValueError(f"LoRA: layer {self.tables.target_names[module_index]} input/output "
+                             f"{getattr(x, 'shape', None)} / {getattr(output, 'shape', None)} does not match "
+                             f"the bound batch {self._shape} ([B, q, features] expected)")
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            return self.apply(module_index, x, output)
+        with nvtx_range("decodekit.lora"):
+            return self.apply(module_index, x, output)
+
+    def apply(self, module_index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Add the bound rows' LoRA term of target layer ``module_index`` to its output ``y`` for
+        input ``x`` (``[B, q, in]`` / ``[B, q, out]``, or flattened ``[B * q, .]``). The kernel
+        path adds in place and returns None; the torch path returns a new tensor."""
+        b, q = self._shape
+        t = self.tables
+        A, B, scale = t.A[module_index], t.B[module_index], t.scale[module_index]
+        if self.kernels:
+            from ..kernels.lora import lora_add_
+
+            x3 = x.reshape(b, q, x.shape[-1])
+            y3 = y.view(b, q, y.shape[-1])
+            lora_add_(y3, x3 if x3.stride(2) == 1 else x3.contiguous(), A, B, scale, *self._grouped)
+            return None
+        out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok)
+        return out.view(y.shape)
+
+    def remove(self) -> None:
+        """Take the hooks off the model and release the rows' adapters (the object is unusable
+        afterwards)."""
+        for row, slot in enumerate(self._host):
+            if slot:
+                self.clear_row(row)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.unbind()

@@ -1,0 +1,57 @@
+"""Torch reference of the multi-adapter LoRA term: the CPU path of :class:`~decodekit.lora.LoRAHooks`
+and the oracle of the Triton kernels (:mod:`decodekit.kernels.lora`).
+
+For token ``t`` with adapter slot ``l = idx[t]``: ``delta[t] = scale[l] * (x[t] A[l]^T) B[l]^T``,
+in fp32; slot 0 (no adapter) gives exact zeros and is never computed. :func:`lora_add` adds it to
+a layer's output with one rounding, leaving the tokens of slot 0 untouched (bit-identical).
+
+May call: nothing in decodekit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["lora_add", "lora_delta"]
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """The LoRA term of every token, fp32 ``[T, out]``.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[T, in]`` activations (any float dtype).
+    A : Tensor
+        ``[L + 1, r, in]`` down projections (slot 0: no adapter).
+    B : Tensor
+        ``[L + 1, out, r]`` up projections.
+    scale : Tensor
+        ``[L + 1]`` per-slot scales (``lora_alpha / r`` or ``lora_alpha / sqrt(r)``).
+    idx : Tensor
+        ``[T]`` integer slot of each token.
+
+    Reads the distinct slots on the host (one sync on CUDA): a reference, not a serving path.
+    """
+    T, K = x.shape
+    if A.dim() != 3 or B.dim() != 3 or A.shape[2] != K or B.shape[2] != A.shape[1] \
+            or B.shape[0] != A.shape[0] or scale.shape != (A.shape[0],) or idx.shape != (T,):
+        raise ValueError(f"lora_delta: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"scale {tuple(scale.shape)}, idx {tuple(idx.shape)} do not fit")
+    out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
+    for slot in idx.unique().tolist():
+        if slot == 0:
+            continue
+        rows = (idx == slot).nonzero().squeeze(1)
+        h = x[rows].float() @ A[slot].float().T  # [n, r]
+        out[rows] = (h @ B[slot].float().T) * scale[slot].float()
+    return out
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+             idx: torch.Tensor) -> torch.Tensor:
+    """``y [T, out]`` plus the LoRA term of each token (:func:`lora_delta`), rounded once to
+    ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor."""
+    delta = lora_delta(x, A, B, scale, idx)
+    return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)
