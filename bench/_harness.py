@@ -190,15 +190,18 @@ class GenRun:
 
 def timed_generate(gen: Any, prompts: Sequence[list[int]], params: Sequence[Any],
                    device: torch.device, steering: Sequence[Any] | None = None,
-                   on_step: Callable[[], Any] | None = None) -> GenRun:
+                   on_step: Callable[[], Any] | None = None, lora: Sequence[str | None] | None = None
+                   ) -> GenRun:
     """Run every prompt through decodekit's own scheduler loop (``continuous_batching``, one
     ``next_token(batch, 1)`` per iteration) and time each call; the first one prefills.
-    ``on_step()`` runs after each decode call; its results land in ``per_step``."""
+    ``on_step()`` runs after each decode call; its results land in ``per_step``. ``steering``
+    / ``lora``: per request (None: none)."""
     from decodekit.engine.scheduler import continuous_batching
 
     steer = steering or [None] * len(prompts)
-    ctxs = [gen.new_context(p, sp, request_id=f"r{i}", steering=s)
-            for i, (p, sp, s) in enumerate(zip(prompts, params, steer, strict=True))]
+    adapters = lora or [None] * len(prompts)
+    ctxs = [gen.new_context(p, sp, request_id=f"r{i}", steering=s, lora=a)
+            for i, (p, sp, s, a) in enumerate(zip(prompts, params, steer, adapters, strict=True))]
     limit = 4 * max(sp.max_new_tokens for sp in params)
     with contextlib.closing(continuous_batching(gen, ctxs)) as calls:  # releases on exit
         run = GenRun(timed_call(lambda: next(calls), device)[0], contexts=ctxs)

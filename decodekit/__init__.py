@@ -13,10 +13,13 @@ Public surface (what users call):
 - speculative decoding: :class:`NGramDraft`, :class:`DraftModel`, :class:`LayerSkipDraft`,
   :class:`SpecStats`;
 - steering: :class:`SteeringVector`, :class:`Steering`, :func:`steer`,
-  :func:`train_steering_vector`.
+  :func:`train_steering_vector`;
+- LoRA adapters: :class:`LoRARequest`, :class:`LoRAResponse`, :class:`LoRAOperation`,
+  :class:`LoRAStatus`, :class:`LoRAType`.
 
 The layers below (``decodekit.engine``, ``decodekit.sampling``, ``decodekit.speculative``,
-``decodekit.steering``, ``decodekit.structured``, ``decodekit.kernels``) are importable for advanced use.
+``decodekit.steering``, ``decodekit.structured``, ``decodekit.lora``, ``decodekit.kernels``) are importable
+for advanced use.
 """
 
 from .engine.beam import BeamSearchOutput, BeamSearchParams, BeamSequence
@@ -27,6 +30,7 @@ from .engine.generator import TokenGenerator
 from .engine.processors import BatchProcessorInputs, HFLogitsProcessor, ProcessorInputs
 from .llm import LLM
 from .loading import load
+from .lora import LoRAOperation, LoRARequest, LoRAResponse, LoRAStatus, LoRAType
 from .outputs import (
     CompletionOutput,
     GenerationStatus,
@@ -55,6 +59,11 @@ __all__ = [
     "HFLogitsProcessor",
     "LLM",
     "LayerSkipDraft",
+    "LoRAOperation",
+    "LoRARequest",
+    "LoRAResponse",
+    "LoRAStatus",
+    "LoRAType",
     "LogProbabilities",
     "NGramDraft",
     "ProcessorInputs",

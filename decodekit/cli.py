@@ -13,6 +13,7 @@ the drafter and steering configs, the sampler for the demo).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -254,6 +255,20 @@ def _guided(args) -> GuidedDecodingParams | None:
     return GuidedDecodingParams(choice=[c for c in args.choice.split(",") if c])
 
 
+def _lora_rank(path: str) -> int:
+    """The rank tables an adapter folder needs (its config's ``r`` and ``rank_pattern``; at
+    least 64). ``ValueError`` naming ``--lora`` when the folder is missing."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"--lora {path}: no such adapter folder")
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        ranks = [int(cfg.get("r") or 0), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 64  # loading says what is wrong with it
+    return max(64, *ranks)
+
+
 def run_generate(args) -> int:
     from .engine.generator import TokenGenerator
     from .engine.scheduler import continuous_batching
@@ -265,6 +280,7 @@ def run_generate(args) -> int:
             max_new_tokens=args.max_new_tokens, seed=args.seed, guided_decoding=_guided(args),
             truncate_prompt_tokens=args.truncate_prompt_tokens,
         )
+        lora = {} if args.lora is None else {"max_loras": 1, "max_lora_rank": _lora_rank(args.lora)}
     except (OSError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
@@ -277,14 +293,18 @@ def run_generate(args) -> int:
     max_seq_len = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 4096)
     try:
         draft = _make_draft(args.draft, args.num_speculative_tokens, args.device, args.dtype)
-        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len, draft=draft)
+        gen = TokenGenerator(model, tok, max_batch_size=1, max_seq_len=max_seq_len, draft=draft, **lora)
+        if args.lora is not None:
+            res = gen.load_lora(args.lora, args.lora)
+            if not res.ok:
+                raise ValueError(f"--lora {args.lora}: {res.status.name}: {res.message}")
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     try:
         steering = _make_steering(args, model, tok)
-        ctx = gen.new_context(prompt, params, steering=steering)
+        ctx = gen.new_context(prompt, params, steering=steering, lora=args.lora)
     except (FileNotFoundError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
@@ -344,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grammar", default=None, metavar="FILE",
                    help="output: in this EBNF/GBNF or Lark grammar")
     g.add_argument("--choice", default=None, metavar="A,B,...", help="output: one of these strings")
+    g.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (peft format)")
     g.add_argument("--device", type=_device, default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     st = sub.add_parser("steer", help="steering vectors")

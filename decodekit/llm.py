@@ -9,7 +9,9 @@ May call: the engine (generator, scheduler), loading, steering presets.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +127,7 @@ class LLM:
         regex_pattern: str | None = None,
         grammar: str | None = None,
         choice: Sequence[str] | None = None,
+        lora: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids or chat messages); outputs in order.
 
@@ -132,7 +135,9 @@ class LLM:
         ``json_schema`` / ``regex_pattern`` / ``grammar`` / ``choice`` (at most one) constrain
         every output of the call (:class:`~decodekit.GuidedDecodingParams`; a request's own
         ``params.guided_decoding`` is replaced). ``params.n`` / ``best_of``: several outputs
-        per prompt from one prefill (``RequestOutput.outputs``).
+        per prompt from one prefill (``RequestOutput.outputs``). ``lora``: a loaded adapter's
+        name, or a peft adapter folder (loaded under its path on first use; the LLM needs
+        ``max_loras >= 1``).
         """
         requests = self._requests(prompts, params, locals())
         for _ in continuous_batching(self.generator, [c for group, _ in requests for c in group]):
@@ -198,7 +203,24 @@ class LLM:
         if guided is not None:
             pl = [p.replace(guided_decoding=guided) for p in pl]
         gen = self.generator
-        return [(gen.new_contexts(p, sp, steering=steering), sp) for p, sp in zip(plist, pl, strict=True)]
+        lora = self._lora(opt["lora"])
+        return [(gen.new_contexts(p, sp, steering=steering, lora=lora), sp)
+                for p, sp in zip(plist, pl, strict=True)]
+
+    def _lora(self, lora: str | os.PathLike[str] | None) -> str | None:
+        """The adapter name for ``lora``: a loaded name, or a folder loaded now under its path."""
+        if lora is None:
+            return None
+        gen, name = self.generator, str(lora)
+        if name in gen.loras:
+            return name
+        if not Path(name).is_dir():
+            raise ValueError(f"lora: {name!r} is neither a loaded adapter ({list(gen.loras)}) nor an "
+                             "adapter folder")
+        res = gen.load_lora(name, name)
+        if not res.ok:
+            raise ValueError(f"lora: {res.status.name}: {res.message}")
+        return name
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **steering_options
                ) -> Iterator[str]:
@@ -221,7 +243,7 @@ class LLM:
 #: Keywords of :meth:`LLM.generate` beyond prompts and params, with their defaults.
 _GENERATE_OPTIONS: dict[str, Any] = dict(
     steering_vector=None, steering_strength=None, steering_preset=None, steering_positions="all",
-    steering_op="add", json_schema=None, regex_pattern=None, grammar=None, choice=None)
+    steering_op="add", json_schema=None, regex_pattern=None, grammar=None, choice=None, lora=None)
 
 
 def _prompt_list(prompts: Any) -> list:

@@ -101,7 +101,8 @@ def phase_env(c: Check) -> dict[str, Any]:
 
 def phase_kernels(c: Check) -> dict[str, Any]:
     files = ["tests/test_kernels.py", "tests/test_bands.py", "tests/test_verify.py", "tests/test_window.py",
-             "tests/test_sampler.py", "tests/test_paged_attention.py", "tests/test_paging.py"]
+             "tests/test_sampler.py", "tests/test_paged_attention.py", "tests/test_paging.py",
+             "tests/test_lora_kernels.py"]
     select = ["-k", "matches_reference_over_steps and (top_p or typical)"] if c.smoke else ["-k", "not aot"]
     if c.smoke:
         files = files[:1]

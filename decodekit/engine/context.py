@@ -60,6 +60,7 @@ class TextGenerationContext:
     parent_id: str | None = None  # one of several samples of a prompt (new_contexts): the first one's id
     index: int = 0  # which sample (seeded seed + index)
     prompt_logprobs: list[LogProbabilities | None] | None = None  # params.prompt_logprobs, once prefilled
+    lora: str | None = None  # the name of its LoRA adapter (loaded in the generator)
 
     @property
     def text(self) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import threading
 import time
 import types
@@ -28,6 +29,8 @@ import torch
 
 from .. import nvtx
 from .._checks import int_at_least
+from ..lora.adapters import LoRAOperation, LoRARequest, LoRAResponse, LoRAStatus
+from ..lora.tables import LoRATables
 from ..outputs import GenerationStatus, SamplerOutput, StepStats, TextGenerationResponse, TextResponse
 from ..params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..sampling import Sampler
@@ -122,13 +125,18 @@ class TokenGenerator:
     batch_logits_processors : Sequence[Callable] | None
         Called once per step with a :class:`~decodekit.engine.processors.BatchProcessorInputs`
         (the step's logits, edited in place, and its requests) before the sampler. Per-request
-        ones: ``new_context(..., logits_processors=...)``. Steps with processors are plain
-        (no speculative window).
+        ones: ``new_context(..., logits_processors=...)``. With a drafter they also see
+        every speculative window position.
     ensemble : Ensemble | None
         Sample from this model combined with other models over its vocabulary
         (:class:`~decodekit.engine.ensemble.Ensemble`: mixture or product of the members'
         distributions); each member keeps a static KV cache in step with the slots. Not
         with ``draft`` (ensemble steps are plain); steering steers the target only.
+    max_loras, max_lora_rank : int
+        Per-request LoRA adapters (peft format): up to ``max_loras`` loaded at once
+        (:meth:`load_lora`, :meth:`lora`), each of rank <= ``max_lora_rank``, on tables
+        allocated here; a request names one with ``new_context(..., lora=name)``. 0 (default):
+        no LoRA support. Rows without an adapter are bit-identical to a generator without it.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int = 2048,
@@ -139,8 +147,10 @@ class TokenGenerator:
                  kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
                  prefix_caching: bool = True, attention: str = "auto",
                  batch_logits_processors: Sequence[Callable] | None = None,
-                 ensemble: Ensemble | None = None) -> None:
+                 ensemble: Ensemble | None = None, max_loras: int = 0, max_lora_rank: int = 64) -> None:
         int_at_least("max_batch_size", max_batch_size, 1)
+        int_at_least("max_loras", max_loras, 0)
+        int_at_least("max_lora_rank", max_lora_rank, 1)
         int_at_least("max_seq_len", max_seq_len, 2)
         if kv_cache not in ("paged", "slots"):
             raise ValueError(f"kv_cache must be 'paged' or 'slots', got {kv_cache!r}")
@@ -170,7 +180,10 @@ class TokenGenerator:
             paging = _paging(max_batch_size, max_seq_len + scratch, kv_cache_tokens, block_size,
                              prefix_caching, kernel)
         self.runner = ModelRunner(self.adapter, max_batch_size, max_seq_len, scratch=scratch,
-                                  steering=steering, paging=paging)
+                                  steering=steering, paging=paging,
+                                  lora=(max_loras, max_lora_rank) if max_loras else None)
+        self._lora_pins: dict[str, weakref.finalize] = {}  # request id -> its adapter's pin
+        self._lora_loads: dict[str, int] = {}  # adapter name -> load number (prefix-cache salt)
         self._cached: dict[int, int] = {}  # slot -> prompt tokens found in the prefix cache
         self._forks: dict[int, TextGenerationContext] = {}  # slot -> parent whose prefill it shares
         self._admissions = itertools.count()
@@ -267,10 +280,59 @@ class TokenGenerator:
         return self.slots.free
 
     # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ LoRA adapters
+    def lora(self, request: LoRARequest) -> LoRAResponse:
+        """Load or unload an adapter (MAX's ``LoRARequest`` -> ``LoRAResponse``; never raises).
+        Unloading an adapter that a live request names answers ``UNLOAD_ERROR``."""
+        tables = self._lora_tables()
+        if tables is None:
+            load = getattr(request, "operation", None) is LoRAOperation.LOAD
+            return LoRAResponse(LoRAStatus.LOAD_ERROR if load else LoRAStatus.UNSPECIFIED_ERROR,
+                                "this generator has no LoRA support (construct it with max_loras >= 1)")
+        with self._lock:
+            res = tables.handle(request)
+            if res.ok and request.operation is LoRAOperation.LOAD:
+                self._lora_loads[request.lora_name] = next(self._admissions)
+        return res
+
+    def load_lora(self, name: str, path: str | os.PathLike[str]) -> LoRAResponse:
+        """Load the peft adapter folder ``path`` as ``name`` (see :meth:`lora`)."""
+        return self.lora(LoRARequest(LoRAOperation.LOAD, name, path))
+
+    def unload_lora(self, name: str) -> LoRAResponse:
+        """Unload adapter ``name`` (see :meth:`lora`)."""
+        return self.lora(LoRARequest(LoRAOperation.UNLOAD, name))
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """Names of the loaded adapters."""
+        tables = self._lora_tables()
+        return () if tables is None else tables.names
+
+    def _lora_tables(self) -> LoRATables | None:
+        return None if self.runner.lora is None else self.runner.lora.tables
+
+    def _pin_lora(self, ctx: TextGenerationContext) -> None:
+        """``ctx`` names an adapter: it stays loaded until ``ctx`` is done, released or gone."""
+        tables = self._lora_tables()
+        if tables is None:
+            raise ValueError("lora: this generator has no LoRA support (construct it with max_loras >= 1)")
+        if ctx.lora not in tables.names:
+            raise ValueError(f"lora: no adapter named {ctx.lora!r} is loaded (loaded: {list(tables.names)})")
+        slot = tables.slot_of(ctx.lora)
+        tables.acquire(slot)
+        self._lora_pins[ctx.request_id] = weakref.finalize(ctx, tables.release, slot)
+
+    def _unpin_lora(self, ctx: TextGenerationContext) -> None:
+        pin = self._lora_pins.pop(ctx.request_id, None)
+        if pin is not None:
+            pin()
+
     def new_context(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, truncate_prompt_tokens: int | None = None,
                     steering: Steering | None = None,
-                    logits_processors: Sequence[Callable] | None = None) -> TextGenerationContext:
+                    logits_processors: Sequence[Callable] | None = None,
+                    lora: str | None = None) -> TextGenerationContext:
         """Make a request context; nothing runs until :meth:`next_token`.
 
         ``prompt`` is text, token ids, or chat messages (rendered with the tokenizer's chat
@@ -279,15 +341,16 @@ class TokenGenerator:
         request alone (positions are its absolute token positions: the prompt is
         ``0 .. len(prompt) - 1``). ``logits_processors``: callables that edit this request's
         logits before each draw (:mod:`decodekit.engine.processors`). ``truncate_prompt_tokens``
-        (k >= 1: the last k tokens; -1: as many as fit) overrides ``params``'. Several samples
-        (``params.n`` or ``best_of`` > 1) need :meth:`new_contexts`.
+        (k >= 1: the last k tokens; -1: as many as fit) overrides ``params``'. ``lora``: the
+        name of a loaded adapter (:meth:`load_lora`), pinned until the request is done. Several
+        samples (``params.n`` or ``best_of`` > 1) need :meth:`new_contexts`.
         """
         params = params if params is not None else SamplingParams()
         if isinstance(params, SamplingParams) and params.samples > 1:
             raise ValueError(f"new_context makes one context, but params ask for n={params.n}, "
                              f"best_of={params.best_of}: use new_contexts (one context per sample)")
         return self._new_context(prompt, params, request_id, truncate_prompt_tokens=truncate_prompt_tokens,
-                                 steering=steering, logits_processors=logits_processors)
+                                 steering=steering, logits_processors=logits_processors, lora=lora)
 
     def new_contexts(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None, **options: Any) -> list[TextGenerationContext]:
@@ -311,8 +374,11 @@ class TokenGenerator:
     def _new_context(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
                      *, truncate_prompt_tokens: int | None = None,
                      steering: Steering | None = None,
-                     logits_processors: Sequence[Callable] | None = None) -> TextGenerationContext:
+                     logits_processors: Sequence[Callable] | None = None,
+                     lora: str | None = None) -> TextGenerationContext:
         self._check_steering(steering)
+        if lora is not None and not isinstance(lora, str):
+            raise ValueError(f"lora must be an adapter name (str) or None, got {type(lora).__name__}")
         processors = check_processors("logits_processors", logits_processors)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -338,7 +404,9 @@ class TokenGenerator:
             rid = self._new_request_id(request_id)
             seed = params.seed if params.seed is not None else self.sampler.new_seed()
             ctx = TextGenerationContext(rid, ids, params, eos, steering=steering, seed=seed, guide=guide,
-                                        logits_processors=processors)
+                                        logits_processors=processors, lora=lora)
+            if lora is not None:
+                self._pin_lora(ctx)
             self._issued[rid] = ctx
         return ctx
 
@@ -382,7 +450,9 @@ class TokenGenerator:
                 child = TextGenerationContext(rid, list(ctx.prompt_token_ids), params, ctx.eos.fork(),
                                               steering=ctx.steering, seed=seed, speculate=ctx.speculate,
                                               guide=ctx.guide.fork() if ctx.guide is not None else None,
-                                              logits_processors=ctx.logits_processors)
+                                              logits_processors=ctx.logits_processors, lora=ctx.lora)
+                if child.lora is not None:
+                    self._pin_lora(child)
                 self._issued[rid] = child
                 children.append(child)
             if not ctx.generated_token_ids:  # before the prefill: share it
@@ -442,6 +512,8 @@ class TokenGenerator:
                 if given.slot is None:  # never admitted (or long released): cancel it, touch nothing else
                     if given.status is GenerationStatus.ACTIVE:
                         given.status = GenerationStatus.CANCELLED
+                    if self._issued.get(rid) is given:
+                        self._unpin_lora(given)
                     return
                 raise ValueError(f"context {rid!r} belongs to another generator")
             if ctx is None:
@@ -450,11 +522,13 @@ class TokenGenerator:
                     raise KeyError(f"unknown request_id {rid!r}")
                 if waiting.status is GenerationStatus.ACTIVE:
                     waiting.status = GenerationStatus.CANCELLED
+                self._unpin_lora(waiting)
                 return
             del self._contexts[rid]
             if ctx.status is GenerationStatus.ACTIVE:
                 ctx.status = GenerationStatus.CANCELLED
             self._free_slot(ctx)
+            self._unpin_lora(ctx)
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -676,6 +750,8 @@ class TokenGenerator:
                 self.sampler.remove(slot)
                 self._clear_steering(slot)
                 raise
+        if ctx.lora is not None:
+            self.runner.lora.set_row(slot, ctx.lora)
         try:
             if share is None:
                 # a prompt to score is computed whole (no logits for cached positions)
@@ -686,6 +762,7 @@ class TokenGenerator:
         except OutOfBlocks:
             self.sampler.remove(slot)
             self._clear_steering(slot)
+            self._clear_lora(slot)
             raise
         self.slots.take(slot, ctx)
         ctx.slot = slot
@@ -693,8 +770,12 @@ class TokenGenerator:
         self._age[ctx.request_id] = next(self._admissions)
 
     def _salts(self, ctx: TextGenerationContext) -> list[bytes]:
-        """Prefix-cache salts of the blocks of ``ctx``'s tokens (its steering)."""
-        return self.prefix_salts(ctx.steering, len(ctx.prompt_token_ids), len(ctx.tokens))
+        """Prefix-cache salts of the blocks of ``ctx``'s tokens (its steering and adapter)."""
+        salts = self.prefix_salts(ctx.steering, len(ctx.prompt_token_ids), len(ctx.tokens))
+        if ctx.lora is not None:  # every key chains from block 0's: salting it separates them all
+            tag = f"lora:{ctx.lora}:{self._lora_loads.get(ctx.lora, -1)}".encode()
+            salts = [(salts[0] if salts else b"") + tag] + salts[1:]
+        return salts
 
     def prefix_salts(self, steering: Steering | None, prompt_len: int, n_tokens: int) -> list[bytes]:
         """Prefix-cache salts of the full blocks of ``n_tokens`` tokens of a request with a
@@ -720,11 +801,16 @@ class TokenGenerator:
         self._forks.pop(ctx.slot, None)
         if ctx.slot in self._steered:  # whatever ctx.steering says now
             self._clear_steering(ctx.slot)
+        self._clear_lora(ctx.slot)
         if self.speculative is not None:
             self.speculative.release(ctx.slot)
         self.slots.give_back(ctx.slot)
         self._age.pop(ctx.request_id, None)
         ctx.slot = None
+
+    def _clear_lora(self, slot: int) -> None:
+        if self.runner.lora is not None:
+            self.runner.lora.clear_row(slot)
 
     def _clear_steering(self, slot: int) -> None:
         self._steered.discard(slot)
@@ -894,6 +980,7 @@ class TokenGenerator:
             ctx.status = GenerationStatus.MAXIMUM_LENGTH
         if ctx.status.is_done:
             self._free_slot(ctx)
+            self._unpin_lora(ctx)
         return TextGenerationResponse(responses, ctx.status, commit.text)
 
 

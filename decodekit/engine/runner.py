@@ -1,7 +1,8 @@
 """The model runner: batch inputs, the forward over the KV cache, uploads, CUDA graphs.
 
 A :class:`ModelRunner` owns one model's KV cache (paged, with its block tables in
-:attr:`ModelRunner.kv`, or static slots), its steering hooks and a device
+:attr:`ModelRunner.kv`, or static slots), its steering hooks, its LoRA hooks (when built with
+``lora``) and a device
 buffer of each slot's newest sampled token (the next decode input, so decode steps never
 copy tokens from the host). It knows slots and positions, not requests: the caller passes
 each slot's cache length (``lengths[slot]``, 0 for a free slot).
@@ -14,7 +15,7 @@ one upload (:mod:`.staging`); decode steps and verification windows replay CUDA 
 when captured (:meth:`ModelRunner.enable_graphs`).
 
 May call: :mod:`.model_adapter`, :mod:`.kv_cache`, :mod:`.paging`, :mod:`.attention`,
-:mod:`.graphs`, :mod:`.staging`, the steering hooks.
+:mod:`.graphs`, :mod:`.staging`, the steering hooks, :mod:`decodekit.lora` (tables, hooks).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..lora.hooks import LoRAHooks
+from ..lora.tables import LoRATables
 from ..nvtx import nvtx_range
 from ..steering.hooks import SteeringHooks, maybe_bound
 from .attention import kernel_attention
@@ -94,7 +97,8 @@ class ModelRunner:
     """
 
     def __init__(self, adapter: ModelAdapter, max_slots: int, max_seq_len: int, *, scratch: int = 0,
-                 steering: bool = True, paging: Paging | None = None) -> None:
+                 steering: bool = True, paging: Paging | None = None,
+                 lora: tuple[int, int] | None = None) -> None:
         self.adapter, self.model = adapter, adapter.model
         self.device, self.dtype = adapter.device, adapter.dtype
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
@@ -115,6 +119,10 @@ class ModelRunner:
                 self.hooks = None
             else:  # the hooks live as long as the runner
                 weakref.finalize(self, self.hooks.remove)
+        self.lora: LoRAHooks | None = None  # (max_loras, max_lora_rank): adapters per slot
+        if lora is not None:
+            self.lora = LoRAHooks(self.model, LoRATables(self.model, *lora), max_slots)
+            weakref.finalize(self, self.lora.remove)
         self.graphs: DecodeGraphs | None = None
         self.steered_graphs: DecodeGraphs | None = None  # captured with steering on every layer
         self.window_graphs: dict[int, DecodeGraphs] = {}  # width -> verification windows
@@ -128,8 +136,22 @@ class ModelRunner:
     # ------------------------------------------------------------------ basics
     @property
     def steered(self) -> bool:
-        """Whether any slot is steered now (decode then replays :attr:`steered_graphs`)."""
-        return self.hooks is not None and self.hooks.active
+        """Whether any slot is steered or has a LoRA adapter now (decode then replays
+        :attr:`steered_graphs`, captured with both kinds of hooks on every layer)."""
+        return (self.hooks is not None and self.hooks.active) or (self.lora is not None and self.lora.active)
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the runner has hooks to capture a second graph set for."""
+        return self.hooks is not None or self.lora is not None
+
+    @contextlib.contextmanager
+    def every_hook(self):
+        """Steering on every layer and LoRA on every target layer, whatever the rows use: what
+        a captured forward must hold to serve any steering or adapter later."""
+        with self.hooks.every_layer() if self.hooks is not None else contextlib.nullcontext(), \
+                self.lora.every_module() if self.lora is not None else contextlib.nullcontext():
+            yield
 
     def upload(self, values: Sequence[int]) -> torch.Tensor:
         """int64 host list -> device tensor (pinned, non-blocking on CUDA)."""
@@ -218,7 +240,8 @@ class ModelRunner:
         its first ``length [B]`` positions (of ``kv_len``)."""
         self.cache.bind(first_slot, q_pos, kv_len, length)
         kernel = self.kv is not None and self.cache.kernel_attention
-        with maybe_bound(self.hooks, first_slot, q_pos), \
+        lora = self.lora.maybe_bound(first_slot, q_pos) if self.lora is not None else contextlib.nullcontext()
+        with maybe_bound(self.hooks, first_slot, q_pos), lora, \
                 kernel_attention(self.adapter, self.cache) if kernel else contextlib.nullcontext():
             return self.adapter.forward(input_ids, q_pos, length, self.cache, kv_len, keep)
 
@@ -373,10 +396,10 @@ class ModelRunner:
             return self.forward(self.window_ids[:b, :q], pos, length, 0, self.cache.max_seq_len, keep=q)
 
         def steered(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-            with self.hooks.every_layer():  # the tables are read inside the graph
+            with self.every_hook():  # the tables are read inside the graph
                 return forward(pos, length)
 
-        kinds = [(False, forward)] + ([(True, steered)] if self.hooks is not None else [])
+        kinds = [(False, forward)] + ([(True, steered)] if self.hooked else [])
         pool = None
         with torch.inference_mode():
             for is_steered, fn in kinds:

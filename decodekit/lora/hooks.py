@@ -1,7 +1,9 @@
 """LoRA injection: forward hooks on the target linear layers, per-request adapters in a device table.
 
 :class:`LoRAHooks` mirrors :class:`~decodekit.steering.SteeringHooks`: hooks go on every target
-linear layer once; a request row is given an adapter slot with :meth:`~LoRAHooks.set_row`, and
+linear layer while some request row has an adapter (and while a graph is captured inside
+:meth:`~LoRAHooks.every_module`), and come off when none has: an idle LoRA-capable model runs
+its layers without any hook. A request row is given an adapter slot with :meth:`~LoRAHooks.set_row`, and
 before each forward the batch is bound to a contiguous range of rows (:meth:`~LoRAHooks.bind`).
 Each hooked layer then adds ``scale[l] * (x A[l]^T) B[l]^T`` to the output tokens of rows whose
 adapter ``l`` targets it. Rows without an adapter get nothing added (bit-identical to the unhooked
@@ -89,9 +91,22 @@ class LoRAHooks:
         self._bound: frozenset[int] = frozenset()  # slots of the bound rows, 0 excluded
         self._every = False
         self._cuda = torch.cuda.is_available()
-        modules = [model.get_submodule(name) for name in tables.target_names]
-        self._handles = [m.register_forward_hook(functools.partial(self._hook, i), prepend=True)
-                         for i, m in enumerate(modules)]
+        self._modules = [model.get_submodule(name) for name in tables.target_names]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._removed = False
+
+    def _sync_handles(self) -> None:
+        """The hooks are on the layers only while some row has an adapter (or inside
+        :meth:`every_module`): an idle LoRA-capable model runs its layers with no hook at all
+        (a forward hook on a module already costs its call a slower path)."""
+        wanted = (self._n_active > 0 or self._every) and not self._removed
+        if wanted and not self._handles:
+            self._handles = [m.register_forward_hook(functools.partial(self._hook, i), prepend=True)
+                             for i, m in enumerate(self._modules)]
+        elif not wanted and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     # -- per-request state (host side, not per step) -----------------------------------------
     def _check_row(self, row: Any) -> int:
@@ -121,6 +136,7 @@ class LoRAHooks:
         self._host[row] = slot
         self._slots[row] = slot
         self._n_active += (slot != 0) - (old != 0)
+        self._sync_handles()
 
     def clear_row(self, row: int) -> None:
         """Request row ``row`` uses no adapter (releases its slot)."""
@@ -208,10 +224,12 @@ class LoRAHooks:
         inside are what a CUDA graph must hold to serve any adapter later. Rows of slot 0 still
         come out bit-identical (the kernels never touch them)."""
         old, self._every = self._every, True
+        self._sync_handles()
         try:
             yield
         finally:
             self._every = old
+            self._sync_handles()
 
     def _hook(self, module_index: int, module: torch.nn.Module, args: Any, output: Any) -> Any:
         if self._shape is None:
@@ -245,7 +263,8 @@ class LoRAHooks:
             y3 = y.view(b, q, y.shape[-1])
             lora_add_(y3, x3 if x3.stride(2) == 1 else x3.contiguous(), A, B, scale, *self._grouped)
             return None
-        out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok)
+        Bt = None if t.Bt is None else t.Bt[module_index]
+        out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok, Bt)
         return out.view(y.shape)
 
     def remove(self) -> None:
@@ -254,7 +273,6 @@ class LoRAHooks:
         for row, slot in enumerate(self._host):
             if slot:
                 self.clear_row(row)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._removed = True
+        self._sync_handles()
         self.unbind()

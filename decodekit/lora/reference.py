@@ -15,8 +15,12 @@ import torch
 __all__ = ["lora_add", "lora_delta"]
 
 
+#: With more adapters than this in a batch, :func:`lora_delta` runs dense products over every slot.
+DENSE_FROM = 4
+
+
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-               idx: torch.Tensor) -> torch.Tensor:
+               idx: torch.Tensor, Bt: torch.Tensor | None = None) -> torch.Tensor:
     """The LoRA term of every token, fp32 ``[T, out]``.
 
     Parameters
@@ -31,18 +35,29 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
         ``[L + 1]`` per-slot scales (``lora_alpha / r`` or ``lora_alpha / sqrt(r)``).
     idx : Tensor
         ``[T]`` integer slot of each token.
+    Bt : Tensor, optional
+        ``[(L + 1) r, out]``: ``B`` laid out slot by slot as ``B[l].T`` (kept by
+        :class:`~decodekit.lora.LoRATables` off CUDA).
 
     Reads the distinct slots on the host (one sync on CUDA): a reference, not a serving path.
+    A few adapters: a product per adapter over its tokens. More than :data:`DENSE_FROM` with
+    ``Bt``: two dense products over every slot (``x [T, in] @ A [in, (L + 1) r]``, each token's
+    own block kept and scaled, the rest zeroed, then ``@ Bt``), views of the tables with no
+    copy; the zeroed blocks add exact zeros.
     """
     T, K = x.shape
     if A.dim() != 3 or B.dim() != 3 or A.shape[2] != K or B.shape[2] != A.shape[1] \
             or B.shape[0] != A.shape[0] or scale.shape != (A.shape[0],) or idx.shape != (T,):
         raise ValueError(f"lora_delta: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
                          f"scale {tuple(scale.shape)}, idx {tuple(idx.shape)} do not fit")
+    used = [s for s in idx.unique().tolist() if s != 0]
+    L1, r = A.shape[0], A.shape[1]
+    if Bt is not None and len(used) > DENSE_FROM and x.dtype == A.dtype == Bt.dtype == torch.float32:
+        h = (x @ A.view(L1 * r, K).T).view(T, L1, r)  # every slot's shrink, [T, L + 1, r]
+        own = (idx[:, None] == torch.arange(L1, device=idx.device)[None, :]) * scale[None, :].float()
+        return (h * own[:, :, None]).view(T, L1 * r) @ Bt  # [T, out]
     out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
-    for slot in idx.unique().tolist():
-        if slot == 0:
-            continue
+    for slot in used:
         rows = (idx == slot).nonzero().squeeze(1)
         h = x[rows].float() @ A[slot].float().T  # [n, r]
         out[rows] = (h @ B[slot].float().T) * scale[slot].float()
@@ -50,8 +65,8 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-             idx: torch.Tensor) -> torch.Tensor:
+             idx: torch.Tensor, Bt: torch.Tensor | None = None) -> torch.Tensor:
     """``y [T, out]`` plus the LoRA term of each token (:func:`lora_delta`), rounded once to
     ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor."""
-    delta = lora_delta(x, A, B, scale, idx)
+    delta = lora_delta(x, A, B, scale, idx, Bt)
     return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)

@@ -103,6 +103,11 @@ class LoRATables:
         self.B = [torch.zeros(L1, m.out_features, R, dtype=m.weight.dtype, device=self.device)
                   for m in linears.values()]
         self.scale = torch.zeros(len(linears), L1, dtype=torch.float32, device=self.device)
+        # off CUDA (the torch path): B's twin laid out [L1 * R, out], so a batch of many
+        # adapters expands in one product without a transposing copy (see reference.lora_delta)
+        self.Bt = None if self.device.type == "cuda" else [
+            torch.zeros(L1 * R, m.out_features, dtype=m.weight.dtype, device=self.device)
+            for m in linears.values()]
         self._index = {n: i for i, n in enumerate(self.target_names)}
         self._slot_of: dict[str, int] = {}
         self._name_at: list[str | None] = [None] * L1
@@ -203,17 +208,26 @@ class LoRATables:
         self._name_at[slot] = name
         return slot
 
+    def _bt(self, module: int, slot: int) -> torch.Tensor:
+        """``slot``'s block ``[R, out]`` of :attr:`Bt` at target ``module``."""
+        R = self.max_lora_rank
+        return self.Bt[module][slot * R:(slot + 1) * R]
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         scale = torch.zeros(len(self.target_names), dtype=torch.float32)
         for m, name in enumerate(self.target_names):
             self.A[m][slot].zero_()
             self.B[m][slot].zero_()
+            if self.Bt is not None:
+                self._bt(m, slot).zero_()
             w = adapter.modules.get(name)
             if w is None:
                 self._slots_at[m].discard(slot)
                 continue
             self.A[m][slot, : w.rank].copy_(w.A)
             self.B[m][slot, :, : w.rank].copy_(w.B)
+            if self.Bt is not None:
+                self._bt(m, slot)[: w.rank].copy_(w.B.T)
             scale[m] = w.scale
             self._slots_at[m].add(slot)
         self.scale[:, slot].copy_(scale)
@@ -223,6 +237,8 @@ class LoRATables:
             for m in range(len(self.target_names)):
                 self.A[m][slot].zero_()
                 self.B[m][slot].zero_()
+                if self.Bt is not None:
+                    self._bt(m, slot).zero_()
                 self._slots_at[m].discard(slot)
             self.scale[:, slot].zero_()
 

@@ -146,7 +146,7 @@ class LayerSkipDrafter(ModelDrafter):
                 return r.forward(self.tokens[: pos.shape[0], None], pos, length, 0, size)
 
         def steered(pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-            with r.hooks.every_layer():
+            with r.every_hook():
                 return forward(pos, length)
 
         pool = None if r.graphs is None else r.graphs.pool
@@ -154,7 +154,7 @@ class LayerSkipDrafter(ModelDrafter):
             self.graphs = DecodeGraphs(forward, r.max_slots, r.device, capture, pool=pool,
                                        name="layer-skip draft")
             self.graphs.capture_all()
-            if r.hooks is not None:
+            if r.hooked:
                 self.steered_graphs = DecodeGraphs(steered, r.max_slots, r.device, capture,
                                                    pool=self.graphs.pool, name="steered layer-skip draft")
                 self.steered_graphs.capture_all()
