@@ -28,6 +28,7 @@ INF = math.inf
 
 __all__ = [
     "banned_mask",
+    "counting_capture",
     "oracle_masked_logits",
     "oracle_penalized_logits",
     "oracle_probs",
@@ -209,3 +210,18 @@ def bitmask_words(allowed: torch.Tensor) -> torch.Tensor:
     padded[:, :V] = allowed.long()
     words = (padded.view(B, W, 32) << torch.arange(32)).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def counting_capture(replays: dict):
+    """A graph capture that runs the captured forward eagerly (``eager_capture``) and counts
+    each replay in ``replays["n"]``: what a CPU test uses to see which graph set a step took."""
+    from decodekit.engine.graphs import eager_capture
+
+    def capture(fn, device):
+        replay, out = eager_capture(fn, device)
+
+        def run():
+            replays["n"] += 1
+            replay()
+        return run, out
+    return capture

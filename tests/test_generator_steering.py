@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import counting_capture
 from _models import tiny_model, word_tokenizer
 from test_speculative import make_draft
 
@@ -174,17 +175,8 @@ def test_steered_batches_replay_decode_graphs():
     before any request existed, instead of running eagerly, and give the tokens and
     logprobs of the eager generator; unsteered batches keep the plain set. Control: the
     steering changes the tokens, so a graph without it would fail."""
-    from decodekit.engine.graphs import eager_capture
-
     replays = {"n": 0}
-
-    def counting(fn, device):
-        replay, out = eager_capture(fn, device)
-
-        def run():
-            replays["n"] += 1
-            replay()
-        return run, out
+    counting = counting_capture(replays)
 
     model = tiny_model("llama")
     steerings = [Steering(vec(1), 1.0), None, Steering(vec(2, (1,)), 2.0, op="clamp"),

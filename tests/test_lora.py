@@ -14,10 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 from _models import tiny_model
+from _peft import save_adapter
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
@@ -36,17 +36,7 @@ LOAD, UNLOAD = LoRAOperation.LOAD, LoRAOperation.UNLOAD
 ATOL = 1e-3  # fp32 logits: ours (batch of 4) against peft (batch of 1)
 
 
-def _save_adapter(base: torch.nn.Module, path: Path, seed: int, **config) -> torch.nn.Module:
-    """A peft adapter on a copy of ``base`` with random lora_B, saved to ``path``; returns the
-    PeftModel (the oracle)."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # peft's init is zero: make the adapter matter
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(str(path))
-    return model.eval()
+_save_adapter = save_adapter
 
 
 CONFIG_A = dict(r=8, target_modules=["q_proj", "v_proj"])

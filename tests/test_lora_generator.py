@@ -10,12 +10,12 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import peft
 import pytest
 import torch
+from _helpers import counting_capture
 from _models import tiny_model, word_tokenizer
+from _peft import save_adapter
 
 from decodekit import LLM, NGramDraft, SamplingParams, Steering, TokenGenerator, steer
 from decodekit.lora import LoRAOperation, LoRARequest, LoRAStatus
@@ -26,19 +26,6 @@ PROMPTS = [[5, 9, 11, 5, 9, 17, 3, 40, 41, 42, 17, 3, 8, 8, 9, 100, 200, 31],
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=N, ignore_eos=True, logprobs=0)
 
 
-def _save_adapter(base: torch.nn.Module, path: Path, seed: int, **config) -> torch.nn.Module:
-    """A peft adapter on a copy of ``base`` with random lora_B (peft starts it at zero), saved
-    to ``path``; returns the PeftModel (the oracle)."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(str(path))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def base():
     return copy.deepcopy(tiny_model("llama"))
@@ -47,9 +34,10 @@ def base():
 @pytest.fixture(scope="module")
 def adapters(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_gen")
-    return {"a": (root / "a", _save_adapter(base, root / "a", 1, r=8, target_modules=["q_proj", "v_proj"])),
-            "b": (root / "b", _save_adapter(base, root / "b", 2, r=4, lora_alpha=16, use_rslora=True,
-                                            target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]))}
+    a = save_adapter(base, root / "a", 1, std=0.08, r=8, target_modules=["q_proj", "v_proj"])
+    b = save_adapter(base, root / "b", 2, std=0.08, r=4, lora_alpha=16, use_rslora=True,
+                     target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
+    return {"a": (root / "a", a), "b": (root / "b", b)}
 
 
 def _peft_greedy(oracle, prompt: list[int], n: int = N) -> list[int]:
@@ -191,18 +179,8 @@ def test_adapted_batches_replay_the_hooked_graphs(base, adapters):
     """Decode graphs (simulated on CPU: captured forwards replayed on the same static buffers)
     captured before any adapter was loaded serve adapters loaded later: adapted batches replay
     the hooked set (LoRA on every target layer) and give peft's tokens."""
-    from decodekit.engine.graphs import eager_capture
-
     replays = {"n": 0}
-
-    def counting(fn, device):
-        replay, out = eager_capture(fn, device)
-
-        def run():
-            replays["n"] += 1
-            replay()
-        return run, out
-
+    counting = counting_capture(replays)
     gen = TokenGenerator(base, None, max_batch_size=4, max_seq_len=96, seed=0, cuda_graphs=False,
                          max_loras=2, max_lora_rank=8)
     gen.runner.enable_graphs(capture=counting)
