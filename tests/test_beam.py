@@ -426,3 +426,24 @@ def test_llm_beam_search_takes_one_or_several_prompts():
     (one,) = llm.beam_search(p[0], params)
     check_same(one, hf_beams(model, p[0], 2, MAX_TOKENS, length_penalty=0.0), 0.0, "LLM")
     assert [s.token_ids for s in one.sequences] == [s.token_ids for s in outs[0].sequences]
+
+
+def test_a_cache_too_small_for_the_beams_is_a_clear_error_and_frees_everything():
+    """Beams next to a running request on a small paged cache: ``OutOfBlocks`` saying what to
+    change, every slot back, and the running request goes on as if nothing had happened."""
+    from _models import hf_greedy
+
+    from decodekit import SamplingParams
+    from decodekit.engine.blocks import OutOfBlocks
+
+    model = tiny_model("llama")
+    gen = make_gen(model, max_batch_size=4, kv_cache_tokens=96, block_size=16)
+    prompt = prompts_for(3, 1)[0]
+    ctx = gen.new_context(prompt, SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True))
+    gen.next_token({ctx.request_id: ctx}, num_steps=20)
+    with pytest.raises(OutOfBlocks, match="beam search ran out of KV blocks.*kv_cache_tokens"):
+        gen.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=30))
+    assert gen.free_slots == [1, 2, 3]
+    while not ctx.is_done:
+        gen.next_token({ctx.request_id: ctx}, num_steps=8)
+    assert ctx.generated_token_ids == hf_greedy(model, prompt, 40)

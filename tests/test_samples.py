@@ -143,8 +143,10 @@ def test_truncate_prompt_tokens_equals_tokenizer_left_truncation():
     ctx = gen.new_context(text, SamplingParams(max_new_tokens=8, truncate_prompt_tokens=5),
                           truncate_prompt_tokens=3)
     assert len(ctx.prompt_token_ids) == 3  # the keyword overrides the params
-    with pytest.raises(ValueError, match="prompt has"):
+    with pytest.raises(ValueError, match="prompt has.*set truncate_prompt_tokens"):
         gen.new_context(text, SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=-1: no prompt token fits"):
+        gen.new_context(text, SamplingParams(max_new_tokens=40, truncate_prompt_tokens=-1))
 
 
 def test_bad_values_name_the_field():

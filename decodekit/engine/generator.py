@@ -282,8 +282,9 @@ class TokenGenerator:
     # ------------------------------------------------------------------ requests
     # ------------------------------------------------------------------ LoRA adapters
     def lora(self, request: LoRARequest) -> LoRAResponse:
-        """Load or unload an adapter (MAX's ``LoRARequest`` -> ``LoRAResponse``; never raises).
-        Unloading an adapter that a live request names answers ``UNLOAD_ERROR``."""
+        """Load or unload an adapter (MAX's ``LoRARequest`` -> ``LoRAResponse``; never raises:
+        a malformed request is the ``ValueError`` of building the ``LoRARequest``). Unloading
+        an adapter that a live request names answers ``UNLOAD_ERROR``."""
         tables = self._lora_tables()
         if tables is None:
             load = getattr(request, "operation", None) is LoRAOperation.LOAD
@@ -293,6 +294,11 @@ class TokenGenerator:
             res = tables.handle(request)
             if res.ok and request.operation is LoRAOperation.LOAD:
                 self._lora_loads[request.lora_name] = next(self._admissions)
+            if res.status is LoRAStatus.UNLOAD_ERROR and request.lora_name in tables.names:
+                users = sum(1 for rid in self._lora_pins
+                            if getattr(self._issued.get(rid), "lora", None) == request.lora_name)
+                res = LoRAResponse(res.status, f"LoRA adapter {request.lora_name!r} is in use by {users} "
+                                               "live request(s): release them (or let them finish) first")
         return res
 
     def load_lora(self, name: str, path: str | os.PathLike[str]) -> LoRAResponse:
@@ -312,13 +318,22 @@ class TokenGenerator:
     def _lora_tables(self) -> LoRATables | None:
         return None if self.runner.lora is None else self.runner.lora.tables
 
-    def _pin_lora(self, ctx: TextGenerationContext) -> None:
-        """``ctx`` names an adapter: it stays loaded until ``ctx`` is done, released or gone."""
+    def _check_lora(self, lora: Any) -> None:
+        """``ValueError`` unless ``lora`` is None or the name of a loaded adapter."""
+        if lora is None:
+            return
+        if not isinstance(lora, str):
+            raise ValueError(f"lora must be an adapter name (str) or None, got {type(lora).__name__}")
         tables = self._lora_tables()
         if tables is None:
             raise ValueError("lora: this generator has no LoRA support (construct it with max_loras >= 1)")
-        if ctx.lora not in tables.names:
-            raise ValueError(f"lora: no adapter named {ctx.lora!r} is loaded (loaded: {list(tables.names)})")
+        if lora not in tables.names:
+            raise ValueError(f"lora: no adapter named {lora!r} is loaded (loaded: {list(tables.names)})")
+
+    def _pin_lora(self, ctx: TextGenerationContext) -> None:
+        """``ctx`` names an adapter: it stays loaded until ``ctx`` is done, released or gone."""
+        self._check_lora(ctx.lora)
+        tables = self._lora_tables()
         slot = tables.slot_of(ctx.lora)
         tables.acquire(slot)
         self._lora_pins[ctx.request_id] = weakref.finalize(ctx, tables.release, slot)
@@ -377,8 +392,7 @@ class TokenGenerator:
                      logits_processors: Sequence[Callable] | None = None,
                      lora: str | None = None) -> TextGenerationContext:
         self._check_steering(steering)
-        if lora is not None and not isinstance(lora, str):
-            raise ValueError(f"lora must be an adapter name (str) or None, got {type(lora).__name__}")
+        self._check_lora(lora)
         processors = check_processors("logits_processors", logits_processors)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -390,12 +404,17 @@ class TokenGenerator:
         room = self.max_seq_len - max_new
         keep = truncate_prompt_tokens if truncate_prompt_tokens is not None else params.truncate_prompt_tokens
         if keep is not None:
-            keep = max(room, 1) if keep == -1 else int_at_least("truncate_prompt_tokens", keep, 1)
+            if keep == -1 and room < 1:
+                raise ValueError(f"truncate_prompt_tokens=-1: no prompt token fits (max_seq_len "
+                                 f"{self.max_seq_len} - max_new_tokens {max_new} = {room}); lower "
+                                 "max_new_tokens")
+            keep = room if keep == -1 else int_at_least("truncate_prompt_tokens", keep, 1)
             ids = ids[-keep:]
         if len(ids) > room:
+            hint = "lower truncate_prompt_tokens" if keep is not None else "set truncate_prompt_tokens"
             raise ValueError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit (max_seq_len "
                              f"{self.max_seq_len} - max_new_tokens {max_new}); shorten it, lower "
-                             "max_new_tokens, or set truncate_prompt_tokens")
+                             f"max_new_tokens, or {hint}")
         self.sampler.check(params, ids)  # masks that could leave nothing to sample, etc.
         guide = self.guidance.guide(params.guided_decoding)  # compiled here: a bad spec fails now
         eos = EOSTracker(params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
@@ -478,7 +497,8 @@ class TokenGenerator:
         takes) with transformers' ``generate(num_beams=...)`` rules (:mod:`.beam`), each on
         ``params.beam_width`` free slots (``ValueError`` when fewer are free), without
         speculation; ``steering`` steers every beam. Every slot is free again when it returns
-        or raises."""
+        or raises. ``OutOfBlocks`` (a ``RuntimeError``) when the paged cache cannot hold the
+        beams next to the running requests."""
         self._check_steering(steering)
         if isinstance(prompts, (str, bytes, Mapping, torch.Tensor)) or not isinstance(prompts, Sequence) \
                 or any(isinstance(p, (int, Mapping)) for p in prompts):
@@ -487,7 +507,11 @@ class TokenGenerator:
             raise ValueError("beam_search runs neither an ensemble nor batch_logits_processors")
         ids = [self.adapter.encode(p) for p in prompts]
         with self._lock:
-            return BeamSearch(self, params, steering).run(ids)
+            try:
+                return BeamSearch(self, params, steering).run(ids)
+            except OutOfBlocks as e:  # (every slot and block was given back)
+                raise OutOfBlocks(f"beam search ran out of KV blocks ({e}): raise kv_cache_tokens, lower "
+                                  "beam_width or max_tokens, or release running requests") from e
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id`` (or a fresh one) if no live context of this generator has it."""

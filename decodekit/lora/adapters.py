@@ -79,7 +79,7 @@ class LoRAType(Enum):
 class LoRARequest:
     """Load adapter ``lora_path`` under ``lora_name``, or unload ``lora_name``.
 
-    ``operation`` may be given as its value (``"load"`` / ``"unload"``).
+    ``operation`` may be given as its value (``"load"`` / ``"unload"``, any case).
     """
 
     operation: LoRAOperation
@@ -88,7 +88,7 @@ class LoRARequest:
 
     def __post_init__(self) -> None:
         try:
-            op = LoRAOperation(self.operation)
+            op = LoRAOperation(self.operation.lower() if isinstance(self.operation, str) else self.operation)
         except ValueError:
             raise ValueError(f"operation must be a LoRAOperation or one of "
                              f"{[o.value for o in LoRAOperation]}, got {self.operation!r}") from None
