@@ -88,6 +88,7 @@ class LoRAHooks:
         self._seg: torch.Tensor | None = None  # [B] slot of each bound row (a view of _slots)
         self._grouped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # order, counts, ends
         self._tok: torch.Tensor | None = None  # [B * q] slot of each token (torch path)
+        self._groups_host: list[tuple[int, torch.Tensor]] | None = None  # (slot, its token rows), torch path
         self._bound: frozenset[int] = frozenset()  # slots of the bound rows, 0 excluded
         self._every = False
         self._cuda = torch.cuda.is_available()
@@ -176,13 +177,18 @@ class LoRAHooks:
         self._first = first_row
         self._seg = self._slots[first_row:first_row + b]
         self._bound = frozenset(self._host[first_row:first_row + b]) - {0}
-        self._grouped = self._tok = None
+        self._grouped = self._tok = self._groups_host = None
         if not (self._bound or self._every):
             return
         if self.kernels:
             self._grouped = self._groups.fill(self._seg)
         else:
             self._tok = self._seg.repeat_interleave(q)
+            rows: dict[int, list[int]] = {}  # the host knows every row's slot: group once per forward
+            for b_, slot in enumerate(self._host[first_row:first_row + b]):
+                if slot:
+                    rows.setdefault(slot, []).extend(range(b_ * q, (b_ + 1) * q))
+            self._groups_host = [(slot, torch.tensor(r, device=self.device)) for slot, r in rows.items()]
 
     @property
     def bound_rows(self) -> tuple[int, int] | None:
@@ -191,7 +197,7 @@ class LoRAHooks:
 
     def unbind(self) -> None:
         """Make the hooks inert until the next :meth:`bind`."""
-        self._shape = self._seg = self._grouped = self._tok = None
+        self._shape = self._seg = self._grouped = self._tok = self._groups_host = None
         self._bound = frozenset()
 
     @contextlib.contextmanager
@@ -264,7 +270,8 @@ class LoRAHooks:
             lora_add_(y3, x3 if x3.stride(2) == 1 else x3.contiguous(), A, B, scale, *self._grouped)
             return None
         Bt = None if t.Bt is None else t.Bt[module_index]
-        out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok, Bt)
+        out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok, Bt,
+                       self._groups_host)
         return out.view(y.shape)
 
     def remove(self) -> None:

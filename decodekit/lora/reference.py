@@ -10,6 +10,8 @@ May call: nothing in decodekit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["lora_add", "lora_delta"]
@@ -20,7 +22,8 @@ DENSE_FROM = 4
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-               idx: torch.Tensor, Bt: torch.Tensor | None = None) -> torch.Tensor:
+               idx: torch.Tensor, Bt: torch.Tensor | None = None,
+               groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """The LoRA term of every token, fp32 ``[T, out]``.
 
     Parameters
@@ -38,6 +41,9 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
     Bt : Tensor, optional
         ``[(L + 1) r, out]``: ``B`` laid out slot by slot as ``B[l].T`` (kept by
         :class:`~decodekit.lora.LoRATables` off CUDA).
+    groups : sequence of (int, Tensor), optional
+        ``(slot, token rows)`` of every adapter in ``idx`` (slot 0 left out), when the caller
+        knows them (the hooks do, once per forward): no look at ``idx`` on the host.
 
     Reads the distinct slots on the host (one sync on CUDA): a reference, not a serving path.
     A few adapters: a product per adapter over its tokens. More than :data:`DENSE_FROM` with
@@ -50,23 +56,27 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
             or B.shape[0] != A.shape[0] or scale.shape != (A.shape[0],) or idx.shape != (T,):
         raise ValueError(f"lora_delta: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
                          f"scale {tuple(scale.shape)}, idx {tuple(idx.shape)} do not fit")
-    used = [s for s in idx.unique().tolist() if s != 0]
+    if groups is None:
+        groups = [(s, (idx == s).nonzero().squeeze(1)) for s in idx.unique().tolist() if s != 0]
+    used = [s for s, _ in groups]
     L1, r = A.shape[0], A.shape[1]
     if Bt is not None and len(used) > DENSE_FROM and x.dtype == A.dtype == Bt.dtype == torch.float32:
         h = (x @ A.view(L1 * r, K).T).view(T, L1, r)  # every slot's shrink, [T, L + 1, r]
         own = (idx[:, None] == torch.arange(L1, device=idx.device)[None, :]) * scale[None, :].float()
         return (h * own[:, :, None]).view(T, L1 * r) @ Bt  # [T, out]
     out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
-    for slot in used:
-        rows = (idx == slot).nonzero().squeeze(1)
+    for slot, rows in groups:
         h = x[rows].float() @ A[slot].float().T  # [n, r]
         out[rows] = (h @ B[slot].float().T) * scale[slot].float()
     return out
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-             idx: torch.Tensor, Bt: torch.Tensor | None = None) -> torch.Tensor:
+             idx: torch.Tensor, Bt: torch.Tensor | None = None,
+             groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """``y [T, out]`` plus the LoRA term of each token (:func:`lora_delta`), rounded once to
     ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor."""
-    delta = lora_delta(x, A, B, scale, idx, Bt)
+    delta = lora_delta(x, A, B, scale, idx, Bt, groups)
+    if groups is not None and len(groups) == 1 and len(groups[0][1]) == len(idx):
+        return (y.float() + delta).to(y.dtype)  # every token has the one adapter
     return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)
