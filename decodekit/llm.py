@@ -139,7 +139,11 @@ class LLM:
         name, or a peft adapter folder (loaded under its path on first use; the LLM needs
         ``max_loras >= 1``).
         """
-        requests = self._requests(prompts, params, locals())
+        options = dict(steering_vector=steering_vector, steering_strength=steering_strength,
+                       steering_preset=steering_preset, steering_positions=steering_positions,
+                       steering_op=steering_op, json_schema=json_schema, regex_pattern=regex_pattern,
+                       grammar=grammar, choice=choice, lora=lora)
+        requests = self._requests(prompts, params, options)
         for _ in continuous_batching(self.generator, [c for group, _ in requests for c in group]):
             pass
         return [_output(group, p) for group, p in requests]
@@ -166,7 +170,7 @@ class LLM:
         output has ``finished=True``. With ``best_of > n`` a request yields only its final
         output (the best samples are known at the end). ``options``: :meth:`generate`'s
         keywords. Stopping the iteration early releases the running requests."""
-        requests = self._requests(prompts, params, {"self": self, **options})
+        requests = self._requests(prompts, params, options)
         owner = {c.request_id: (group, p) for group, p in requests for c in group}
         seen: dict[str, tuple[int, int]] = {}
         contexts = [c for group, _ in requests for c in group]
@@ -186,7 +190,7 @@ class LLM:
                   ) -> list[tuple[list[TextGenerationContext], SamplingParams]]:
         """Contexts for each prompt (its samples) with its params, from :meth:`generate`'s
         arguments (``options``: its keywords by name)."""
-        unknown = set(options) - set(_GENERATE_OPTIONS) - {"self", "prompts", "params"}
+        unknown = set(options) - set(_GENERATE_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
         opt = {k: options.get(k, d) for k, d in _GENERATE_OPTIONS.items()}

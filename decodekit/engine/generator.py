@@ -184,6 +184,7 @@ class TokenGenerator:
                                   lora=(max_loras, max_lora_rank) if max_loras else None)
         self._lora_pins: dict[str, weakref.finalize] = {}  # request id -> its adapter's pin
         self._lora_loads: dict[str, int] = {}  # adapter name -> load number (prefix-cache salt)
+        self._lora_load_count = itertools.count()
         self._cached: dict[int, int] = {}  # slot -> prompt tokens found in the prefix cache
         self._forks: dict[int, TextGenerationContext] = {}  # slot -> parent whose prefill it shares
         self._admissions = itertools.count()
@@ -293,7 +294,7 @@ class TokenGenerator:
         with self._lock:
             res = tables.handle(request)
             if res.ok and request.operation is LoRAOperation.LOAD:
-                self._lora_loads[request.lora_name] = next(self._admissions)
+                self._lora_loads[request.lora_name] = next(self._lora_load_count)
             if res.status is LoRAStatus.UNLOAD_ERROR and request.lora_name in tables.names:
                 users = sum(1 for rid in self._lora_pins
                             if getattr(self._issued.get(rid), "lora", None) == request.lora_name)

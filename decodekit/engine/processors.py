@@ -119,7 +119,8 @@ def apply_window_processors(logits: torch.Tensor, contexts: Sequence[Any], token
     flat = out.view(R * W, V)
     rows = [r * W + j for r in range(R) for j in range(n[r])]
     whole = len(rows) == R * W
-    x = flat if whole else flat[torch.tensor(rows, device=logits.device)]  # (a gather: a copy)
+    index = None if whole else torch.tensor(rows, device=logits.device)
+    x = flat if whole else flat[index]  # (a gather: a copy)
     offsets = [0]
     for k in n:
         offsets.append(offsets[-1] + k)
@@ -136,5 +137,5 @@ def apply_window_processors(logits: torch.Tensor, contexts: Sequence[Any], token
             if not (all_greedy and getattr(fn, "argmax_invariant", False)):
                 fn(inputs)
     if not whole:
-        flat[torch.tensor(rows, device=logits.device)] = x
+        flat[index] = x
     return out
