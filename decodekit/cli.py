@@ -331,6 +331,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    """``decodekit serve``: the OpenAI-compatible server (:mod:`decodekit.serving`)."""
+    try:
+        from .serving import Server
+    except ImportError as e:
+        raise ImportError(f"{e}; decodekit serve needs the serve extra: "
+                          "pip install 'decodekit[serve]'") from None
+    from .llm import LLM
+    from .loading import DEFAULT_MODEL, load
+
+    loras = dict(_name_path(spec) for spec in args.lora)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    positions = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    max_seq_len = args.max_seq_len or min(positions, 4096)
+    draft = _make_draft(args.draft, args.num_speculative_tokens, args.device, args.dtype)
+    rank = max([64, *(_lora_rank(p) for p in loras.values())])
+    llm = LLM(model=model, tokenizer=tok, max_batch_size=args.max_batch_size, max_seq_len=max_seq_len,
+              draft=draft, max_loras=max(args.max_loras, len(loras)), max_lora_rank=rank)
+    for name, path in loras.items():
+        res = llm.generator.load_lora(name, path)
+        if not res.ok:
+            raise ValueError(f"--lora {name}={path}: {res.status.name}: {res.message}")
+    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL)
+    server = Server(llm, host=args.host, port=args.port, model_name=name, num_steps=args.num_steps,
+                    max_waiting=args.max_waiting, api_key=args.api_key or os.environ.get("DECODEKIT_API_KEY"),
+                    shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    print(f"decodekit serve: {name} on {server.url} (max_batch_size={args.max_batch_size}, "
+          f"max_seq_len={max_seq_len}, num_steps={args.num_steps})", flush=True)
+    server.run()
+    print("decodekit serve: shut down", flush=True)
+    return 0
+
+
+def _name_path(spec: str) -> tuple[str, str]:
+    """``--lora NAME=PATH`` (or PATH, named by itself)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (spec, spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decodekit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -367,6 +406,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (peft format)")
     g.add_argument("--device", type=_device, default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: embedded SmolLM2)")
+    sv.add_argument("model", nargs="?", default=None, help="local model folder or .gguf file")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=_int_at_least("--port", 0, 65535), default=8000)
+    sv.add_argument("--served-model-name", default=None, help="the name clients pass as model")
+    sv.add_argument("--max-batch-size", type=_int_at_least("--max-batch-size", 1, 4096), default=16)
+    sv.add_argument("--max-seq-len", type=_int_at_least("--max-seq-len", 2, 1 << 20), default=None)
+    sv.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 1, 1 << 20), default=256,
+                    help="requests allowed to wait for a slot; more get HTTP 429")
+    sv.add_argument("--num-steps", type=_int_at_least("--num-steps", 1, 1024), default=1,
+                    help="decode steps per engine call (streaming granularity)")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/ "
+                    "(default: $DECODEKIT_API_KEY)")
+    sv.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH", help="speculative decoding")
+    sv.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1))
+    sv.add_argument("--max-loras", type=_int_at_least("--max-loras", 0, 1024), default=0)
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="load a LoRA adapter at start (repeatable); requests pick it with lora: NAME")
+    sv.add_argument("--shutdown-timeout", type=_unit("--shutdown-timeout", 0.0, 3600.0), default=30.0,
+                    help="seconds running requests get to finish after SIGTERM")
+    sv.add_argument("--log-level", default="warning",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--device", type=_device, default=None)
+    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     st = sub.add_parser("steer", help="steering vectors")
     st_sub = st.add_subparsers(dest="steer_command", required=True)
     tr = st_sub.add_parser("train", help="train a steering vector from contrastive pairs")
@@ -396,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "steer":
             return run_steer_train(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.backend == "triton" and not torch.cuda.is_available() and args.device != "cpu":
             raise ValueError("--backend triton needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
         return run_demo(args.vocab_size, args.steps, args.draws, args.device, args.backend)

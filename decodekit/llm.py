@@ -17,48 +17,19 @@ from typing import Any
 import torch
 
 from .engine.beam import BeamSearchOutput, BeamSearchParams
-from .engine.context import TextGenerationContext
 from .engine.ensemble import Ensemble
 from .engine.generator import TokenGenerator
+from .engine.requests import RequestGroup
 from .engine.scheduler import continuous_batching
 from .loading import load
-from .outputs import CompletionOutput, RequestOutput
-from .params import RequestOutputKind, SamplingParams
+from .outputs import RequestOutput
+from .params import SamplingParams
 from .steering.vector import Steering, SteeringVector
 from .structured.spec import GuidedDecodingParams
 
 __all__ = ["LLM", "RequestOutput"]
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
-
-
-def _completion(ctx: TextGenerationContext, logprobs: bool, seen: tuple[int, int] = (0, 0)
-                ) -> CompletionOutput:
-    """``ctx``'s output past ``seen`` (characters, tokens already given: DELTA), with its
-    logprobs when ``logprobs`` (the user asked)."""
-    chars, n = seen
-    lps = list(ctx.logprobs[n:]) if logprobs else None
-    return CompletionOutput(ctx.index, ctx.text[chars:], list(ctx.generated_token_ids[n:]), ctx.finish_reason,
-                            lps, ctx.cumulative_logprob)
-
-
-def _output(group: Sequence[TextGenerationContext], params: SamplingParams,
-            seen: Mapping[str, tuple[int, int]] | None = None) -> RequestOutput:
-    """The :class:`RequestOutput` of one prompt's samples ``group`` (the user's ``params``):
-    the best ``n`` by cumulative logprob with ``best_of``, else all of them in order."""
-    first = group[0]
-    keep = list(group)
-    if params.samples > params.n:  # every sample finished: choose the best n
-        keep = sorted(group, key=lambda c: -(c.cumulative_logprob or 0.0))[: params.n]
-    seen = seen or {}
-    outs = [_completion(c, params.logprobs is not None, seen.get(c.request_id, (0, 0))) for c in keep]
-    return RequestOutput(
-        request_id=first.parent_id or first.request_id,
-        prompt_token_ids=list(first.prompt_token_ids),
-        text=outs[0].text, token_ids=outs[0].token_ids, finish_reason=outs[0].finish_reason,
-        logprobs=outs[0].logprobs, outputs=outs, prompt_logprobs=first.prompt_logprobs,
-        finished=all(c.is_done for c in group),
-    )
 
 
 class LLM:
@@ -143,10 +114,10 @@ class LLM:
                        steering_preset=steering_preset, steering_positions=steering_positions,
                        steering_op=steering_op, json_schema=json_schema, regex_pattern=regex_pattern,
                        grammar=grammar, choice=choice, lora=lora)
-        requests = self._requests(prompts, params, options)
-        for _ in continuous_batching(self.generator, [c for group, _ in requests for c in group]):
+        requests = self.new_requests(prompts, params, **options)
+        for _ in continuous_batching(self.generator, [c for r in requests for c in r.contexts]):
             pass
-        return [_output(group, p) for group, p in requests]
+        return [r.output() for r in requests]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, **steering_options
                     ) -> list[BeamSearchOutput]:
@@ -170,26 +141,22 @@ class LLM:
         output has ``finished=True``. With ``best_of > n`` a request yields only its final
         output (the best samples are known at the end). ``options``: :meth:`generate`'s
         keywords. Stopping the iteration early releases the running requests."""
-        requests = self._requests(prompts, params, options)
-        owner = {c.request_id: (group, p) for group, p in requests for c in group}
-        seen: dict[str, tuple[int, int]] = {}
-        contexts = [c for group, _ in requests for c in group]
-        with contextlib.closing(continuous_batching(self.generator, contexts)) as steps:
+        requests = self.new_requests(prompts, params, **options)
+        owner = {c.request_id: r for r in requests for c in r.contexts}
+        with contextlib.closing(continuous_batching(self.generator, [c for r in requests for c in r.contexts])
+                                ) as steps:
             for res in steps:
-                for group, p in {id(owner[r][0]): owner[r] for r in res}.values():
-                    done = all(c.is_done for c in group)
-                    final = p.output_kind is RequestOutputKind.FINAL_ONLY or p.samples > p.n
-                    if final and not done:
-                        continue
-                    delta = p.output_kind is RequestOutputKind.DELTA and p.samples == p.n
-                    yield _output(group, p, seen if delta else None)
-                    if delta:
-                        seen.update({c.request_id: (len(c.text), len(c.generated_token_ids)) for c in group})
+                for request in {id(owner[rid]): owner[rid] for rid in res}.values():
+                    out = request.poll()
+                    if out is not None:
+                        yield out
 
-    def _requests(self, prompts: Prompt | Sequence[Prompt], params: Any, options: Mapping[str, Any]
-                  ) -> list[tuple[list[TextGenerationContext], SamplingParams]]:
-        """Contexts for each prompt (its samples) with its params, from :meth:`generate`'s
-        arguments (``options``: its keywords by name)."""
+    def new_requests(self, prompts: Prompt | Sequence[Prompt],
+                     params: SamplingParams | Sequence[SamplingParams] | None = None, **options: Any
+                     ) -> list[RequestGroup]:
+        """One :class:`~decodekit.engine.requests.RequestGroup` per prompt (its samples'
+        contexts, not yet admitted), from :meth:`generate`'s arguments (``options``: its
+        keywords). For a scheduler of your own (the server's engine thread uses it)."""
         unknown = set(options) - set(_GENERATE_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
@@ -208,7 +175,7 @@ class LLM:
             pl = [p.replace(guided_decoding=guided) for p in pl]
         gen = self.generator
         lora = self._lora(opt["lora"])
-        return [(gen.new_contexts(p, sp, steering=steering, lora=lora), sp)
+        return [RequestGroup(gen.new_contexts(p, sp, steering=steering, lora=lora), sp)
                 for p, sp in zip(plist, pl, strict=True)]
 
     def _lora(self, lora: str | os.PathLike[str] | None) -> str | None:
