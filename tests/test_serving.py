@@ -231,6 +231,9 @@ def test_disconnects_cancel_the_request_and_free_its_slot(server):
         while server.engine.running == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.engine.running == 1
+        running = httpx.get(server.url + "/metrics").text
+        assert metric(running, "decodekit_requests_running") == 1
+        assert metric(running, "decodekit_kv_cache_usage") > 0
     wait_idle(server, 5)
     after = metric(httpx.get(server.url + "/metrics").text, "decodekit_request_cancellations_total")
     assert after - before == 52
@@ -314,3 +317,37 @@ def test_error_bodies_are_openai_shaped(server):
     nan = json.dumps({"prompt": "w5", "temperature": float("nan")})  # NaN: not JSON, but Python writes it
     r = httpx.post(server.url + "/v1/completions", content=nan, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_lora_and_prompt_logprobs(tmp_path):
+    """An adapter picked per request (peft's model is the oracle of its greedy tokens), and
+    prompt logprobs equal to ``LLM.generate``'s."""
+    from _models import tiny_model
+    from _peft import save_adapter
+
+    peft_model = save_adapter(tiny_model("llama"), tmp_path / "a", 1, std=0.08, r=8,
+                              target_modules=["q_proj", "v_proj"])
+    llm = tiny_llm(max_batch_size=4, max_loras=1)
+    assert llm.generator.load_lora("a", str(tmp_path / "a")).ok
+    oracle = tiny_llm(max_batch_size=2)
+    with Server(llm, port=0, model_name="tiny") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        got = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=8, temperature=0,
+                                        extra_body={"lora": "a", "ignore_eos": True})
+        ids = torch.tensor([[5, 6, 7]])
+        with torch.no_grad():
+            want = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=8, min_new_tokens=8, pad_token_id=0)[0, 3:].tolist()
+        assert got.choices[0].text.split() == oracle.tokenizer.decode(want).split()
+        plain = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert plain.choices[0].text != got.choices[0].text
+        with pytest.raises(openai.BadRequestError, match="lora"):
+            client.completions.create(model="tiny", prompt="w5", max_tokens=4, extra_body={"lora": "b"})
+        r = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": "w5 w6", "max_tokens": 4, "prompt_logprobs": 2, "temperature": 0})
+        entries = r.json()["choices"][0]["prompt_logprobs"]
+        want = oracle.generate("w5 w6", SamplingParams(max_new_tokens=4, temperature=0, prompt_logprobs=2))[0]
+        assert entries[0] is None and len(entries) == 2
+        assert entries[1]["6"]["logprob"] == pytest.approx(want.prompt_logprobs[1].token_log_probabilities[0],
+                                                           abs=1e-5)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from _serving import chat_tokenizer, metric, tiny_llm
@@ -103,7 +105,6 @@ def _send(url: str, w: dict) -> dict:
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    import json
                     chunk = json.loads(line[6:])
                     text += "".join(c["text"] for c in chunk["choices"])
             return {"status": r.status_code, "text": text, "done": done}
@@ -228,5 +229,12 @@ def test_embedded_model_chat_equals_llm_generate():
         got = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0)
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="smol", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+        schema = {"type": "object", "required": ["city", "population"],
+                  "properties": {"city": {"type": "string"}, "population": {"type": "integer"}}}
+        guided = client.chat.completions.create(
+            model="smol", messages=messages, max_tokens=60, seed=1,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
     assert got.choices[0].message.content == want.text == streamed
     assert "Paris" in want.text
+    jsonschema.validate(json.loads(guided.choices[0].message.content), schema)
+    assert guided.choices[0].finish_reason == "stop"

@@ -271,6 +271,15 @@ class TokenGenerator:
         return None if self.runner.kv is None else self.runner.kv.stats
 
     @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache that requests hold: blocks of the paged cache (cached
+        prefix blocks that nobody holds count as free), slots of the static one."""
+        kv = self.runner.kv
+        if kv is None:
+            return 1.0 - len(self.free_slots) / self.max_batch_size
+        return 1.0 - kv.num_usable / (kv.pool.num_blocks - 1)
+
+    @property
     def running(self) -> Mapping[str, TextGenerationContext]:
         """The admitted requests (they hold a slot), by request id (read-only)."""
         return types.MappingProxyType(self._contexts)

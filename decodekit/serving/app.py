@@ -164,8 +164,7 @@ async def _complete(server: _Server, request: Request, chat: bool) -> Response:
             return Response(status_code=499)  # nobody reads it: the client is gone
         builder = ResponseBuilder(parsed, server.model_name, server.tokenizer)
         if parsed.stream:
-            return StreamingResponse(_stream(server, job, events, builder), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _JobStream(server, job, _stream(server, job, events, builder))
         finals: dict[int, list] = {}
         while True:
             event = await server.next_event(job, events, request)
@@ -199,9 +198,26 @@ def _merge(deltas: list) -> Any:
                       merged[0].finish_reason, merged[0].logprobs, merged, last.prompt_logprobs, True)
 
 
+class _JobStream(StreamingResponse):
+    """Server-sent events of a job; however the response ends (done, client gone, server
+    stopping), the job is cancelled then (a no-op once it finished). Not left to the event
+    generator's ``finally``: a generator interrupted inside ``send`` is closed only when
+    garbage-collected."""
+
+    def __init__(self, server: _Server, job: Job, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.server, self.job = server, job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.server.engine.cancel(self.job)
+
+
 async def _stream(server: _Server, job: Job, events: asyncio.Queue, builder: ResponseBuilder
                   ) -> AsyncIterator[str]:
-    """Server-sent events of a running job; cancelling it (client gone) cancels the job."""
+    """Server-sent events of a running job (:class:`_JobStream` cancels the job when it ends)."""
     first: set[int] = set()
     offsets: dict[int, int] = {}
     completion = 0
@@ -232,7 +248,7 @@ async def _stream(server: _Server, job: Job, events: asyncio.Queue, builder: Res
             yield f"data: {json.dumps(dict(builder.chunk([], usage), usage=usage))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        server.engine.cancel(job)
+        server.engine.cancel(job)  # also here: the response may be dropped before it is sent
 
 
 def job_prompt_tokens(job: Job) -> int:

@@ -48,7 +48,8 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("decodekit_requests_running", "Requests holding a slot", registry=r)
         self.waiting = Gauge("decodekit_requests_waiting", "Requests waiting for a slot", registry=r)
-        self.kv_usage = Gauge("decodekit_kv_cache_usage", "Fraction of KV-cache slots in use", registry=r)
+        self.kv_usage = Gauge("decodekit_kv_cache_usage", "Fraction of the KV cache held by requests "
+                              "(paged: blocks; static: slots)", registry=r)
         self.spec_drafted = Gauge("decodekit_spec_drafted_tokens", "Draft tokens proposed", registry=r)
         self.spec_accepted = Gauge("decodekit_spec_accepted_tokens", "Draft tokens accepted", registry=r)
         self.prefix_hits = Gauge("decodekit_prefix_cache_hit_tokens",
@@ -58,10 +59,9 @@ class ServerMetrics:
     def bind(self, engine: Any) -> None:
         """Gauges that read ``engine`` (an :class:`~.engine.EngineLoop`) when scraped."""
         gen = engine.gen
-        slots = max(1, gen.max_batch_size)
         self.running.set_function(lambda: engine.running)
         self.waiting.set_function(lambda: engine.queued)
-        self.kv_usage.set_function(lambda: 1.0 - len(gen.free_slots) / slots)
+        self.kv_usage.set_function(lambda: gen.kv_usage)
         self.spec_drafted.set_function(lambda: gen.spec_stats.drafted)
         self.spec_accepted.set_function(lambda: gen.spec_stats.accepted)
         self.prefix_hits.set_function(lambda: 0 if gen.kv_stats is None else gen.kv_stats.prefix_hit_tokens)

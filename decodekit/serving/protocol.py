@@ -289,6 +289,9 @@ def _check_stream(params: SamplingParams, stream: bool) -> None:
     if stream and params.samples > params.n:
         raise RequestError("best_of > n cannot be streamed (the best samples are known at the end)",
                            "best_of")
+    if stream and params.prompt_logprobs is not None:
+        raise RequestError("prompt_logprobs is returned in whole responses only (not with stream: true)",
+                           "prompt_logprobs")
 
 
 def _prompts(body: Mapping) -> list[Any]:
@@ -415,6 +418,18 @@ class ResponseBuilder:
                 "top_logprobs": [dict((self._piece(t), v) for t, v in top(lp)) for lp in lps],
                 "text_offset": offsets}
 
+    def prompt_logprobs(self, out: RequestOutput) -> list[Any]:
+        """vLLM's ``prompt_logprobs``: per prompt token (the first None), token id -> {logprob,
+        decoded_token}, the token itself and the top-k."""
+        entries: list[Any] = []
+        for token, lp in zip(out.prompt_token_ids, out.prompt_logprobs or [], strict=False):
+            if lp is None:
+                entries.append(None)
+                continue
+            top = {token: lp.token_log_probabilities[0], **(lp.top_log_probabilities[0] or {})}
+            entries.append({str(t): {"logprob": v, "decoded_token": self._piece(t)} for t, v in top.items()})
+        return entries
+
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
@@ -441,6 +456,8 @@ class ResponseBuilder:
                 choices.append(self.choice(self.choice_index(i, j), c.text, c.token_ids, c.logprobs,
                                            c.finish_reason, delta=False))
                 completion += len(c.token_ids)
+                if out.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.prompt_logprobs(out)
         prompt = sum(len(o.prompt_token_ids) for o in outputs)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage(prompt, completion)}
