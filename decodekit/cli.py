@@ -356,7 +356,8 @@ def run_serve(args) -> int:
     name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL)
     server = Server(llm, host=args.host, port=args.port, model_name=name, num_steps=args.num_steps,
                     max_waiting=args.max_waiting, api_key=args.api_key or os.environ.get("DECODEKIT_API_KEY"),
-                    shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                    shutdown_timeout=args.shutdown_timeout, steering_dir=args.steering_dir,
+                    log_level=args.log_level)
     print(f"decodekit serve: {name} on {server.url} (max_batch_size={args.max_batch_size}, "
           f"max_seq_len={max_seq_len}, num_steps={args.num_steps})", flush=True)
     server.run()
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-loras", type=_int_at_least("--max-loras", 0, 1024), default=0)
     sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                     help="load a LoRA adapter at start (repeatable); requests pick it with lora: NAME")
+    sv.add_argument("--steering-dir", default=None, metavar="DIR",
+                    help="requests may steer with vector files in DIR (steering.vector: a file name)")
     sv.add_argument("--shutdown-timeout", type=_unit("--shutdown-timeout", 0.0, 3600.0), default=30.0,
                     help="seconds running requests get to finish after SIGTERM")
     sv.add_argument("--log-level", default="warning",

@@ -29,8 +29,13 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def server():
-    with Server(tiny_llm(), port=0, model_name="tiny") as srv:
+def steering_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("steering")
+
+
+@pytest.fixture(scope="module")
+def server(steering_dir):
+    with Server(tiny_llm(), port=0, model_name="tiny", steering_dir=steering_dir) as srv:
         yield srv
 
 
@@ -127,16 +132,28 @@ def test_logprobs_equal_llm_generate(client, oracle):
     assert all(len(c.top_logprobs) == 2 for c in content)
 
 
-def test_steering_and_guided_extras(client, oracle, tmp_path):
+def test_steering_and_guided_extras(client, oracle, steering_dir, tmp_path):
     g = torch.Generator().manual_seed(0)
     vec = SteeringVector({0: 0.8 * torch.randn(64, generator=g), 1: 0.8 * torch.randn(64, generator=g)})
-    path = tmp_path / "vec.safetensors"
+    path = steering_dir / "vec.safetensors"
     vec.save(path)
     want = oracle.generate("w5 w6", SamplingParams(max_new_tokens=8, temperature=0),
                            steering_vector=str(path), steering_strength=3.0)[0]
     got = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=8, temperature=0, extra_body={
-        "steering": {"vector": str(path), "strength": 3.0}})
+        "steering": {"vector": "vec.safetensors", "strength": 3.0}})
     assert got.choices[0].text == want.text
+    want = oracle.generate("w5 w6", SamplingParams(max_new_tokens=8, temperature=0),
+                           steering_vector=str(path), steering_strength=3.0,
+                           steering_positions=slice(0, 3))[0]
+    got = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=8, temperature=0, extra_body={
+        "steering": {"vector": "vec.safetensors", "strength": 3.0, "positions": [0, 3]}})
+    assert got.choices[0].text == want.text
+    outside = tmp_path / "elsewhere.safetensors"  # a file outside the steering folder is not served
+    vec.save(outside)
+    for name in (str(outside), "../" + outside.name, "nope.safetensors"):
+        with pytest.raises(openai.BadRequestError, match="no such file in the steering directory"):
+            client.completions.create(model="tiny", prompt="w5", max_tokens=2,
+                                      extra_body={"steering": {"vector": name}})
     assert want.text != offline(oracle, "w5 w6", max_new_tokens=8, temperature=0).text
     regex = "(w1[0-9][0-9]){3}"  # the matcher spells tokens by their vocabulary strings (no spaces)
     want = oracle.generate("w5 w6", SamplingParams(max_new_tokens=8, seed=4), regex_pattern=regex)[0]
@@ -351,3 +368,13 @@ def test_lora_and_prompt_logprobs(tmp_path):
         assert entries[0] is None and len(entries) == 2
         assert entries[1]["6"]["logprob"] == pytest.approx(want.prompt_logprobs[1].token_log_probabilities[0],
                                                            abs=1e-5)
+
+
+def test_chat_without_max_tokens_generates_until_the_context_is_full(client, oracle, server):
+    messages = [{"role": "user", "content": "w30 w31"}]
+    got = client.chat.completions.create(model="tiny", messages=messages, seed=9,
+                                         extra_body={"ignore_eos": True})
+    room = server.engine.gen.max_seq_len - got.usage.prompt_tokens
+    want = offline(oracle, messages, max_new_tokens=room, seed=9, ignore_eos=True)
+    assert got.usage.completion_tokens == room and got.choices[0].finish_reason == "length"
+    assert got.choices[0].message.content == want.text

@@ -270,6 +270,11 @@ class TokenGenerator:
         with ``kv_cache="slots"``."""
         return None if self.runner.kv is None else self.runner.kv.stats
 
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The token ids ``new_context`` would give ``prompt`` (text, chat messages with the
+        chat template and the generation prompt, or token ids); ``ValueError`` for anything else."""
+        return self.adapter.encode(prompt)
+
     @property
     def kv_usage(self) -> float:
         """Fraction of the KV cache that requests hold: blocks of the paged cache (cached

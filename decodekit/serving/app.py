@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineLoop, Failed, Finished, Job, Output, QueueFull, ShuttingDown, Started
 from .metrics import CONTENT_TYPE
@@ -34,6 +37,10 @@ MAX_BODY_BYTES = 4 << 20
 _MAX_DEPTH = 64  # nesting of JSON bodies
 #: decodekit's names in the model's messages -> the request fields they come from
 _FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "steering_": "steering."}
+
+
+def _short(text: str) -> str:
+    return repr(text[:200])
 
 
 def _error(exc: RequestError) -> JSONResponse:
@@ -79,8 +86,10 @@ async def _json_body(request: Request, limit: int) -> Any:
 class _Server:
     """What the routes share: the engine, the served name, the tokenizer."""
 
-    def __init__(self, engine: EngineLoop, model_name: str, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, engine: EngineLoop, model_name: str, api_key: str | None, max_body_bytes: int,
+                 steering_dir: str | os.PathLike[str] | None) -> None:
         self.engine, self.model_name, self.max_body_bytes = engine, model_name, max_body_bytes
+        self.steering_dir = None if steering_dir is None else Path(steering_dir).resolve()
         self.api_key = api_key.encode() if api_key else None
         self.tokenizer = engine.llm.tokenizer
         self.metrics = engine.metrics
@@ -98,7 +107,21 @@ class _Server:
         if parsed.model is not None and parsed.model != self.model_name:
             raise RequestError(f"model {parsed.model!r} does not exist; this server serves "
                                f"{self.model_name!r}", "model", status=404, type_="not_found_error")
+        if parsed.options.get("steering_vector") is not None:
+            parsed.options["steering_vector"] = self.steering_file(parsed.options["steering_vector"])
         return parsed
+
+    def steering_file(self, name: str) -> str:
+        """The steering vector file ``name`` inside the server's steering directory (clients
+        never name other files of the machine)."""
+        if self.steering_dir is None:
+            raise RequestError("steering.vector files are off on this server (start it with --steering-dir "
+                               "DIR; presets work without)", "steering")
+        path = (self.steering_dir / name).resolve()
+        if not path.is_relative_to(self.steering_dir) or not path.is_file():
+            raise RequestError(f"steering.vector {_short(name)}: no such file in the steering directory",
+                               "steering")
+        return str(path)
 
     def submit(self, parsed: ParsedRequest) -> tuple[Job, asyncio.Queue]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -106,7 +129,7 @@ class _Server:
         def emit(event: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(parsed.prompts, parsed.params, parsed.options, emit)
+        job = Job(parsed.prompts, parsed.params, parsed.options, emit, parsed.fit_to_context)
         try:
             self.engine.submit(job)
         except QueueFull as exc:
@@ -256,9 +279,11 @@ def job_prompt_tokens(job: Job) -> int:
 
 
 def build_app(engine: EngineLoop, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The app serving ``engine`` under ``model_name`` (start the engine before serving)."""
-    server = _Server(engine, model_name, api_key, max_body_bytes)
+              max_body_bytes: int = MAX_BODY_BYTES, steering_dir: str | os.PathLike[str] | None = None
+              ) -> FastAPI:
+    """The app serving ``engine`` under ``model_name`` (start the engine before serving).
+    ``steering_dir``: the folder whose files requests may steer with (None: presets only)."""
+    server = _Server(engine, model_name, api_key, max_body_bytes, steering_dir)
     app = FastAPI(title="decodekit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -269,6 +294,13 @@ def build_app(engine: EngineLoop, model_name: str, api_key: str | None = None,
             return _error(RequestError("invalid or missing API key (Authorization: Bearer KEY)",
                                        status=401, type_="authentication_error"))
         return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes (404) and methods (405) get OpenAI-style bodies too."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(RequestError(f"{request.method} {request.url.path}: {exc.detail}",
+                                   status=exc.status_code, type_=kind))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:

@@ -75,6 +75,7 @@ class Job:
     params: Any
     options: dict[str, Any]
     emit: Callable[[Any], None]
+    fit_to_context: bool = False  # params.max_new_tokens: what fits the context after each prompt
     arrival: float = field(default_factory=time.perf_counter)
     groups: list[RequestGroup] = field(default_factory=list)
     first_token: float | None = None
@@ -203,7 +204,12 @@ class EngineLoop:
 
     def _start(self, job: Job) -> None:
         try:
-            job.groups = self.llm.new_requests(job.prompts, job.params, **job.options)
+            prompts, params = job.prompts, job.params
+            if job.fit_to_context:
+                prompts = [self.gen.encode(p) for p in prompts]
+                params = [params.replace(max_new_tokens=max(1, self.gen.max_seq_len - len(ids)))
+                          for ids in prompts]
+            job.groups = self.llm.new_requests(prompts, params, **job.options)
         except (ValueError, KeyError, TypeError) as exc:
             self._emit(job, Failed(400, str(exc)))  # the HTTP layer counts the rejection
             return

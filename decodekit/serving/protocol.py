@@ -29,7 +29,7 @@ from ..structured.spec import GuidedDecodingParams
 
 __all__ = ["ParsedRequest", "RequestError", "ResponseBuilder", "parse_chat", "parse_completion"]
 
-#: OpenAI's default ``max_tokens`` of ``/v1/completions`` (chat: until the context or 256).
+#: OpenAI's default ``max_tokens`` of ``/v1/completions`` (chat: until the context is full).
 COMPLETION_MAX_TOKENS = 16
 _MAX_PROMPTS = 64  # prompts in one completions request
 _MAX_MESSAGES = 1024
@@ -45,17 +45,32 @@ class RequestError(Exception):
         self.message, self.param, self.status, self.type = message, param, status, type_
 
     def body(self) -> dict[str, Any]:
-        """OpenAI's error body."""
+        """OpenAI's error body (text that is not valid UTF-8, such as lone surrogates echoed
+        from the request, escaped)."""
         return {"object": "error",
-                "error": {"message": self.message, "type": self.type, "param": self.param,
+                "error": {"message": _utf8(self.message), "type": self.type, "param": _utf8(self.param),
                           "code": self.status}}
+
+
+def _utf8(text: str | None) -> str | None:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) backslash-escaped."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(name: str, text: str) -> None:
+    """A 400 for text that is not valid Unicode (lone surrogates: no tokenizer takes them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} must be valid Unicode text (it holds a lone surrogate)", name) from None
 
 
 @dataclass
 class ParsedRequest:
     """A valid request: ``prompts`` (texts, token-id lists or one chat), ``params`` (the
     user's ``n`` / ``best_of``; ``output_kind`` DELTA), ``options`` for
-    ``LLM.new_requests`` (steering, lora), and how to answer (``stream``, usage chunk)."""
+    ``LLM.new_requests`` (steering, lora), and how to answer (``stream``, usage chunk).
+    ``fit_to_context``: ``max_tokens`` was not given (chat), the engine sets it to what fits."""
 
     chat: bool
     model: str | None
@@ -64,6 +79,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    fit_to_context: bool = False  # no max_tokens (chat): generate until the context is full
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -100,10 +116,14 @@ def _bool(body: Mapping, name: str, default: bool = False) -> bool:
 
 def _stop(body: Mapping) -> list[str] | None:
     stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return [stop] if stop else None
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop] if stop else []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise RequestError("stop must be a string or an array of strings", "stop")
+    for s in stop:
+        _check_text("stop", s)
     return stop or None
 
 
@@ -260,7 +280,7 @@ def _options(body: Mapping) -> dict[str, Any]:
                                "steering")
         out.update(steering_preset=steering.get("preset"), steering_vector=steering.get("vector"),
                    steering_strength=strength, steering_positions=positions if isinstance(positions, str)
-                   else tuple(positions), steering_op=steering.get("op", "add"))
+                   else slice(*positions), steering_op=steering.get("op", "add"))
     lora = _want(body, "lora", (str,), "a string (the name of a loaded adapter)")
     if lora is not None:
         out["lora"] = lora
@@ -273,7 +293,7 @@ def _common(body: Any, allowed: set[str]) -> tuple[str | None, bool, bool]:
         raise RequestError(f"the request body must be a JSON object, got {_type_name(body)}")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestError(f"unknown field(s): {', '.join(map(str, unknown[:10]))}", str(unknown[0]))
+        raise RequestError(f"unknown field(s): {', '.join(map(repr, unknown[:10]))}", unknown[0])
     model = _want(body, "model", (str,), "a string")
     stream = _bool(body, "stream")
     opts = _want(body, "stream_options", (dict,), "an object")
@@ -315,6 +335,8 @@ def _prompts(body: Mapping) -> list[Any]:
     for p in prompts:
         if isinstance(p, str) and (not p or len(p) > _MAX_TEXT):
             raise RequestError(f"prompt strings must have 1 to {_MAX_TEXT} characters", "prompt")
+        if isinstance(p, str):
+            _check_text("prompt", p)
     return prompts
 
 
@@ -350,6 +372,7 @@ def _messages(body: Mapping) -> list[dict[str, str]]:
         if not isinstance(content, str) or len(content) > _MAX_TEXT:
             raise RequestError(f"messages[{i}].content must be a string of at most {_MAX_TEXT} characters "
                                "or an array of text parts", "messages")
+        _check_text("messages", m["role"] + content)
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -370,7 +393,8 @@ def parse_chat(body: Any) -> ParsedRequest:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     params = _params(body, max_tokens, logprobs)
     _check_stream(params, stream)
-    return ParsedRequest(True, model, [messages], params, stream, include_usage, _options(body))
+    return ParsedRequest(True, model, [messages], params, stream, include_usage, _options(body),
+                         fit_to_context=max_tokens is None)
 
 
 # ---------------------------------------------------------------------------- responses

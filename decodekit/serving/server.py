@@ -11,6 +11,7 @@ May call: the app, the engine loop, uvicorn.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -55,15 +56,18 @@ class Server:
         Seconds running requests get to finish after SIGTERM / :meth:`stop`.
     max_body_bytes : int
         Larger request bodies are refused (413).
+    steering_dir : path or None
+        Requests may steer with vector files in this folder (``steering.vector``: a name
+        relative to it); None: steering presets only.
     """
 
     def __init__(self, llm: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "decodekit",
                  num_steps: int = 1, max_waiting: int = 256, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
-                 log_level: str = "warning") -> None:
+                 steering_dir: str | os.PathLike[str] | None = None, log_level: str = "warning") -> None:
         self.metrics = ServerMetrics()
         self.engine = EngineLoop(llm, num_steps=num_steps, max_waiting=max_waiting, metrics=self.metrics)
-        self.app = build_app(self.engine, model_name, api_key, max_body_bytes)
+        self.app = build_app(self.engine, model_name, api_key, max_body_bytes, steering_dir)
         self.model_name = model_name
         self.shutdown_timeout = shutdown_timeout
         self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
