@@ -46,8 +46,10 @@ from .ensemble import Ensemble
 from .eos import EOSTracker
 from .graphs import Capture
 from .guidance import Guidance
+from .kv_cache import kv_shape
 from .model_adapter import ModelAdapter, Prompt
 from .paging import KVStats, range_salts
+from .parallel import check_tensor_parallel, shared_seed
 from .pending import PendingTokens
 from .processors import apply_processors, apply_window_processors, check_processors
 from .runner import ModelRunner, Paging
@@ -166,6 +168,8 @@ class TokenGenerator:
             raise ValueError("ensemble and draft cannot be combined (ensemble steps have no speculative "
                              "window)")
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
+        check_tensor_parallel(self.adapter.tp_size, kv_shape(self.adapter.model.config)[1], max_loras)
+        seed = shared_seed(seed, self.adapter.tp_size)  # every rank keys its draws alike
         limit = self.adapter.max_positions
         if limit is not None and max_seq_len + (k + 1 if k else 0) > limit:
             extra = f" + {k + 1} speculative positions" if k else ""

@@ -59,12 +59,13 @@ class _SlotLayer:
         self.values.zero_()
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a transformers config."""
+def kv_shape(config, tp_size: int = 1) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers config; ``kv_heads`` is one rank's
+    share under tensor parallelism of degree ``tp_size``."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    return cfg.num_hidden_layers, kv_heads // tp_size, head_dim
 
 
 class SlotKVCache(Cache):
@@ -80,8 +81,8 @@ class SlotKVCache(Cache):
         Where and how the tensors live.
     """
 
-    def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype) -> None:
-        n_layers, kv_heads, head_dim = kv_shape(config)
+    def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype, *, tp_size: int = 1) -> None:
+        n_layers, kv_heads, head_dim = kv_shape(config, tp_size)
         shape = (max_slots, kv_heads, max_seq_len, head_dim)
         layers = [
             _SlotLayer(torch.zeros(shape, device=device, dtype=dtype),
@@ -182,8 +183,8 @@ class PagedKVCache(SlotKVCache):
     """
 
     def __init__(self, config, max_slots: int, max_seq_len: int, device, dtype, *, num_blocks: int,
-                 block_size: int) -> None:
-        n_layers, kv_heads, head_dim = kv_shape(config)
+                 block_size: int, tp_size: int = 1) -> None:
+        n_layers, kv_heads, head_dim = kv_shape(config, tp_size)
         shape = (num_blocks, block_size, kv_heads, head_dim)
         layers = [_PagedLayer(torch.zeros(shape, device=device, dtype=dtype),
                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layers)]

@@ -29,6 +29,7 @@ import torch
 
 from .. import _checks as checks
 from .kv_cache import SlotKVCache, attention_masks
+from .parallel import tp_size
 
 __all__ = [
     "CACHE_KWARGS",
@@ -248,6 +249,7 @@ class ModelAdapter:
         self.vocab_size = vocab_size(self.model)
         self.eos_token_ids = eos_token_ids(self.model, tokenizer, self.vocab_size)
         self.cache_kw = cache_kwarg(self.model)
+        self.tp_size = tp_size(self.model)  # tensor parallelism: the KV cache holds this rank's heads
         self.max_positions = learned_position_limit(self.model)
         try:
             self.mask_kind, self.windows = mask_layout(self.model)
@@ -325,7 +327,7 @@ class ModelAdapter:
         """Prefill + decode through a slot cache must match a cache-free forward; otherwise
         the model's attention does not follow the Cache API as decodekit drives it
         (``ValueError``, never wrong tokens later)."""
-        cache = SlotKVCache(self.model.config, 2, 64, self.device, self.dtype)
+        cache = SlotKVCache(self.model.config, 2, 64, self.device, self.dtype, tp_size=self.tp_size)
 
         def run(ids: torch.Tensor, pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
             cache.bind(1, pos, 64)  # slot 1: rows are not assumed to start at 0

@@ -105,10 +105,11 @@ class ModelRunner:
         self.kv: KVBlocks | None = None
         if paging is None:
             self.cache = SlotKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device,
-                                     self.dtype)
+                                     self.dtype, tp_size=adapter.tp_size)
         else:
             self.cache = PagedKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device,
-                                      self.dtype, num_blocks=paging.num_blocks, block_size=paging.block_size)
+                                      self.dtype, num_blocks=paging.num_blocks, block_size=paging.block_size,
+                                      tp_size=adapter.tp_size)
             self.kv = KVBlocks(self.cache, paging.prefix_caching)
         self.last_tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # [slots]
         self.hooks: SteeringHooks | None = None

@@ -1,0 +1,78 @@
+"""Tensor parallelism with transformers' own TP (``from_pretrained(..., tp_plan="auto")``).
+
+Every rank runs the same generator on its shard of the model: its KV cache holds the rank's
+own key/value heads (``num_key_value_heads / tp_size``), the logits come out whole on every
+rank, and the counter-based sampler draws the same token from the same logits and seed on
+every rank, so no token is ever broadcast. What must agree is what the sampler is keyed by:
+the generator seed (rank 0's, broadcast once at construction over a CPU group) and the order
+in which requests are made and admitted (every rank runs the same calls: the usual torchrun
+pattern, or :mod:`decodekit.serving.parallel` for a server fed on rank 0).
+
+May call: ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+
+__all__ = ["cpu_group", "is_leader", "rank", "shared_seed", "tp_size"]
+
+_CPU_GROUP: Any = None
+
+
+def tp_size(model: torch.nn.Module) -> int:
+    """The model's tensor-parallel degree (1 when it is not sharded)."""
+    return int(getattr(model, "tp_size", None) or 1)
+
+
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_leader() -> bool:
+    """Rank 0: the one that detokenizes for the user, streams and serves."""
+    return rank() == 0
+
+
+def cpu_group() -> Any:
+    """A gloo group over every rank, for host objects (seeds, requests); made once, on every
+    rank in the same order (a collective)."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        dist = torch.distributed
+        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def shared_seed(seed: int | None, tp: int) -> int | None:
+    """The generator seed every rank uses: ``seed`` when given (it must then be the same on
+    every rank), else one drawn on rank 0 and broadcast. Without TP, ``seed`` itself."""
+    if tp <= 1:
+        return seed
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"the model is tensor-parallel (tp_size={tp}) but torch.distributed is not "
+                         "initialised: run every rank under torchrun")
+    box = [secrets.randbits(63) if seed is None else seed]
+    dist.broadcast_object_list(box, src=0, group=cpu_group())
+    if seed is not None and box[0] != seed:
+        raise ValueError(f"seed differs between ranks ({seed} here, {box[0]} on rank 0): pass the same "
+                         "seed on every rank")
+    return box[0]
+
+
+def check_tensor_parallel(tp: int, kv_heads: int, max_loras: int) -> None:
+    """``ValueError``s for what TP cannot run, saying what to change."""
+    if tp <= 1:
+        return
+    if kv_heads % tp:
+        raise ValueError(f"num_key_value_heads {kv_heads} is not divisible by tp_size {tp}: use a tp_size "
+                         "that divides it")
+    if max_loras:
+        raise ValueError("LoRA adapters are not supported with tensor parallelism (the adapters would need "
+                         "the same sharding as their layers): use max_loras=0")
