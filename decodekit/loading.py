@@ -118,6 +118,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model.to(dtype), tok
 
 
+def _gguf_folder(path: Path, dtype: torch.dtype) -> Path:
+    """The safetensors cache folder of a GGUF model (converted now if it is not there yet)."""
+    target = cache_dir() / _gguf_cache_key(path)
+    if not ((target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()):
+        _load_gguf(path, dtype)
+    return target
+
+
 def atomic_store(target: Path, write) -> None:
     """Write a cache entry atomically: into a private temporary folder, then renamed into
     place. The temporary folder never outlives this call, whatever happens (a racing process
@@ -152,7 +160,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None):
+def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None, tp_plan=None):
     """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file, or the embedded default.
 
     Parameters
@@ -164,6 +172,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=No
         Default: CUDA when available, else CPU.
     dtype : torch.dtype or str, optional
         Default: bfloat16 on CUDA, float32 on CPU.
+    tp_plan : "auto" or dict, optional
+        Shard the model with transformers' tensor parallelism (run every rank under
+        ``torchrun``; a GGUF file is converted once to the safetensors cache first).
     """
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,7 +191,17 @@ def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=No
             "(decodekit never downloads from a model hub); omit it to use the embedded "
             f"{DEFAULT_MODEL}")
     try:
-        if path.is_dir():
+        if tp_plan is not None:
+            from .engine.parallel import init_distributed
+
+            init_distributed()
+            folder = path if path.is_dir() else _gguf_folder(path, dt)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            from transformers.distributed import DistributedConfig
+
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True,
+                                                         distributed_config=DistributedConfig(tp_plan=tp_plan))
+        elif path.is_dir():
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, local_files_only=True)
         else:
@@ -190,7 +211,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, device=None, dtype=No
     except Exception as e:  # corrupt / truncated files, missing weights: say which file
         raise ValueError(f"cannot load the model at {str(path)!r}: {type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]) from e
-    model = model.to(dev).eval()
+    model = (model if tp_plan is not None else model.to(dev)).eval()  # TP: the shards are placed
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -30,8 +30,9 @@ def workload():
     return prompts, plain
 
 
-def run(model, tok) -> dict[str, list]:
-    from decodekit import LLM, NGramDraft, SteeringVector
+def run(model, tok, whole) -> dict[str, list]:
+    """``whole``: the same model unsharded (every rank holds all of it: a replicated draft)."""
+    from decodekit import LLM, DraftModel, LayerSkipDraft, NGramDraft, SteeringVector
 
     prompts, params = workload()
     out = {}
@@ -57,6 +58,15 @@ def run(model, tok) -> dict[str, list]:
         steps.append({("a" if rid == a.request_id else "b"): [t.next_token for t in r.tokens]
                       for rid, r in res.items()})
     out["per_step"] = steps
+    # the draft plan's window costs are timed: every rank must plan with the same (rank 0's)
+    out["window_cost"] = [list(p) for p in gen.speculative.policy.cost.points]
+    # layer skip (the target's own first layer) and a replicated draft model, with a given
+    # window cost: the same plan as the single process, so sampled tokens are comparable too
+    fixed = {1: 1.0, 4: 1.3, 16: 2.0}
+    for name, draft in (("layerskip", LayerSkipDraft(1, k=2)), ("draft_model", DraftModel(whole, k=3))):
+        llm = LLM(model=model, tokenizer=tok, seed=5, max_batch_size=4, max_seq_len=96, draft=draft,
+                  window_cost=fixed)
+        out[name] = [r.token_ids for r in llm.generate(prompts, params[:3] + params[1:2])]
     return out
 
 
@@ -65,29 +75,49 @@ def main() -> None:
     import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.distributed import DistributedConfig
 
     # a hang (a collective one rank never reaches) prints where each rank waits, then exits
     faulthandler.dump_traceback_later(float(os.environ.get("TP_WORKER_TIMEOUT", "150")), exit=True)
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     single = "--single" in sys.argv
     torch.set_num_threads(1)
+    if "--pp" in sys.argv:  # pipeline stages: refused at construction, saying what to use
+        from decodekit import LLM
+
+        torch.distributed.init_process_group("gloo")
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, distributed_config=DistributedConfig(pp_size=2))
+        try:
+            LLM(model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+        except ValueError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("a pipeline-parallel model was not refused")
+        (out_dir / f"pp-rank-{torch.distributed.get_rank()}.txt").write_text(message)
+        torch.distributed.destroy_process_group()
+        return
     if single:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         rank = "single"
     else:
         torch.distributed.init_process_group("gloo")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, tp_plan="auto")
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, distributed_config=DistributedConfig(tp_plan="auto"))
         rank = str(torch.distributed.get_rank())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    out = run(model.eval(), tok)
+    whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = run(model.eval(), tok, whole)
     if not single:  # what TP cannot run is refused at construction
-        from decodekit import LLM
-        try:
-            LLM(model=model, tokenizer=tok, seed=1, max_loras=1)
-        except ValueError as exc:
-            assert "max_loras=0" in str(exc), exc
-        else:
-            raise AssertionError("LoRA under tensor parallelism was not refused")
+        from decodekit import LLM, DraftModel
+        for kw, expect in ((dict(model=model, max_loras=1), "max_loras=0"),
+                           (dict(model=whole, draft=DraftModel(model)), "sharded over 2 ranks")):
+            try:
+                LLM(tokenizer=tok, seed=1, **kw)
+            except ValueError as exc:
+                assert expect in str(exc), exc
+            else:
+                raise AssertionError(f"not refused: {expect}")
     (out_dir / f"rank-{rank}.json").write_text(json.dumps(out))
     if not single:
         torch.distributed.destroy_process_group()

@@ -23,6 +23,12 @@ warnings.filterwarnings("ignore", message="invalid value encountered", category=
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# pytest-xdist (`-n N`): the workers share the cores, so each takes its share of torch threads
+# (N workers x all the cores' threads would oversubscribe them).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture
 def one_thread():

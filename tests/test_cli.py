@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
+
+from decodekit.cli import main
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "decodekit", *args], capture_output=True,
                           text=True, timeout=300)
+
+
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """``main`` in this process (argument errors without a new interpreter each): its exit
+    code and streams; an exception that ``main`` lets escape fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_demo_runs_and_checks_exactness():
@@ -24,9 +40,11 @@ def test_demo_runs_and_checks_exactness():
 
 def test_bad_arguments_are_argparse_errors():
     for args in (["demo", "--vocab-size", "10"], ["demo", "--steps", "x"], ["nope"], []):
-        r = run(*args)
+        r = run_here(*args)
         assert r.returncode == 2, (args, r.stdout)
         assert "usage:" in r.stderr and "Traceback" not in r.stderr
+    r = run("nope")  # and as a process: exit code 2, usage, no traceback
+    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_generate_on_the_embedded_model():
@@ -57,13 +75,13 @@ def test_generate_bad_arguments():
     for args in (["generate", "x", "--top-p", "0"], ["generate", "x", "--temperature", "-1"],
                  ["generate", "x", "--max-new-tokens", "0"],
                  ["generate"]):
-        r = run(*args)
+        r = run_here(*args)
         assert r.returncode == 2, (args, r.stdout)
         assert "usage:" in r.stderr and "Traceback" not in r.stderr
     for args in (["--model", "/nonexistent/model"], ["--draft", "/nonexistent/draft"],
                  ["--truncate-prompt-tokens", "0"],
                  ["--draft", "layerskip:40"], ["--draft", "layerskip:a-b"]):
-        r = run("generate", "x", *args)
+        r = run_here("generate", "x", *args)
         assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, args
 
 
@@ -100,6 +118,6 @@ def test_steer_bad_arguments(tmp_path):
              ("generate", "x", "--steer", "nonexistent-preset"),
              ("generate", "x", "--steer-strength", "2")]
     for args in cases:
-        r = run(*args)
+        r = run_here(*args)
         assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-    assert "bad.jsonl:2: not JSON" in run(*cases[0]).stderr
+    assert "bad.jsonl:2: not JSON" in run_here(*cases[0]).stderr

@@ -103,8 +103,8 @@ def _fuzz_params(n: int, seed: int) -> tuple[int, int]:
 
 
 def test_fuzz_sampling_params():
-    accepted, refused = _fuzz_params(300, 0)
-    assert accepted > 50 and refused > 50  # both sides of the validation were exercised
+    accepted, refused = _fuzz_params(60, 0)  # the interpreter: ~1 s per accepted one on triton
+    assert accepted > 10 and refused > 10  # both sides of the validation were exercised
 
 
 @pytest.mark.slow

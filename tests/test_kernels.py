@@ -68,7 +68,8 @@ def _same_state(a: Sampler, b: Sampler) -> None:
             torch.testing.assert_close(ta.cpu(), tb.cpu(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("feature", [  # top_k / top_p / typical alone: also inside "all" and "typical_masked"
+    pytest.param(f, marks=pytest.mark.slow) if f in ("top_k", "top_p", "typical") else f for f in FEATURES])
 def test_kernel_matches_reference_over_steps(feature):
     V, B, steps = 300, 3, 4
     kern, tref = _pair(V, 4)
@@ -236,11 +237,15 @@ def test_race_draws_logarithms_on_few_tiles(monkeypatch):
             assert got.tolist() == torch_.sample(logits, list(range(B))).token_ids.tolist()
 
 
-def test_aot_compile_all_kernel_configs_for_sm80_and_sm90():
+@pytest.mark.parametrize("scope", [
+    "--sample",  # the first and last configuration of every kernel (a cold compile of all: ~9 min)
+    pytest.param("--all", marks=pytest.mark.slow)])
+def test_aot_compile_kernel_configs_for_sm80_and_sm90(scope):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
-        subprocess.Popen([sys.executable, str(ROOT / "tests" / "aot_compile.py"), arch],
+        subprocess.Popen([sys.executable, str(ROOT / "tests" / "aot_compile.py"), arch,
+                          *([scope] if scope == "--sample" else [])],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
         for arch in ("80", "90")

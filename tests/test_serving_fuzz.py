@@ -475,9 +475,11 @@ def server(vector):
         yield srv
 
 
-def test_bad_input_fuzz(server, vector, capfd):
-    rng = random.Random(SEED)
-    cases = make_cases(rng, False, CASES_PER_ROUTE, vector) + make_cases(rng, True, CASES_PER_ROUTE, vector)
+@pytest.mark.parametrize("per_route", [CASES_PER_ROUTE // 4,
+                                       pytest.param(CASES_PER_ROUTE, marks=pytest.mark.slow)])
+def test_bad_input_fuzz(server, vector, capfd, per_route):
+    rng = random.Random(SEED + per_route)
+    cases = make_cases(rng, False, per_route, vector) + make_cases(rng, True, per_route, vector)
     rng.shuffle(cases)
     oracle, gen = tiny_llm(max_seq_len=MAX_SEQ_LEN), server.engine.gen
     probe = {"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0}
@@ -515,7 +517,9 @@ def test_bad_input_fuzz(server, vector, capfd):
         statuses = {status for _, status in seen}
         if statuses != ALLOWED:
             _fail(f"statuses seen: {sorted(statuses)}; by kind: {sorted(seen.items())}")
-        assert seen["valid", 200] > 250 and sum(n for (_, s), n in seen.items() if s == 400) > 1000, seen
+        share = per_route / 1000
+        refused = sum(n for (_, s), n in seen.items() if s == 400)
+        assert seen["valid", 200] > 250 * share and refused > 1000 * share, seen
 
         # idle, every slot free, healthy, and still answering exactly as LLM.generate
         wait_idle(server, 10)

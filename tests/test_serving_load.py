@@ -165,21 +165,25 @@ def test_32_clients_400_requests(tmp_path):
 
 
 def _start_cli(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``decodekit serve`` in a process; its output is read in the background (kept on
+    ``proc.lines``) so a chatty server never blocks on a full pipe."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "decodekit", "serve", str(model_dir), "--port", "0",
                              "--served-model-name", "tiny", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc.lines = []
+    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
     deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"on (http://\S+) ", line)
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            break
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [re.search(r"on (http://\S+) ", line) for line in list(proc.lines)]
+        url = next((m.group(1) for m in found if m), None)
+        if url:
+            return proc, url
+        time.sleep(0.05)
     proc.kill()
-    raise AssertionError(f"decodekit serve did not start: {line}{proc.stdout.read()}")
+    proc.wait(10)
+    raise AssertionError("decodekit serve did not start:\n" + "".join(proc.lines)[-3000:])
 
 
 def test_cli_serve_sigterm_finishes_running_requests_and_exits_0(tmp_path):
@@ -208,7 +212,8 @@ def test_cli_serve_sigterm_finishes_running_requests_and_exits_0(tmp_path):
         for t in threads:
             t.join(90)
         assert proc.wait(90) == 0
-        out = proc.stdout.read()
+        proc.reader.join(10)
+        out = "".join(proc.lines)
         assert "shut down" in out
         assert results == [(40, ["length"])] * 6
         with pytest.raises(httpx.ConnectError):

@@ -29,7 +29,7 @@ import torch
 
 from .. import _checks as checks
 from .kv_cache import SlotKVCache, attention_masks
-from .parallel import tp_size
+from .parallel import check_pipeline_parallel, tp_size
 
 __all__ = [
     "CACHE_KWARGS",
@@ -236,6 +236,7 @@ class ModelAdapter:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, device=None, dtype=None) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        check_pipeline_parallel(model)
         first = next(model.parameters(), None)
         if first is None:
             raise ValueError(f"model {type(model).__name__} has no parameters")

@@ -13,12 +13,14 @@ May call: ``torch.distributed``.
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Any
 
 import torch
 
-__all__ = ["cpu_group", "is_leader", "rank", "shared_seed", "tp_size"]
+__all__ = ["check_pipeline_parallel", "check_tensor_parallel", "cpu_group", "from_leader", "init_distributed",
+           "is_leader", "rank", "shared_seed", "tp_size"]
 
 _CPU_GROUP: Any = None
 
@@ -39,6 +41,18 @@ def is_leader() -> bool:
     return rank() == 0
 
 
+def init_distributed() -> None:
+    """Join the torchrun job this process belongs to (gloo on a CPU; on a GPU transformers
+    joins it with NCCL when it loads the model); ``ValueError`` outside torchrun."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--tp runs under torchrun: torchrun --nproc_per_node N -m decodekit ... --tp")
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+
+
 def cpu_group() -> Any:
     """A gloo group over every rank, for host objects (seeds, requests); made once, on every
     rank in the same order (a collective)."""
@@ -54,16 +68,41 @@ def shared_seed(seed: int | None, tp: int) -> int | None:
     every rank), else one drawn on rank 0 and broadcast. Without TP, ``seed`` itself."""
     if tp <= 1:
         return seed
+    leader = from_leader(secrets.randbits(63) if seed is None else seed, tp)
+    if seed is not None and leader != seed:
+        raise ValueError(f"seed differs between ranks ({seed} here, {leader} on rank 0): pass the same "
+                         "seed on every rank")
+    return leader
+
+
+def from_leader(value: Any, tp: int) -> Any:
+    """Rank 0's ``value`` (a picklable host object) on every rank: one broadcast over the CPU
+    group, for every decision a rank would otherwise make alone (a seed, timings that steer
+    the plan). Without TP, ``value`` itself."""
+    if tp <= 1:
+        return value
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"the model is tensor-parallel (tp_size={tp}) but torch.distributed is not "
                          "initialised: run every rank under torchrun")
-    box = [secrets.randbits(63) if seed is None else seed]
+    box = [value]
     dist.broadcast_object_list(box, src=0, group=cpu_group())
-    if seed is not None and box[0] != seed:
-        raise ValueError(f"seed differs between ranks ({seed} here, {box[0]} on rank 0): pass the same "
-                         "seed on every rank")
     return box[0]
+
+
+def check_pipeline_parallel(model: torch.nn.Module) -> None:
+    """``ValueError`` for a model split into pipeline stages by transformers
+    (``DistributedConfig(pp_size=N)``): its forward binds the arguments by name and hands each
+    stage only the hidden states, so decodekit's KV cache (passed by keyword) never reaches
+    the stages' attention layers."""
+    stage = getattr(model, "_pp_stage", None)
+    if stage is None and not any(type(m).__name__ == "PipelineIdentityLayer" for m in model.modules()):
+        return
+    size = getattr(stage, "pp_size", "> 1")
+    raise ValueError(f"pipeline parallelism is not supported (the model is split into {size} pipeline "
+                     "stages): transformers' pipeline forward does not pass the KV cache "
+                     "(past_key_values) to the stages' layers. Load it with tensor parallelism instead "
+                     "(tp_plan='auto', or DistributedConfig(tp_plan='auto') without pp_size)")
 
 
 def check_tensor_parallel(tp: int, kv_heads: int, max_loras: int) -> None:

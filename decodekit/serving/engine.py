@@ -20,6 +20,7 @@ scheduler, the metrics.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -76,6 +77,7 @@ class Job:
     options: dict[str, Any]
     emit: Callable[[Any], None]
     fit_to_context: bool = False  # params.max_new_tokens: what fits the context after each prompt
+    key: int = -1  # the engine's number for it (the same on every tensor-parallel rank)
     arrival: float = field(default_factory=time.perf_counter)
     groups: list[RequestGroup] = field(default_factory=list)
     first_token: float | None = None
@@ -95,10 +97,14 @@ class EngineLoop:
         Jobs allowed to wait for a slot (the inbox and the scheduler's queue); more are
         refused with :class:`QueueFull`.
     metrics : ServerMetrics
+    tensor_parallel : bool
+        The model is sharded over ranks (:mod:`decodekit.engine.parallel`): this engine, on
+        rank 0, sends each round's commands (submissions, cancellations, stop) to the other
+        ranks, which run :meth:`follow` with the same settings and make the same calls.
     """
 
     def __init__(self, llm: Any, num_steps: int = 1, max_waiting: int = 256,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, tensor_parallel: bool = False) -> None:
         self.llm = llm
         self.gen = llm.generator
         self.max_waiting = max_waiting
@@ -107,9 +113,13 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # jobs submitted and not yet admitted (inbox + scheduler queue)
+        self._unread = 0  # submissions still in the inbox
         self._jobs: dict[int, Job] = {}  # live jobs, by id(job)
         self._owner: dict[str, tuple[Job, int]] = {}  # context request id -> (job, prompt index)
         self._accepting = True
+        self._keys = itertools.count()
+        self._tp = tensor_parallel
+        self._by_key: dict[int, Job] = {}  # followers: the leader's job numbers -> their copies
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="decodekit-engine", daemon=True)
         self.metrics.bind(self)
@@ -139,6 +149,8 @@ class EngineLoop:
             if self._queued >= self.max_waiting:
                 raise QueueFull(f"{self._queued} requests are waiting (max_waiting={self.max_waiting})")
             self._queued += 1
+            self._unread += 1
+            job.key = next(self._keys)
         self._inbox.put(("submit", job))
 
     def cancel(self, job: Job) -> None:
@@ -163,15 +175,38 @@ class EngineLoop:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.scheduler.has_work)
-            if self._stop.is_set() or not self.scheduler.has_work:
-                continue
+            commands = self._commands(block=not self.scheduler.has_work)
+            if self._tp:
+                _share([(cmd, -1 if job is None else job.key, _spec(job) if cmd == "submit" else None)
+                        for cmd, job in commands])
+            self._apply(commands)
+            self._step()
+        for job in list(self._jobs.values()):
+            self._fail(job, 503, "the server shut down before the request finished")
+
+    def follow(self) -> None:
+        """Run a tensor-parallel rank other than 0 (blocking, until the leader stops): take
+        each round's commands from rank 0 and make the same calls; emit nothing."""
+        while not self._stop.is_set():
+            commands = []
+            for cmd, key, spec in _share(None):
+                if cmd == "submit":
+                    self._by_key[key] = Job(*spec[:3], emit=_ignore, fit_to_context=spec[3], key=key)
+                commands.append((cmd, self._by_key.get(key)))
+            self._apply(commands, own=False)
+            self._step()
+        for job in list(self._jobs.values()):
+            self._release(job)
+
+    def _step(self) -> None:
+        """One scheduler step, if there is work; events for what it produced."""
+        if not self._stop.is_set() and self.scheduler.has_work:
             try:
                 result = self.scheduler.step()
             except Exception as exc:  # a failure outside any one request: fail every live job
                 for job in list(self._jobs.values()):
                     self._fail(job, 500, f"engine error: {type(exc).__name__}: {exc}")
-                continue
+                return
             now = time.perf_counter()
             for rid, exc in result.failed.items():
                 owner = self._owner.get(rid)
@@ -180,26 +215,29 @@ class EngineLoop:
                     self._fail(owner[0], 500, f"the request failed: {type(exc).__name__}: {exc}")
             self._deliver(result.responses, now)
             self._count_queued()
-        for job in list(self._jobs.values()):
-            self._fail(job, 503, "the server shut down before the request finished")
 
-    def _drain(self, block: bool) -> None:
-        """Handle every command in the inbox (waiting for one when ``block``)."""
+    def _commands(self, block: bool) -> list[tuple[str, Any]]:
+        """Every command in the inbox (waiting up to 50 ms for one when ``block``)."""
+        out = []
         try:
-            cmd, arg = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            out.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            while True:
+                out.append(self._inbox.get_nowait())
         except queue.Empty:
-            return
-        while True:
+            return out
+
+    def _apply(self, commands: list[tuple[str, Any]], own: bool = True) -> None:
+        """Run the commands (``own``: from this engine's inbox, not rank 0's)."""
+        for cmd, job in commands:
             if cmd == "submit":
-                self._start(arg)
-            elif cmd == "cancel":
-                self._cancel(arg)
-            else:
+                if own:
+                    with self._lock:
+                        self._unread -= 1
+                self._start(job)
+            elif cmd == "cancel" and job is not None:
+                self._cancel(job)
+            elif cmd == "stop":
                 self._stop.set()
-            try:
-                cmd, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                break
         self._count_queued()
 
     def _start(self, job: Job) -> None:
@@ -211,6 +249,7 @@ class EngineLoop:
                           for ids in prompts]
             job.groups = self.llm.new_requests(prompts, params, **job.options)
         except (ValueError, KeyError, TypeError) as exc:
+            self._by_key.pop(job.key, None)
             self._emit(job, Failed(400, str(exc)))  # the HTTP layer counts the rejection
             return
         except Exception as exc:
@@ -228,6 +267,7 @@ class EngineLoop:
     def _release(self, job: Job) -> None:
         """Forget ``job``: cancel its contexts the scheduler still holds."""
         self._jobs.pop(id(job), None)
+        self._by_key.pop(job.key, None)
         for group in job.groups:
             for ctx in group.contexts:
                 self.scheduler.cancel(ctx.request_id)
@@ -262,6 +302,7 @@ class EngineLoop:
                     self._emit(job, Output(i, out))
             if all(g.is_done for g in job.groups):
                 self._jobs.pop(id(job), None)
+                self._by_key.pop(job.key, None)
                 for group in job.groups:
                     for ctx in group.contexts:
                         self._owner.pop(ctx.request_id, None)
@@ -272,10 +313,30 @@ class EngineLoop:
         waiting = {id(self._owner[c.request_id][0]) for c in self.scheduler.waiting
                    if c.request_id in self._owner}
         with self._lock:
-            self._queued = len(waiting) + self._inbox.qsize()
+            self._queued = len(waiting) + self._unread
 
     def _emit(self, job: Job, event: Any) -> None:
         try:
             job.emit(event)
         except Exception:  # the handler's event loop is gone (client or server closed)
             pass
+
+
+def _spec(job: Job) -> tuple:
+    """What a follower needs to make the same requests as ``job``."""
+    return job.prompts, job.params, job.options, job.fit_to_context
+
+
+def _ignore(event: Any) -> None:
+    """A follower's jobs emit nowhere (rank 0 answers the clients)."""
+
+
+def _share(commands: list | None) -> list:
+    """Rank 0's commands of this round, on every rank (rank 0 passes them, the others None)."""
+    import torch.distributed as dist
+
+    from ..engine.parallel import cpu_group
+
+    box = [commands]
+    dist.broadcast_object_list(box, src=0, group=cpu_group())
+    return box[0]

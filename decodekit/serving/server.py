@@ -59,20 +59,26 @@ class Server:
     steering_dir : path or None
         Requests may steer with vector files in this folder (``steering.vector``: a name
         relative to it); None: steering presets only.
+    tensor_parallel : bool
+        ``llm``'s model is sharded with transformers' TP: this server runs on rank 0, and
+        every other rank runs ``EngineLoop(llm, ..., tensor_parallel=True).follow()``.
     """
 
     def __init__(self, llm: Any, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "decodekit",
                  num_steps: int = 1, max_waiting: int = 256, api_key: str | None = None,
                  shutdown_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES,
-                 steering_dir: str | os.PathLike[str] | None = None, log_level: str = "warning") -> None:
+                 steering_dir: str | os.PathLike[str] | None = None, log_level: str = "warning",
+                 tensor_parallel: bool = False) -> None:
         self.metrics = ServerMetrics()
-        self.engine = EngineLoop(llm, num_steps=num_steps, max_waiting=max_waiting, metrics=self.metrics)
+        self.engine = EngineLoop(llm, num_steps=num_steps, max_waiting=max_waiting, metrics=self.metrics,
+                                 tensor_parallel=tensor_parallel)
         self.app = build_app(self.engine, model_name, api_key, max_body_bytes, steering_dir)
         self.model_name = model_name
         self.shutdown_timeout = shutdown_timeout
         self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
+        self._socket.listen(2048)  # connections queue from now on, even before uvicorn accepts them
         self.host, self.port = host, self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
                                 lifespan="off", access_log=False)

@@ -192,6 +192,10 @@ class DraftModelDrafter(ModelDrafter):
 
     def __init__(self, config: DraftModel, target: ModelRunner, sampler: Any) -> None:
         adapter = ModelAdapter(config.model, config.tokenizer, target.device, target.dtype)
+        if adapter.tp_size > 1 and adapter.tp_size != target.adapter.tp_size:
+            raise ValueError(f"the draft model is sharded over {adapter.tp_size} ranks and the target over "
+                             f"{target.adapter.tp_size}: load the draft with the target's tp_plan in the "
+                             "same torchrun job, or unsharded (every rank then holds all of it)")
         steer = target.hooks is not None and _hidden(adapter) == target.hooks.hidden_size
         runner = ModelRunner(adapter, target.max_slots, target.cache.max_seq_len, steering=steer)
         super().__init__(runner, sampler)
