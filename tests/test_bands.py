@@ -68,7 +68,7 @@ def test_three_passes(V: int, combos: list[tuple]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("V", [32000, 128256, 151936])
+@pytest.mark.parametrize("V", [32000])  # the larger vocabularies: test_three_passes (~18 s a row here)
 def test_three_passes_every_combination(V: int) -> None:
     _check(V, ("flat", "peaked", "zipf"), COMBOS)
 

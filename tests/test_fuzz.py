@@ -109,8 +109,8 @@ def test_fuzz_sampling_params():
 
 @pytest.mark.slow
 def test_fuzz_sampling_params_many():
-    accepted, refused = _fuzz_params(4000, 1)
-    assert accepted > 800 and refused > 800
+    accepted, refused = _fuzz_params(800, 1)  # the interpreter: ~1.6 s per accepted one on triton
+    assert accepted > 120 and refused > 120
 
 
 # --------------------------------------------------------------------------- the generator
