@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import re
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 from _models import tiny_model, word_tokenizer
 
 from decodekit import LLM
+
+REPO = Path(__file__).resolve().parent.parent
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}w3{% endif %}")
@@ -49,3 +56,26 @@ def metric(text: str, name: str, labels: str = "") -> float:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def start_server(args: list[str], timeout: float = 120.0, **env: str) -> tuple[subprocess.Popen, str]:
+    """Start ``args`` (a ``decodekit serve`` command line) from the repository root and wait
+    for the URL it prints once it listens. Its output is read in the background and kept on
+    ``proc.lines`` (a chatty server never blocks on a full pipe; ``proc.reader`` is the
+    thread). Fails with the output's tail if the server exits or prints no URL in time."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO)
+    proc.lines = []
+    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = (re.search(r"on (http://\S+) ", line) for line in list(proc.lines))
+        url = next((m.group(1) for m in found if m), None)
+        if url:
+            return proc, url
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    raise AssertionError("the server did not start:\n" + "".join(proc.lines)[-4000:])

@@ -90,9 +90,10 @@ def _write(cache: PagedKVCache, slot: int, tokens: list[int], start: int) -> Non
         cache.update(kv, -kv, layer)
 
 
-def _read(cache: PagedKVCache, slot: int, n: int) -> list[float]:
-    """The gather path: what attention would see for ``slot``'s first ``n`` positions."""
-    cache.bind(slot, torch.tensor([[cache.max_seq_len - 1]]), n)
+def _read(cache: PagedKVCache, slot: int, n: int, home: bool = False) -> list[float]:
+    """The gather path (``home``: the view of the slot's home range): what attention would
+    see for ``slot``'s first ``n`` positions."""
+    cache.bind(slot, torch.tensor([[cache.max_seq_len - 1]]), n, home=home)
     out = []
     for layer in range(len(cache.layers)):
         k, v = cache._gather(cache.layers[layer].keys, 0), cache._gather(cache.layers[layer].values, 1)
@@ -102,17 +103,22 @@ def _read(cache: PagedKVCache, slot: int, n: int) -> list[float]:
     return out[0]
 
 
-def test_random_admissions_forks_and_releases_keep_every_slot_intact():
+@pytest.mark.parametrize("blocks", [40, 61])
+def test_random_admissions_forks_and_releases_keep_every_slot_intact(blocks):
     """A few hundred random admissions (with shared prefixes), decode writes, forks and
     releases: every slot always reads back exactly its own tokens' values; no block ever has
-    two writers; when every slot is released nothing is held and every block is usable."""
+    two writers; when every slot is released nothing is held and every block is usable.
+    With 61 blocks every slot has a home range (1 + 6 slots x 10 blocks): fresh blocks come
+    from it (cached content parked there moves out first), and a slot holding only home
+    blocks reads the same values through the strided view as through the gather."""
     rng = random.Random(0)
     slots, positions = 6, 40
-    cache = _cache(slots, positions, blocks=40)
+    cache = _cache(slots, positions, blocks=blocks)
     kv = KVBlocks(cache)
     pool = kv.pool
     prefixes = [[rng.randrange(3, 50) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
     tokens: dict[int, list[int]] = {}
+    home_reads = 0
     for _ in range(400):
         op = rng.random()
         free = [s for s in range(slots) if s not in tokens]
@@ -155,13 +161,22 @@ def test_random_admissions_forks_and_releases_keep_every_slot_intact():
             del tokens[s]
         kv.sync()
         for s, t in tokens.items():
-            assert _read(cache, s, len(t)) == [_value(t[: p + 1]) for p in range(len(t))], s
+            want = [_value(t[: p + 1]) for p in range(len(t))]
+            assert _read(cache, s, len(t)) == want, s
+            if kv.home_rows(s, 1):
+                assert kv.blocks(s) == [cache.home_block(s, i) for i in range(len(kv.blocks(s)))]
+                assert _read(cache, s, len(t), home=True) == want, s
+                home_reads += 1
         held = [b for s in tokens for b in kv.blocks(s)]
         assert all(pool.refs(b) == held.count(b) for b in set(held))
         assert pool.num_usable + len(set(held)) == pool.num_blocks - 1
     for s in list(tokens):
         kv.free(s)
     assert pool.num_usable == pool.num_blocks - 1 and pool.hits > 0 and kv.stats.copied_blocks > 0
+    if blocks == 61:
+        assert home_reads > 30 and kv.stats.moved_blocks > 0, (home_reads, kv.stats)
+    else:
+        assert home_reads == 0 and cache.home_block(0, 0) is None
     kv.sync()
     assert int(cache.block_tables.abs().sum()) == 0  # every table row back to the null block
 
@@ -267,7 +282,7 @@ def test_preempted_requests_reprefill_and_continue_exactly(draft):
     prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(12, 24))] for _ in range(6)]
     kw = dict(max_batch_size=3, max_seq_len=64, seed=0, draft=NGramDraft(n=1, k=3) if draft else None,
               adaptive_k=False)
-    small = _gen(kv_cache_tokens=96 + (4 * 16 if draft else 0), **kw)
+    small = _gen(kv_cache_tokens=96 + (2 * 16 if draft else 0), **kw)
     greedy = [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)] * 6
     ctxs, preempted = _through_scheduler(small, prompts, greedy)
     assert preempted > 0 and sum(c.preemptions for c in ctxs) == preempted
@@ -432,3 +447,43 @@ def test_fork_of_a_preempted_request_reprefills_with_its_tokens():
         got = [x for lp in c.logprobs for x in lp.token_log_probabilities]
         assert len(got) == 24
         torch.testing.assert_close(got, _hf_logprobs(model, c.tokens, 18), atol=1e-4, rtol=0)
+
+
+def test_home_rows_read_as_views_give_the_gathered_results(monkeypatch):
+    """On a CPU, a batch whose rows hold only home blocks reads keys and values as strided
+    views of the stores instead of gathered copies. Same tokens and logprobs as the gather
+    path (forced by a cache without home ranges' hint), greedy equal to transformers, with
+    joins, a prefix hit (the batch with the sharing row gathers) and speculation."""
+    from decodekit import NGramDraft
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(20, 40))] for _ in range(4)]
+    prompts[3] = prompts[0][:33] + [7, 8]  # two full blocks of request 0's prompt: a prefix hit
+    params = [SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, seed=4, max_new_tokens=24, ignore_eos=True, logprobs=2)]
+
+    def run(home: bool) -> tuple[list, list, int]:
+        calls = []
+        real = KVBlocks.home_rows
+        monkeypatch.setattr(KVBlocks, "home_rows",
+                            lambda self, a, n: calls.append(real(self, a, n)) or (calls[-1] and home))
+        gen = _gen(max_batch_size=4, draft=NGramDraft(n=2, k=3))
+        ctxs = [gen.new_context(p, params[i % 2], f"r{i}") for i, p in enumerate(prompts)]
+        live = {c.request_id: c for c in ctxs[:2]}
+        step = 0
+        while live or step < 3:
+            if step == 3:  # joins: a fresh prompt and the prefix hit
+                live.update({c.request_id: c for c in ctxs[2:]})
+            gen.next_token(live)
+            for k in [k for k, c in live.items() if c.is_done]:
+                gen.release(live.pop(k))
+            step += 1
+        lps = [[lp.token_log_probabilities for lp in c.logprobs] for c in ctxs]
+        return [c.generated_token_ids for c in ctxs], lps, sum(calls)
+
+    tokens, lps, home_steps = run(True)
+    gathered, glps, _ = run(False)
+    assert home_steps > 10  # the view path ran
+    assert tokens == gathered and lps == glps
+    assert tokens[0] == hf_greedy(tiny_model("llama"), prompts[0], 24)
+    assert tokens[2] == hf_greedy(tiny_model("llama"), prompts[2], 24)

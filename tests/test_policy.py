@@ -17,13 +17,16 @@ CPU = WindowCost({1: 1.0, 2: 1.8, 17: 2.0, 64: 5.0})  # SmolLM2 fp32 on 2 cores,
 GPU = WindowCost({1: 1.0, 64: 1.1, 256: 1.6})  # bandwidth-bound decode
 
 
-def _value(lengths, hg, cost, draft_cost=0.0):
+def _value(lengths, hg, cost, draft_cost=0.0, rows=None):
     """Expected tokens per unit of cost of a plan, by direct summation; the window is
-    rectangular (every row padded to the longest draft)."""
+    rectangular (every row padded to the longest draft; ``rows`` computed, idle ones too)."""
     B, L = len(lengths), max(lengths)
-    expected = B + sum(sum(h * g ** (j - 1) for j in range(1, n + 1))
-                       for n, (h, g) in zip(lengths, hg, strict=True))
-    return expected / (cost(B * (L + 1)) + draft_cost * L * cost(B))
+    n = rows or B
+    expected = B + sum(sum(h * g ** (j - 1) for j in range(1, n_ + 1))
+                       for n_, (h, g) in zip(lengths, hg, strict=True))
+    if rows is None:  # a one-row table: rows x width priced as tokens
+        return expected / (cost(B * (L + 1)) + draft_cost * L * cost(B))
+    return expected / (cost[(n, L + 1)] + draft_cost * L * cost[(n, 1)])
 
 
 def _policy(k, cost, stats, draft_cost=0.0):
@@ -56,6 +59,53 @@ def test_plan_is_the_best_length_vector():
         assert _value(plan, hg, cost, draft_cost) >= best * (1 - 1e-9), (plan, caps, hg)
         drafted += sum(plan)
     assert drafted > 100  # the search is not trivially "draft nothing"
+
+
+def test_plan_prices_rows_and_width():
+    """With a (rows, width) table the plan is the best length vector when the window's cost
+    is the table's entry for the rows the step computes (idle slots below the highest
+    included); the oracle reads the table directly (every queried shape is a measured one)."""
+    rng = random.Random(2)
+    differs = 0
+    for _ in range(200):
+        B, k = rng.randint(1, 3), rng.randint(1, 4)
+        rows = B + rng.randint(0, 2)
+        table = {}
+        for n in range(1, rows + 1):  # a random cost growing in rows and width
+            prev = 0.0
+            for w in range(1, k + 2):
+                prev = max(prev, table.get((n - 1, w), 0.0)) + rng.random() + 0.05
+                table[(n, w)] = prev
+        table = {key: c / table[(1, 1)] for key, c in table.items()}
+        cost = WindowCost(table)
+        assert all(cost(n, w) == pytest.approx(c) for (n, w), c in cost.points)
+        pol = _policy(k, cost, [[(k, rng.randint(0, k))] for _ in range(B)])
+        caps = [rng.randint(0, k) for _ in range(B)]
+        hg = [pol.acceptance(s) for s in range(B)]
+        plan = pol.plan(list(range(B)), caps, rows=rows)
+        priced = {key: cost(*key) for key in table}
+        best = max(_value(v, hg, priced, rows=rows) for v in itertools.product(*(range(c + 1) for c in caps)))
+        assert _value(plan, hg, priced, rows=rows) >= best * (1 - 1e-9), (plan, caps, hg)
+        differs += plan != pol.plan(list(range(B)), caps)  # the idle rows change the answer
+    assert differs > 5
+
+
+def test_window_cost_by_rows_and_width():
+    """A (rows, width) table: exact at its points, linear between widths and between rows,
+    never cheaper with more rows or positions (noise), extrapolated linearly; an int key is one
+    row; a one-row table prices rows x width as tokens."""
+    c = WindowCost({(1, 1): 10.0, (1, 8): 20.0, (4, 1): 12.0, (4, 8): 40.0, (8, 1): 11.0, (8, 8): 60.0})
+    assert c(1, 1) == 1.0 and c(4, 8) == 4.0 and c(8, 8) == 6.0
+    assert c(1, 4) == pytest.approx(1 + 3 / 7)  # between widths
+    assert c(2, 8) == pytest.approx(2 + 2 * (1 / 3))  # between rows: 2.0 at 1 row, 4.0 at 4
+    assert c(8, 1) == 1.2  # measured 1.1 below 4 rows' 1.2: raised
+    assert c(16, 8) == pytest.approx(6 + 2 * 8 / 4)  # beyond the last row: linear
+    assert c(3) == c(1, 3)
+    flat = WindowCost({1: 1.0, 2: 1.8, 16: 4.0})
+    assert flat(4, 4) == flat(16) == 4.0 and flat(2, 1) == 1.8
+    for bad in ({(1, 1): 1.0, (0, 2): 1.0}, {(1, 1): 1.0, (1, 2, 3): 1.0}, {(2, 1): 1.0}):
+        with pytest.raises(ValueError, match="window_cost"):
+            WindowCost(bad)
 
 
 def test_estimates_follow_the_history():
@@ -134,8 +184,10 @@ def test_generator_measures_the_cost_or_takes_a_table():
     model = tiny_model("llama")
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, draft=NGramDraft(k=4))
     pts = dict(gen.speculative.policy.cost.points)
-    assert sorted(pts) == [1, 2, 4, 8, 10] and pts[1] == 1.0  # up to 2 rows x (k + 1)
-    assert all(a <= b for a, b in zip(list(pts.values()), list(pts.values())[1:], strict=False))
+    # rows 1 and max_batch_size by widths 1, 2 and k + 1 (4, just below 5, left out)
+    assert sorted(pts) == [(1, 1), (1, 2), (1, 5), (2, 1), (2, 2), (2, 5)] and pts[(1, 1)] == 1.0
+    assert all(pts[(r, a)] <= pts[(r, b)] for r in (1, 2) for a, b in ((1, 2), (2, 5)))
+    assert all(pts[(1, w)] <= pts[(2, w)] for w in (1, 2, 5))
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, draft=NGramDraft(k=4),
                          window_cost={1: 2.0, 8: 3.0})
     assert gen.speculative.policy.cost(8) == 1.5

@@ -8,25 +8,18 @@ is a 400 naming the field, and SIGTERM shuts Serve and Ray down with exit code 0
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from _serving import chat_tokenizer, tiny_llm
+from _serving import chat_tokenizer, start_server, tiny_llm
 
 from decodekit import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -76,21 +69,11 @@ def test_two_replicas_answer_like_one_process(tmp_path):
         [SamplingParams(max_new_tokens=r["max_tokens"], **r["kw"]) for r in work])]
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.Popen([sys.executable, "-m", "decodekit", "serve", str(tmp_path), "--ray",
-                             "--replicas", "2", "--port", str(port), "--served-model-name", "tiny",
-                             "--max-batch-size", "4", "--max-seq-len", "160"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    args = [sys.executable, "-m", "decodekit", "serve", str(tmp_path), "--ray", "--replicas", "2", "--port",
+            str(port), "--served-model-name", "tiny", "--max-batch-size", "4", "--max-seq-len", "160"]
+    proc, url = start_server(args, timeout=240, RAY_USAGE_STATS_ENABLED="0")
+    lines, reader = proc.lines, proc.reader
     try:
-        deadline, url = time.monotonic() + 240, None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = (re.search(r"on (http://\S+) ", x) for x in list(lines))
-            url = next((m.group(1) for m in found if m), None)
-            time.sleep(0.2)
-        assert url, "".join(lines)[-4000:]
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         with ThreadPoolExecutor(8) as pool:
             seen = list(pool.map(lambda r: _ask(client, r), work))

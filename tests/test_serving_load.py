@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -26,13 +24,12 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from _serving import chat_tokenizer, metric, tiny_llm
+from _serving import chat_tokenizer, metric, start_server, tiny_llm
 
 from decodekit import SamplingParams
 from decodekit.serving import Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -165,25 +162,9 @@ def test_32_clients_400_requests(tmp_path):
 
 
 def _start_cli(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``decodekit serve`` in a process; its output is read in the background (kept on
-    ``proc.lines``) so a chatty server never blocks on a full pipe."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "decodekit", "serve", str(model_dir), "--port", "0",
-                             "--served-model-name", "tiny", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    proc.lines = []
-    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stdout), daemon=True)
-    proc.reader.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = [re.search(r"on (http://\S+) ", line) for line in list(proc.lines)]
-        url = next((m.group(1) for m in found if m), None)
-        if url:
-            return proc, url
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(10)
-    raise AssertionError("decodekit serve did not start:\n" + "".join(proc.lines)[-3000:])
+    """``decodekit serve`` on the saved tiny model, on a free port."""
+    return start_server([sys.executable, "-m", "decodekit", "serve", str(model_dir), "--port", "0",
+                         "--served-model-name", "tiny", *extra])
 
 
 def test_cli_serve_sigterm_finishes_running_requests_and_exits_0(tmp_path):

@@ -377,10 +377,48 @@ def test_ngram_anchor_follows_the_source_through_a_correction():
     d = drafter.propose([DraftRequest(0, prompt + copy, 8)], [len(prompt) + 1])
     assert d.tokens[0, : d.lengths[0]].tolist() == [12, THE, 13, 14, 15, 16, THE, 17]
     # verified: first draft token rejected, FIX emitted instead; the model then writes THE
+    drafter.committed([DraftRequest(0, prompt + copy, 8)], [0], d.tokens.shape[1])
     seen = prompt + copy + [FIX, THE]
     d = drafter.propose([DraftRequest(0, seen, 8)], [len(seen) - 1])
     assert d.tokens[0, : d.lengths[0]].tolist() == [13, 14, 15, 16, THE, 17, 18, 19]
     assert NGramDraft(n=3, k=8).propose(seen) == [20, 21, 7, 8, 10, 11, FIX, THE]  # latest: elsewhere
+
+
+def test_ngram_rejected_guess_does_not_move_the_anchor():
+    """A request copies a list whose lines share words (the model rewrites one line's end): a
+    one-token match (THEM) proposes the continuation of another line, which is rejected; the
+    next lookup (WITH) still takes the occurrence where the copy stands. The control, a
+    drafter that anchors at every draft (the old rule), follows the wrong guess."""
+    from decodekit.speculative.base import DraftRequest
+
+    THEM, WITH = 1, 2
+    line1 = [10, 11, 12, 13, 14]
+    line2 = [20, 21, 22, WITH, 23, 24, 25]  # "toss the slices with olive oil"
+    line3 = [30, 38, 39, 44, 45, 46, THEM, 31, 32, 33, 34, 35, 36, 37]  # "... spread them in a layer"
+    line4 = [40, WITH, 41, 42, 43]  # "sprinkle with rosemary"
+    prompt = [5, 6] + line1 + line2 + line3 + line4 + [7]
+
+    def run(old_rule: bool) -> list[int]:
+        drafter = NGramDraft(n=3, k=8).build(type("R", (), {"device": torch.device("cpu")})(), None)
+        drafter.admit([0], [prompt], [None])
+        seen = prompt + line1 + [20]  # copied line 1 and the start of line 2
+        req = DraftRequest(0, seen, 8)
+        d = drafter.propose([req], [len(seen) - 1])
+        assert d.tokens[0, :2].tolist() == [21, 22]
+        drafter.committed([req], [1], d.tokens.shape[1])  # 21 accepted, then THEM (not 22)
+        seen = seen + [21, THEM]
+        req = DraftRequest(0, seen, 8)
+        d = drafter.propose([req], [len(seen) - 1])
+        assert d.tokens[0, : d.lengths[0]].tolist()[:2] == [31, 32]  # line 3's continuation of THEM
+        drafter.committed([req], [0], d.tokens.shape[1])  # rejected: the model writes WITH
+        if old_rule:  # anchored at the rejected draft's source
+            drafter.anchors[0] = (prompt.index(31), len(seen))
+        seen = seen + [WITH]
+        d = drafter.propose([DraftRequest(0, seen, 8)], [len(seen) - 1])
+        return d.tokens[0, : d.lengths[0]].tolist()
+
+    assert run(old_rule=False)[:3] == [23, 24, 25]  # line 2, where the copy stands
+    assert run(old_rule=True)[:3] == [41, 42, 43]  # line 4: dragged by the wrong guess
 
 
 def test_ngram_index_agrees_with_the_scan():

@@ -89,30 +89,21 @@ def test_serve_tp_rank0_serves_and_the_ranks_follow(tmp_path):
     import re
     import signal
     import threading
-    import time
 
     import httpx
     import openai
+    from _serving import start_server
 
     from decodekit import LLM, SamplingParams
 
     model = _save("llama", tmp_path / "model")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
     args = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "decodekit", "serve", str(model), "--tp",
             "--port", "0", "--served-model-name", "tiny", "--max-batch-size", "4", "--max-seq-len", "96",
             "--shutdown-timeout", "30"]
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    proc, url = start_server(args, TRITON_INTERPRET="1")
+    lines = proc.lines
     try:
-        deadline, url = time.monotonic() + 120, None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = [re.search(r"on (http://\S+) ", line) for line in list(lines)]
-            url = next((m.group(1) for m in found if m), None)
-            time.sleep(0.1)
-        assert url, "".join(lines)[-3000:]
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         oracle = LLM(model=AutoModelForCausalLM.from_pretrained(model),

@@ -110,6 +110,31 @@ class BlockPool:
         self._refs[block] = 1
         return block
 
+    def claim(self, block: int) -> int | None:
+        """Hand out this very ``block`` (one holder now) when no one holds it: for a caller
+        with a layout preference. A parked block's content first moves to a free block, which
+        is returned (the caller copies ``block`` there before writing into it; the key follows
+        the content); with no free block left the parked content is evicted instead. None:
+        nothing to copy. ``ValueError`` when ``block`` is held or out of range."""
+        if not (0 < block < self.num_blocks) or self._refs[block] > 0:
+            raise ValueError(f"block {block} cannot be claimed (null block, out of range, or held)")
+        moved = None
+        if block in self._parked:
+            del self._parked[block]
+            key = self._key_of.pop(block)
+            if self._free:
+                moved = self._free.pop()
+                self._key_of[moved] = key
+                self._block_of[key] = moved
+                self._parked[moved] = None
+            else:
+                del self._block_of[key]
+                self.evictions += 1
+        else:
+            self._free.remove(block)
+        self._refs[block] = 1
+        return moved
+
     def share(self, block: int) -> None:
         """One more holder of a held ``block`` (a fork)."""
         self._check_held(block)

@@ -95,10 +95,12 @@ class TokenGenerator:
         Per request and step draft lengths from the cost model
         (:class:`~decodekit.speculative.policy.DraftPolicy`); False: every request drafts
         ``k`` tokens (fewer near its token budget).
-    window_cost : dict[int, float] | None
-        The draft policy's verification costs: ``{tokens: time}`` of one forward over that
-        many tokens (any unit; ``1`` among the keys). None measures them on the running
-        device when the generator is built (a second or so on a CPU); timings vary from run
+    window_cost : dict[int | tuple[int, int], float] | None
+        The draft policy's verification costs: ``{(rows, width): time}`` of one forward over
+        ``rows`` batch rows of ``width`` positions, or ``{tokens: time}`` for one row (any
+        unit; ``1`` or ``(1, 1)`` among the keys). None measures them on the running device
+        when the generator is built (rows 1, 2, 4, .. max_batch_size by widths 1, 2, 4, ..
+        k + 1; a few seconds on a CPU); timings vary from run
         to run, so seeded *sampled* outputs with speculation are reproducible only with a
         given table (greedy outputs always equal plain decoding's).
     steering : bool
@@ -146,7 +148,7 @@ class TokenGenerator:
                  device=None, dtype=None, logprobs_mode: str = "raw", seed: int | None = None,
                  sampler_backend: str = "auto", cuda_graphs: bool = True, draft: DraftConfig | None = None,
                  num_speculative_tokens: int | None = None, adaptive_k: bool = True,
-                 window_cost: dict[int, float] | None = None, steering: bool = True,
+                 window_cost: dict[Any, float] | None = None, steering: bool = True,
                  kv_cache: str = "paged", kv_cache_tokens: int | None = None, block_size: int = 16,
                  prefix_caching: bool = True, attention: str = "auto",
                  batch_logits_processors: Sequence[Callable] | None = None,
@@ -209,7 +211,7 @@ class TokenGenerator:
             if window_cost is not None:
                 cost = WindowCost(window_cost)
             elif adaptive_k:  # timings differ between ranks: every rank plans with rank 0's
-                measured = WindowCost.measure(self.runner, max_batch_size * (k + 1))
+                measured = WindowCost.measure(self.runner, max_batch_size, k + 1)
                 cost = WindowCost(from_leader(dict(measured.points), self.adapter.tp_size))
             else:
                 cost = WindowCost({1: 1.0})

@@ -99,10 +99,11 @@ class SlotKVCache(Cache):
 
     # ------------------------------------------------------------------ per step
     def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
-             length: torch.Tensor | None = None) -> None:
+             length: torch.Tensor | None = None, home: bool = False) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
         attention sees the first ``kv_len`` positions (default: all). ``length [B]``: each
-        row's visible positions (the masks carry them; unused here)."""
+        row's visible positions (the masks carry them; unused here). ``home``: the paged
+        cache's hint (rows are views here anyway)."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
@@ -198,6 +199,7 @@ class PagedKVCache(SlotKVCache):
         self._write_block = self._write_off = self._read_blocks = None
         self._table = self._length = None
         self._scratch: list[torch.Tensor | None] = [None, None]  # gather buffers (keys, values)
+        self._home: int | None = None  # bound rows read as views of their home ranges (first slot)
         self.kernel_attention = False  # update() returns the stores, the backend reads the tables
 
     @property
@@ -206,12 +208,24 @@ class PagedKVCache(SlotKVCache):
         k = self.layers[0].keys
         return 2 * len(self.layers) * k[0].numel() * k.element_size()
 
+    def home_block(self, slot: int, i: int) -> int | None:
+        """Block ``i`` of ``slot``'s home range, ``1 + slot * max_blocks + i``, when the cache
+        has a full-length range per slot (the default capacity), else None. A row whose
+        blocks all lie in its home range is one strided view of the stores (no gather); the
+        block tables still say where everything is."""
+        if self.num_blocks < 1 + self.max_slots * self.max_blocks:
+            return None
+        return 1 + slot * self.max_blocks + i
+
     def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
-             length: torch.Tensor | None = None) -> None:
+             length: torch.Tensor | None = None, home: bool = False) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
         attention sees their first ``kv_len`` positions (default: all), each row its first
         ``length [B]`` (needed in kernel mode). The block indices are worked out here once
-        for every layer."""
+        for every layer. ``home``: every block the rows hold is in its home range
+        (:meth:`home_block`; the caller knows, from the host tables), so reads are views of
+        the stores instead of gathered copies (what the rows do not hold reads as whatever
+        the range has: past each row's length, masked)."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
@@ -222,6 +236,7 @@ class PagedKVCache(SlotKVCache):
         self._write_off = write_pos % bs
         self._read_blocks = table[:, : -(-self.kv_len // bs)]  # [B, nb]
         self._write_pos, self._table, self._length = write_pos, table, length
+        self._home = first_slot if home and self.home_block(0, 0) is not None else None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Write ``key/value_states [B, H, q, D]`` into the rows' blocks; return the rows'
@@ -252,6 +267,11 @@ class PagedKVCache(SlotKVCache):
         call. Elsewhere a fresh tensor (a buffer replaced between CUDA-graph captures would
         leave an earlier graph writing into freed memory)."""
         B, nb = self._read_blocks.shape
+        if self._home is not None:  # [B, kv_len, H, D] at a stride of one home range per row
+            bs, H, D = store.shape[1:]
+            row, base = self.max_blocks * bs * H * D, self.home_block(self._home, 0) * bs * H * D
+            view = store.as_strided((B, self.kv_len, H, D), (row, H * D, D, 1), store.storage_offset() + base)
+            return view.transpose(1, 2)
         n, idx = B * nb, self._read_blocks.reshape(-1)
         if store.device.type == "cpu":
             buf = self._scratch[which]

@@ -39,6 +39,7 @@ class KVStats:
 
     prefix_hit_tokens: int = 0  # prompt tokens taken from cached blocks (not computed), prefilled requests
     copied_blocks: int = 0  # copy-on-write copies
+    moved_blocks: int = 0  # cached blocks moved out of a slot's home range (the slot writes there)
 
 
 def range_salts(tag: bytes, lo: int, hi: int, n_blocks: int, block_size: int) -> list[bytes]:
@@ -75,6 +76,7 @@ class KVBlocks:
         self._dirty: set[int] = set()
         self._copies: list[tuple[int, int]] = []  # (src, dst) blocks to copy at the next sync
         self._hits: dict[int, int] = {}  # slot -> prefix tokens found at admission, not yet prefilled
+        self._away = np.zeros(cache.max_slots, dtype=np.int64)  # held blocks outside the slot's home range
         # changed rows + copies travel in one pinned, non-blocking upload (no host sync)
         self._uploads = StepUploads(cache.max_slots * (cache.max_blocks + 1) + 2 * cache.max_slots,
                                     cache.block_tables.device)
@@ -88,6 +90,12 @@ class KVBlocks:
     def num_usable(self) -> int:
         """Blocks that can still be handed out (free or evictable)."""
         return self.pool.num_usable
+
+    def home_rows(self, first_slot: int, n: int) -> bool:
+        """Whether every block held by slots ``first_slot .. first_slot + n`` lies in its
+        slot's home range (:meth:`PagedKVCache.home_block`): then the rows can be read as
+        strided views, without a gather."""
+        return self.cache.home_block(0, 0) is not None and not self._away[first_slot:first_slot + n].any()
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks covering ``tokens`` positions."""
@@ -139,7 +147,7 @@ class KVBlocks:
                     held[i] = private
                     self._mark(slot, i, private)
             else:
-                block = self.pool.allocate()
+                block = self._allocate(slot, i)
                 held.append(block)
                 self._mark(slot, i, block)
 
@@ -173,6 +181,7 @@ class KVBlocks:
         if self._held[slot]:
             self._held[slot] = []
             self._host[slot] = NULL_BLOCK
+            self._away[slot] = 0
             self._dirty.add(slot)
 
     # ------------------------------------------------------------------ device
@@ -191,6 +200,21 @@ class KVBlocks:
         self._copies.clear()
         self._dirty.clear()
 
+    def _allocate(self, slot: int, i: int) -> int:
+        """A fresh block for entry ``i`` of ``slot``: its home block when no one holds it (a
+        parked home block's content moves out first, copied at the next sync), else any."""
+        home = self.cache.home_block(slot, i)
+        if home is None or self.pool.refs(home) > 0:
+            return self.pool.allocate()
+        moved = self.pool.claim(home)
+        if moved is not None:
+            self._copies.append((home, moved))
+            self.stats.moved_blocks += 1
+        return home
+
     def _mark(self, slot: int, i: int, block: int) -> None:
+        home = self.cache.home_block(slot, i)
+        old = int(self._host[slot, i])
+        self._away[slot] += (block != home) - (old != NULL_BLOCK and old != home)
         self._host[slot, i] = block
         self._dirty.add(slot)

@@ -239,8 +239,12 @@ class ModelRunner:
         """Logits ``[B, keep, V]`` of the last ``keep`` positions of ``input_ids [B, q]`` for
         slots ``first_slot .. first_slot + B``, written at ``q_pos [B, q]``, each row seeing
         its first ``length [B]`` positions (of ``kv_len``)."""
-        self.cache.bind(first_slot, q_pos, kv_len, length)
         kernel = self.kv is not None and self.cache.kernel_attention
+        # on a CPU, rows whose blocks sit in their home ranges are read as views (no gather);
+        # on CUDA the attention kernel reads the blocks (and graphs must not depend on it)
+        home = self.kv is not None and not kernel and self.device.type == "cpu" and \
+            self.kv.home_rows(first_slot, q_pos.shape[0])
+        self.cache.bind(first_slot, q_pos, kv_len, length, home=home)
         lora = self.lora.maybe_bound(first_slot, q_pos) if self.lora is not None else contextlib.nullcontext()
         with maybe_bound(self.hooks, first_slot, q_pos), lora, \
                 kernel_attention(self.adapter, self.cache) if kernel else contextlib.nullcontext():

@@ -3,8 +3,9 @@ earlier occurrence of its last ``n`` tokens (or fewer) in its own prompt and out
 
 Which occurrence: a request that is copying (a text to repeat, fix or reformat) walks through
 its source, so the drafter keeps an *anchor* per request, the source position it expects to
-copy from next (where its last draft came from, advanced by the tokens emitted since), and
-takes the occurrence whose continuation lies nearest to it (within ``[-BACK, +AHEAD]``
+copy from next (where its last draft whose first token was accepted came from, advanced by
+the tokens emitted since: a rejected guess from another passage does not move it), and takes
+the occurrence whose continuation lies nearest to it (within ``[-BACK, +AHEAD]``
 tokens); without an anchor or a nearby occurrence, the latest one. After a correction the
 model emits tokens that are not in the source; the nearest occurrence of the next short
 suffix (" the") is then the one in the passage being copied, where the latest may be
@@ -186,6 +187,7 @@ class _NGramDrafter:
         self.config, self.device = config, device
         self.index: dict[int, NGramIndex] = {}
         self.anchors: dict[int, tuple[int, int]] = {}  # slot -> (source, tokens then)
+        self._sources: dict[int, tuple[int, int]] = {}  # slot -> this step's draft's (source, tokens)
         self._last: dict[int, tuple[int, int | None, Match]] = {}  # slot -> this step's lookup
 
     def admit(self, slots, prompts, steering) -> None:
@@ -198,6 +200,7 @@ class _NGramDrafter:
     def release(self, slot: int) -> None:
         self.index.pop(slot, None)
         self.anchors.pop(slot, None)
+        self._sources.pop(slot, None)
         self._last.pop(slot, None)
 
     def enable_graphs(self, capture=None) -> None:
@@ -212,7 +215,15 @@ class _NGramDrafter:
             del self.anchors[slot]
 
     def committed(self, requests, accepted, window) -> None:
-        pass
+        """A draft whose first token was accepted anchors its request at its source; a
+        rejected one anchors only a request without an anchor (a correction right where the
+        copy stands), never moves one: a guess from elsewhere (a one-token match in another
+        line) must not drag the next lookups to the passage it came from."""
+        for r, a in zip(requests, accepted, strict=True):
+            src = self._sources.pop(r.slot, None)
+            if src is not None and (a > 0 or r.slot not in self.anchors):
+                self.anchors[r.slot] = src
+        self._sources.clear()
 
     def _anchor(self, slot: int, tokens: Sequence[int]) -> int | None:
         """Where the request should be copying from now: its last draft's source advanced by
@@ -246,10 +257,11 @@ class _NGramDrafter:
             return []
         m = self._match(r.slot, r.tokens)
         if m.tokens:
-            self.anchors[r.slot] = (m.source, len(r.tokens))
+            self._sources[r.slot] = (m.source, len(r.tokens))
         return m.tokens[: r.budget]
 
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
+        self._sources.clear()
         drafts = [self._draft(r) for r in requests]
         K = max(len(d) for d in drafts)
         if K == 0:

@@ -1,14 +1,15 @@
 """Draft lengths from a cost model: how many tokens each request of a batch drafts this step.
 
 A verification window is rectangular: ``B`` rows of ``L + 1`` positions, ``L`` the longest
-draft (the runner pads shorter rows), so it costs ``cost(B * (L + 1))`` in units of a
-one-token forward (:class:`WindowCost`, measured on the running device when the generator is
-built, or given). A request's ``j``-th drafted token is accepted with probability
+draft (the runner pads shorter rows; idle slots below the highest are rows too), so it costs
+``cost(B, L + 1)`` in units of a one-token forward (:class:`WindowCost`, measured per rows
+and width on the running device when the generator is built, or given). A request's ``j``-th
+drafted token is accepted with probability
 ``h * g^(j-1)``: ``h`` that its first token is, ``g`` that a run, once started, goes on
 (prompt lookup is like this: the first token after a correction is a guess, then the copy
 runs). For a given ``L`` every row best drafts ``min(L, its cap)`` (its padding costs the
 same), so the plan is the ``L`` that maximises ``(B + sum of the rows' gains) /
-(cost(B * (L + 1)) + drafting cost)``; ``L = 0`` (a plain step) is one of the candidates, so
+(cost(B, L + 1) + drafting cost)``; ``L = 0`` (a plain step) is one of the candidates, so
 by the model a plan is never below break-even. On a CPU, where two verified tokens already
 cost nearly twice one, a request drafts only when it expects most of a token back; on a GPU,
 where verifying a few more tokens is nearly free, it drafts on weaker odds. The measurement
@@ -41,62 +42,107 @@ CONFIDENT_HIT = 0.9  # first-token acceptance on a step where the drafter is con
 
 
 class WindowCost:
-    """``cost(T)``: a forward over ``T`` tokens relative to a one-token forward, piecewise
-    linear between measured points (linear beyond the last), made non-decreasing.
+    """``cost(rows, width)``: a forward over ``rows`` batch rows of ``width`` positions each,
+    relative to a one-row, one-token forward; ``cost(tokens)`` is ``cost(1, tokens)``.
 
-    ``points``: ``{tokens: seconds or relative cost}``, with ``1`` among the keys.
+    ``points``: ``{(rows, width): seconds or relative cost}``, with ``(1, 1)`` among the keys;
+    an int key ``T`` stands for ``(1, T)``. Between measured widths the cost is piecewise
+    linear (linear beyond the last), between measured row counts linear in the rows; a table
+    of one row only (int keys) prices ``rows x width`` as ``rows * width`` tokens of one row.
+    Made non-decreasing in both (timing noise never makes more work cheaper).
+
+    Rows matter on their own: a batch of ``B`` rows of ``L + 1`` positions costs more than
+    one row of ``B * (L + 1)`` (each row reads its own keys and values), by 1.2-1.5x for
+    SmolLM2 on a 2-core CPU at ``B = 8``.
     """
 
-    def __init__(self, points: Mapping[int, float]) -> None:
-        if 1 not in points:
-            raise ValueError("window_cost needs the cost of 1 token (key 1)")
-        if any(int(t) < 1 or not c > 0 for t, c in points.items()):
-            raise ValueError("window_cost: token counts must be >= 1 and costs > 0")
-        base, top, pts = points[1], 0.0, []
-        for t, c in sorted(points.items()):  # never cheaper for more tokens (timing noise)
-            top = max(top, c / base)
-            pts.append((int(t), top))
-        self.points = pts
+    def __init__(self, points: Mapping[Any, float]) -> None:
+        keys: dict[tuple[int, int], float] = {}
+        for key, c in points.items():
+            rw = (1, key) if isinstance(key, int) else tuple(key)
+            if len(rw) != 2 or any(int(x) < 1 for x in rw) or not c > 0:
+                raise ValueError("window_cost: keys must be token counts >= 1 or (rows, width) pairs "
+                                 f">= 1 and costs > 0, got {key!r}: {c!r}")
+            keys[(int(rw[0]), int(rw[1]))] = float(c)
+        if (1, 1) not in keys:
+            raise ValueError("window_cost needs the cost of 1 token (key 1, or (1, 1))")
+        base = keys[(1, 1)]
+        self.rows: list[int] = sorted({r for r, _ in keys})
+        self.curves: dict[int, list[tuple[int, float]]] = {}
+        below: list[tuple[int, float]] | None = None
+        for r in self.rows:
+            top, pts = 0.0, []
+            for w in sorted(w for rr, w in keys if rr == r):
+                c = keys[(r, w)] / base
+                if below is not None:
+                    c = max(c, _interp(below, w))  # never cheaper with more rows
+                top = max(top, c)
+                pts.append((w, top))
+            self.curves[r] = below = pts
+        self.points = sorted(((r, w), c) for r, pts in self.curves.items() for w, c in pts)
 
-    def __call__(self, tokens: float) -> float:
-        pts = self.points
-        if tokens <= pts[0][0] or len(pts) == 1:
-            return pts[0][1]
-        for (t0, c0), (t1, c1) in zip(pts, pts[1:], strict=False):
-            if tokens <= t1:
-                return c0 + (c1 - c0) * (tokens - t0) / (t1 - t0)
-        (t0, c0), (t1, c1) = pts[-2], pts[-1]
-        return c1 + (c1 - c0) / (t1 - t0) * (tokens - t1)
+    def __call__(self, rows: float, width: float | None = None) -> float:
+        if width is None:
+            rows, width = 1, rows
+        if len(self.rows) == 1:  # one row measured: the tokens decide
+            return _interp(self.curves[self.rows[0]], rows * width)
+        rs = self.rows
+        if rows <= rs[0]:
+            return _interp(self.curves[rs[0]], width)
+        i = next((i for i in range(1, len(rs)) if rows <= rs[i]), len(rs) - 1)  # beyond: the last two
+        r0, r1 = rs[i - 1], rs[i]
+        c0, c1 = _interp(self.curves[r0], width), _interp(self.curves[r1], width)
+        return max(c0, c0 + (c1 - c0) * (rows - r0) / (r1 - r0))
 
     def __repr__(self) -> str:
-        return "WindowCost({" + ", ".join(f"{t}: {c:.2f}" for t, c in self.points) + "})"
+        return "WindowCost({" + ", ".join(f"{k}: {c:.2f}" for k, c in self.points) + "})"
 
     @classmethod
-    def measure(cls, runner: Any, max_tokens: int, repeats: int = 3) -> WindowCost:
-        """Time forwards of ``T`` = 1, 2, 4, ... ``max_tokens`` positions of slot 0 through
-        ``runner``, with the logits of all ``T`` (the fastest of ``repeats`` after a warm-up).
-        Call while no request holds a slot: the writes land in slot 0's free positions."""
+    def measure(cls, runner: Any, max_rows: int, max_width: int, repeats: int = 2,
+                context: int = 256) -> WindowCost:
+        """Time forwards of ``rows`` slots (from slot 0; 1, ``max_rows`` and every fourth part
+        of it: 8 -> 1, 2, 8) of ``width`` positions each (1, 2, 4, .. and ``max_width``; a
+        power of two just below it is left out), after ``context`` cached positions, with the
+        logits of every position (the verification needs them all): the fastest of
+        ``repeats`` after one warm-up forward at the largest shape. Call while no request holds
+        a slot: the writes land in free positions (a paged cache's free slots write to its
+        null block)."""
         dev = runner.device
         size = runner.max_seq_len
-        top = max(1, min(max_tokens, size))
-        t_values = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)} | {top})
-        points: dict[int, float] = {}
+        top_w = max(1, min(max_width, size))
+        widths = sorted({1 << i for i in range(top_w.bit_length()) if (1 << i) < top_w - 1} | {1, top_w})
+        rows = sorted({1} | {max_rows >> (2 * j) for j in range(8) if max_rows >> (2 * j) >= 1})
+        points: dict[tuple[int, int], float] = {}
+
+        def forward(b: int, w: int) -> float:
+            c = max(0, min(context, size - w))
+            ids = torch.zeros(b, w, dtype=torch.long, device=dev)
+            pos = (torch.arange(w, device=dev) + c)[None].expand(b, w).contiguous()
+            length = torch.full((b,), c + w, dtype=torch.long, device=dev)
+            _sync(dev)
+            t0 = time.perf_counter()
+            runner.forward(ids, pos, length, 0, runner.kv_len(c + w), keep=w)
+            _sync(dev)
+            return time.perf_counter() - t0
+
         with torch.inference_mode():
-            for T in t_values:
-                ids = torch.zeros(1, T, dtype=torch.long, device=dev)
-                pos = torch.arange(T, device=dev)[None]
-                length = torch.full((1,), T, dtype=torch.long, device=dev)
-                kv = runner.kv_len(T)
-                runner.forward(ids, pos, length, 0, kv, keep=T)  # warm-up
-                times = []
-                for _ in range(repeats):
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    runner.forward(ids, pos, length, 0, kv, keep=T)
-                    _sync(dev)
-                    times.append(time.perf_counter() - t0)
-                points[T] = min(times)
+            forward(rows[-1], widths[-1])  # warm-up
+            for b in rows:
+                for w in widths:
+                    points[(b, w)] = min(forward(b, w) for _ in range(repeats))
         return cls(points)
+
+
+def _interp(pts: Sequence[tuple[int, float]], x: float) -> float:
+    """Piecewise-linear ``pts`` (ascending x) at ``x``: flat below the first, linear beyond
+    the last two."""
+    if x <= pts[0][0] or len(pts) == 1:
+        return pts[0][1]
+    for (t0, c0), (t1, c1) in zip(pts, pts[1:], strict=False):
+        if x <= t1:
+            return c0 + (c1 - c0) * (x - t0) / (t1 - t0)
+    (t0, c0), (t1, c1) = pts[-2], pts[-1]
+    return c1 + (c1 - c0) / (t1 - t0) * (x - t1)
 
 
 def _sync(device: torch.device) -> None:
@@ -154,21 +200,24 @@ class DraftPolicy:
         g = (c.kept + PRIOR_WEIGHT * g0) / (c.tries + PRIOR_WEIGHT)
         return (max(h, CONFIDENT_HIT) if confident else h), g
 
-    def plan(self, slots: Sequence[int], caps: Sequence[int], confident: Sequence[bool] = ()) -> list[int]:
+    def plan(self, slots: Sequence[int], caps: Sequence[int], confident: Sequence[bool] = (),
+             rows: int | None = None) -> list[int]:
         """Draft length per row (``caps[r]``: the most row ``r`` may draft, ``confident[r]``:
-        the drafter is sure of row ``r``'s draft this step)."""
+        the drafter is sure of row ``r``'s draft this step). ``rows``: the batch rows a step
+        computes (idle slots below the highest included; default ``len(slots)``)."""
         caps = [min(self.k, max(0, c)) for c in caps]
         if not self.enabled:
             return caps
         B = len(slots)
+        n = max(B, rows or 0)
         sure = list(confident) or [False] * B
         hg = [self.acceptance(s, sure[r]) for r, s in enumerate(slots)]
-        base = self.cost(B)
+        base = self.cost(n, 1)
         best_L, best = 0, B / base
         expected = float(B)
         for L in range(1, max(caps, default=0) + 1):
             expected += sum(h * g ** (L - 1) for (h, g), cap in zip(hg, caps, strict=True) if cap >= L)
-            value = expected / (self.cost(B * (L + 1)) + self.draft_cost * L * base)
+            value = expected / (self.cost(n, L + 1) + self.draft_cost * L * base)
             if value > best:
                 best_L, best = L, value
         out = [min(best_L, c) for c in caps]

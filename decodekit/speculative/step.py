@@ -103,7 +103,8 @@ class SpeculativeStep:
             cap = max(0, min(self.k, limit - produced - 1, max_seq_len - c.length - 1) if c.speculate else 0)
             caps.append(cap)
             sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
-        plan = self.policy.plan([c.slot for c in rows], caps, sure)
+        slots = [c.slot for c in rows]  # a step computes every slot up to the highest
+        plan = self.policy.plan(slots, caps, sure, rows=max(slots) + 1)
         if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
             return None  # (a guided row may still jump forward over tokens its grammar forces)
         return [DraftRequest(c.slot, seen, n, cap)
