@@ -3,7 +3,7 @@ tests/test_tensor_parallel.py). Loads the saved tiny model with transformers' TP
 the same workload on every rank, and writes the rank's tokens as JSON; the test compares the
 ranks with each other and with a single process.
 
-    torchrun --nproc_per_node 2 tests/_tp_worker.py MODEL_DIR OUT_DIR [--single]
+    torchrun --nproc_per_node 2 tests/_tp_worker.py MODEL_DIR OUT_DIR [--single] [--guided | --pp]
 """
 
 from __future__ import annotations
@@ -70,6 +70,31 @@ def run(model, tok, whole) -> dict[str, list]:
     return out
 
 
+def run_guided(model, tok, whole) -> dict[str, list]:
+    """Guided decoding (regex, choice, JSON schema; greedy and seeded) and an ensemble with a
+    replicated member, on a model over a real tokenizer's vocabulary."""
+    from decodekit import LLM, GuidedDecodingParams, SamplingParams
+
+    prompts = ["The code is", "Answer:", "A person:", "Hello"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    specs = [GuidedDecodingParams(regex=r"[0-9]{3}-[0-9]{4}"),
+             GuidedDecodingParams(choice=["yes", "no", "maybe"]),
+             GuidedDecodingParams(json=schema, disable_any_whitespace=True), None]
+    kws = [dict(temperature=0), dict(seed=5), dict(seed=6), dict(seed=7)]
+    params = [SamplingParams(max_new_tokens=16, guided_decoding=g, **kw)
+              for g, kw in zip(specs, kws, strict=True)]
+    out = {}
+    llm = LLM(model=model, tokenizer=tok, seed=11, max_batch_size=4, max_seq_len=64)
+    out["guided"] = [r.token_ids for r in llm.generate(prompts, params)]
+    out["guided_text"] = [r.text for r in llm.generate(prompts, params)]
+    ens = LLM(model=model, tokenizer=tok, seed=11, max_batch_size=4, max_seq_len=64, ensemble_models=[whole],
+              ensemble_weights=[1.0, 0.5])
+    out["ensemble"] = [r.token_ids for r in ens.generate(prompts, [SamplingParams(max_new_tokens=12, seed=s)
+                                                                    for s in range(4)])]
+    return out
+
+
 def main() -> None:
     import faulthandler
     import os
@@ -107,8 +132,11 @@ def main() -> None:
         rank = str(torch.distributed.get_rank())
     tok = AutoTokenizer.from_pretrained(model_dir)
     whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = run(model.eval(), tok, whole)
-    if not single:  # what TP cannot run is refused at construction
+    if "--guided" in sys.argv:
+        out = run_guided(model.eval(), tok, whole)
+    else:
+        out = run(model.eval(), tok, whole)
+    if not single and "--guided" not in sys.argv:  # what TP cannot run is refused at construction
         from decodekit import LLM, DraftModel
         for kw, expect in ((dict(model=model, max_loras=1), "max_loras=0"),
                            (dict(model=whole, draft=DraftModel(model)), "sharded over 2 ranks")):

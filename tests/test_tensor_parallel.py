@@ -59,6 +59,38 @@ def test_two_ranks_agree_with_each_other_and_a_single_process(arch, tmp_path):
 
 
 @pytest.mark.slow
+def test_guided_decoding_and_ensembles_agree_across_ranks(tmp_path):
+    """Guided requests (regex, choice, JSON schema; greedy and seeded: each rank's grammar
+    matchers mask the same tokens) and an ensemble with a replicated member, on a tiny Llama
+    over SmolLM2's vocabulary: both ranks equal each other and a single process; the guided
+    texts match their grammars."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from decodekit import load
+
+    _, tok = load()
+    torch.manual_seed(0)
+    cfg = tiny_config("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=0)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "out"
+    out.mkdir()
+    _run([torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(folder), str(out), "--guided"])
+    _run([sys.executable, str(WORKER), str(folder), str(out), "--single", "--guided"])
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in ("0", "1", "single")]
+    assert ranks[0] == ranks[1], "the ranks diverged"
+    assert ranks[0] == ranks[2], "tensor-parallel tokens differ from a single process"
+    code, choice, person, _ = ranks[0]["guided_text"]
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", code) and choice in ("yes", "no", "maybe"), (code, choice)
+    assert isinstance(json.loads(person)["ok"], bool), person
+
+
+@pytest.mark.slow
 def test_pipeline_parallel_models_are_refused_with_what_to_use(tmp_path):
     """transformers' pipeline stages (DistributedConfig(pp_size=2)) drop the KV cache the
     generator passes by keyword: refused on every rank, naming tensor parallelism instead."""

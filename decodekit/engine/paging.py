@@ -64,10 +64,14 @@ class KVBlocks:
         The blocks' tensors and the device block tables.
     prefix_caching : bool
         Look prompts up in, and add them to, the prefix cache.
+    home_copies : bool
+        A prefix hit is copied into the slot's home blocks (when free) instead of shared:
+        the prefill is still saved, and the row stays readable as a view (the CPU path,
+        where a gather per layer costs more than a block copy per admission).
     """
 
-    def __init__(self, cache: PagedKVCache, prefix_caching: bool = True) -> None:
-        self.cache, self.prefix_caching = cache, prefix_caching
+    def __init__(self, cache: PagedKVCache, prefix_caching: bool = True, home_copies: bool = False) -> None:
+        self.cache, self.prefix_caching, self.home_copies = cache, prefix_caching, home_copies
         self.block_size = cache.block_size
         self.pool = BlockPool(cache.num_blocks)
         self.stats = KVStats()
@@ -119,6 +123,8 @@ class KVBlocks:
                     break
                 hits.append(block)
         cached = len(hits) * self.block_size
+        if self.home_copies:
+            hits = [self._home_copy(slot, i, b) for i, b in enumerate(hits)]
         for i, block in enumerate(hits):
             self._mark(slot, i, block)
         self._held[slot] = hits  # prepare() appends the fresh blocks to this list
@@ -210,6 +216,21 @@ class KVBlocks:
         if moved is not None:
             self._copies.append((home, moved))
             self.stats.moved_blocks += 1
+        return home
+
+    def _home_copy(self, slot: int, i: int, block: int) -> int:
+        """Entry ``i`` of ``slot`` gets a private copy of the cached ``block`` in its home block
+        when that one is free to claim (the cached block goes back to the cache), else shares
+        ``block``."""
+        home = self.cache.home_block(slot, i)
+        if home is None or home == block or self.pool.refs(home) > 0:
+            return block
+        moved = self.pool.claim(home)
+        if moved is not None:
+            self._copies.append((home, moved))
+            self.stats.moved_blocks += 1
+        self._copies.append((block, home))  # the copies of one sync read before they write
+        self.pool.release(block)
         return home
 
     def _mark(self, slot: int, i: int, block: int) -> None:

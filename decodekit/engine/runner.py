@@ -110,7 +110,9 @@ class ModelRunner:
             self.cache = PagedKVCache(self.model.config, max_slots, max_seq_len + scratch, self.device,
                                       self.dtype, num_blocks=paging.num_blocks, block_size=paging.block_size,
                                       tp_size=adapter.tp_size)
-            self.kv = KVBlocks(self.cache, paging.prefix_caching)
+            # on a CPU rows are read as views of their home blocks: prefix hits are copied there
+            self.kv = KVBlocks(self.cache, paging.prefix_caching,
+                               home_copies=self.device.type == "cpu" and not paging.kernel)
         self.last_tokens = torch.zeros(max_slots, dtype=torch.long, device=self.device)  # [slots]
         self.hooks: SteeringHooks | None = None
         if steering:
