@@ -182,6 +182,30 @@ def test_random_admissions_forks_and_releases_keep_every_slot_intact(blocks, hom
     assert int(cache.block_tables.abs().sum()) == 0  # every table row back to the null block
 
 
+def test_cached_content_moved_twice_in_one_sync_keeps_its_values():
+    """Slot 2's cached prompt blocks are parked in its home range when it takes that range
+    again: block 21's content moves to block 23 (the freed partial block, the next free
+    one), and then slot 2's third block is 23 itself, so that content moves a second time in
+    the same sync. The copies must run in order (one batched copy would read 23 before the
+    first copy wrote it). A later prefix hit reads the original values."""
+    cache = _cache(6, 40, blocks=61)
+    kv = KVBlocks(cache)
+    t = list(range(10, 19))  # two full blocks and one token
+    kv.admit(2, t)
+    kv.sync()
+    assert kv.blocks(2) == [21, 22, 23]  # slot 2's home range
+    _write(cache, 2, t, 0)
+    kv.register(2, t)
+    kv.free(2)  # 21, 22 parked under t's keys; 23 (not full) freed
+    kv.sync()
+    kv.admit(2, list(range(40, 49)))  # 21 -> 23, 22 -> 1, then 23 (holding 21's content) -> 2
+    assert kv.blocks(2) == [21, 22, 23] and kv.stats.moved_blocks == 3
+    kv.sync()
+    assert kv.admit(4, t) == 8  # both full blocks from the cache
+    kv.sync()
+    assert _read(cache, 4, 8) == [_value(t[: p + 1]) for p in range(8)]
+
+
 # ----------------------------------------------------------------------------- generator
 def _gen(**kw) -> TokenGenerator:
     kw.setdefault("max_batch_size", 3)

@@ -199,8 +199,10 @@ class KVBlocks:
         rows = sorted(self._dirty)
         src, dst = zip(*self._copies, strict=True) if self._copies else ((), ())
         r, table, s, d = self._uploads.put(rows, self._host[rows].reshape(-1), src, dst)
-        if len(s):
-            self.cache.copy_blocks(s, d)
+        start = 0
+        for end in _copy_rounds(self._copies):  # in queue order where a copy reads an earlier one's
+            self.cache.copy_blocks(s[start:end], d[start:end])
+            start = end
         if rows:
             self.cache.block_tables.index_copy_(0, r, table.view(len(rows), -1))
         self._copies.clear()
@@ -239,3 +241,17 @@ class KVBlocks:
         self._away[slot] += (block != home) - (old != NULL_BLOCK and old != home)
         self._host[slot, i] = block
         self._dirty.add(slot)
+
+
+def _copy_rounds(copies: Sequence[tuple[int, int]]) -> list[int]:
+    """Ends of the runs of ``copies`` (in queue order) that may be applied as one batched copy
+    (every source read before any destination is written): a run ends before a copy that
+    reads or writes a block an earlier copy of the run writes (a chain such as a cached block
+    moved out of a home range and then copied again in the same sync)."""
+    ends, written = [], set()
+    for i, (a, b) in enumerate(copies):
+        if a in written or b in written:
+            ends.append(i)
+            written = set()
+        written.add(b)
+    return ends + [len(copies)] if copies else []
