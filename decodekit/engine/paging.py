@@ -214,6 +214,10 @@ class KVBlocks:
         home = self.cache.home_block(slot, i)
         if home is None or self.pool.refs(home) > 0:
             return self.pool.allocate()
+        return self._claim(home)
+
+    def _claim(self, home: int) -> int:
+        """Take the unheld ``home`` block; cached content parked there is queued to move out."""
         moved = self.pool.claim(home)
         if moved is not None:
             self._copies.append((home, moved))
@@ -227,11 +231,7 @@ class KVBlocks:
         home = self.cache.home_block(slot, i)
         if home is None or home == block or self.pool.refs(home) > 0:
             return block
-        moved = self.pool.claim(home)
-        if moved is not None:
-            self._copies.append((home, moved))
-            self.stats.moved_blocks += 1
-        self._copies.append((block, home))  # the copies of one sync read before they write
+        self._copies.append((block, self._claim(home)))  # after the move out (sync keeps queue order)
         self.pool.release(block)
         return home
 
