@@ -122,6 +122,33 @@ def test_estimates_follow_the_history():
     assert pol.acceptance(0, confident=True)[0] == CONFIDENT_HIT
 
 
+def test_evidence_classes_pool_their_acceptance_over_requests():
+    """A class whose drafts usually pass lifts the h of a request with a poor history (and of a
+    new one); a class of mostly wrong guesses does not; the pooled counts decay and a failed
+    call's snapshot restores them."""
+    pol = DraftPolicy(8, 0.0, CPU, prior=(0.15, 0.8))
+    for s in range(3):
+        pol.admit(s)
+    for _ in range(6):
+        pol.update(0, 8, 0, evidence=1)  # one-token guesses of request 0: rejected
+    for _ in range(9):
+        pol.update(1, 8, 6, evidence=5)  # three agreeing tokens, request 1: accepted
+    h_poor = pol.acceptance(0)[0]
+    assert h_poor < 0.1
+    assert pol.acceptance(0, evidence=1)[0] == h_poor  # the guesses' class is no better
+    lifted = (0.97 ** 8 * sum(0.97 ** -i for i in range(9)) + 2 * 0.15) / (
+        0.97 ** 8 * sum(0.97 ** -i for i in range(9)) + 2)
+    assert pol.acceptance(0, evidence=5)[0] == pytest.approx(lifted)
+    assert pol.acceptance(2, evidence=5)[0] == pytest.approx(lifted)  # a request that never drafted
+    assert pol.acceptance(2, evidence=3)[0] == pytest.approx(0.15)  # an unseen class: the prior
+    assert pol.plan([0], [8]) == [0] and pol.plan([0], [8], evidence=[5])[0] > 0
+    snap = pol.snapshot([0])
+    pol.update(0, 8, 0, evidence=5)
+    assert pol.acceptance(2, evidence=5)[0] < lifted
+    pol.restore(snap)
+    assert pol.acceptance(2, evidence=5)[0] == pytest.approx(lifted)
+
+
 def test_break_even_follows_the_cost():
     """The same history drafts on a GPU-like cost (verifying more tokens is nearly free) and
     not on a CPU-like one (two tokens already cost 1.8); a copying request drafts long on

@@ -271,11 +271,15 @@ def e2e_pvalue(n: int, broken: bool, monkeypatch, draft_of=None, rows: int = 32)
     """Chi-square p-value of the speculative joint law of three tokens against the exact
     one; ``broken``: the negative control (resample from p after a rejection).
     ``draft_of(model)`` makes the drafter (default: n-gram, which always proposes here)."""
+    import decodekit.sampling.reference as ref  # point-mass drafts on the CPU: its fused path
     import decodekit.sampling.sampler as G  # Sampler.verify calls this module's verify
     from decodekit.sampling import verify_reference
 
     if broken:
         monkeypatch.setattr(G, "verify", lambda *a, **k: verify_reference(*a, residual="p"))
+        fused = ref.verify_point_masses_from_logits
+        monkeypatch.setattr(ref, "verify_point_masses_from_logits",
+                            lambda *a, **k: fused(*a, **k, residual="p"))
     model = _e2e_model()
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=3, ignore_eos=True)
     draft = NGramDraft(n=2, k=3) if draft_of is None else draft_of(model)
@@ -360,6 +364,14 @@ def test_ngram_match_agreement_anchor_and_confidence():
     text = list(range(100, 140))
     assert drafter.confident(0, text + [7] + text[:CONFIDENT_AGREEMENT])  # copying the source again
     assert not drafter.confident(1, text + [7] + text[:2])
+    # evidence classes: 2 * min(agreement, 4) - 1, + 1 at the anchor; 0 without a match
+    assert drafter.evidence(2, text + [7] + text[:2]) == 3
+    assert drafter.evidence(3, text + [7] + text[:CONFIDENT_AGREEMENT + 3]) == 2 * CONFIDENT_AGREEMENT - 1
+    assert drafter.evidence(4, text + [7, 8]) == 0
+    drafter.anchors[5] = (1, len(text) + 2)  # copying from position 1 when the request had 42 tokens
+    assert drafter.evidence(5, text + [7, 100, 101]) == 2 * 2 - 1 + 1  # "100 101" continues at 2: near
+    drafter.anchors[6] = (30, len(text) + 2)
+    assert drafter.evidence(6, text + [7, 100, 101]) == 2 * 2 - 1  # the anchor points elsewhere
 
 
 def test_ngram_anchor_follows_the_source_through_a_correction():

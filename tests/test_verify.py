@@ -181,3 +181,74 @@ def test_greedy_verification_equals_the_full_path():
     sp.remove(3)
     sp.add(3, SamplingParams(temperature=0, repetition_penalty=1.3))
     assert sp.verify_greedy(logits, list(range(R)), drafts, n_draft) is None
+
+
+def test_point_mass_verification_equals_the_full_path():
+    """verify_point_masses (the drafts' probabilities only, one distribution per request)
+    gives the tokens and counts of window_probs + verify with q=None bit for bit: mixed
+    greedy / sampled / filtered / penalised / bad-word rows, a guided mask, drafts that are
+    often accepted, partial draft counts, rows drafting nothing."""
+    V, R, K = 300, 6, 5
+    sp = Sampler(V, R, "cpu", backend="torch", eos_token_ids=[1])
+    settings = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, seed=3),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=4),
+        SamplingParams(temperature=0.9, top_k=20, min_p=0.02, seed=5),
+        SamplingParams(temperature=1.2, typical_p=0.9, repetition_penalty=1.3, frequency_penalty=0.2,
+                       seed=6, min_new_tokens=3),
+        SamplingParams(temperature=0.8, bad_words_token_ids=[[5, 6], [7]], presence_penalty=0.5, seed=7),
+    ]
+    for s, params in enumerate(settings):
+        sp.add(s, params, prompt_token_ids=[5, 9, 9, 11])
+    slots = list(range(R))
+    g = torch.Generator().manual_seed(0)
+    words = -(-V // 32)
+    accepted = 0
+    for trial in range(40):
+        logits = torch.randn(R, K + 1, V, generator=g) * 2.5
+        p = sp.window_probs(logits, slots, torch.full((R, K), -1))
+        likely = torch.multinomial(p[:, :K].reshape(-1, V), 1, generator=g).view(R, K)
+        other = torch.randint(0, V, (R, K), generator=g)
+        drafts = torch.where(torch.rand(R, K, generator=g) < 0.8, likely, other)
+        n_draft = torch.randint(0, K + 1, (R,), generator=g)
+        n_draft[trial % R] = K
+        drafts = torch.where(torch.arange(K) < n_draft[:, None], drafts, -1)
+        mask = None
+        if trial % 4 == 3:  # a grammar allowing about 3/4 of the tokens (the drafts too)
+            allowed = torch.rand(R * (K + 1), V, generator=g) < 0.75
+            allowed[:, drafts.clamp(min=0).flatten()] = True
+            bits = torch.zeros(R * (K + 1), words * 32, dtype=torch.int64)
+            bits[:, :V] = allowed.long()
+            mask = (bits.view(-1, words, 32) << torch.arange(32)).sum(-1)
+            mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+        fast = sp.verify_point_masses(logits, slots, drafts, n_draft, mask=mask)
+        p = sp.window_probs(logits, slots, drafts, mask=mask)
+        full = sp.verify(p, None, drafts, n_draft, slots)
+        assert fast is not None
+        assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1]), trial
+        accepted += int(fast[1].sum())
+        sp.accept(slots, fast[0])  # move the counters, penalties and histories on
+    assert accepted > 40  # the likely drafts are often accepted: both rules were exercised
+    with pytest.raises(ValueError, match="n_draft"):
+        sp.verify_point_masses(logits, slots, drafts, torch.full((R,), K + 1))
+
+
+def test_race_over_few_positive_weights_is_the_dense_race():
+    """The CPU race draws noise only for positive weights when few are (filtered rows): the
+    same winners as the dense race over every token, ties going to the first index, and 0
+    for a row without positive weight."""
+    from decodekit.sampling.reference import _race, exponential_noise
+
+    g = torch.Generator().manual_seed(1)
+    N, V = 64, 500
+    w = torch.rand(N, V, generator=g)
+    w = torch.where(torch.rand(N, V, generator=g) < 0.05, w, 0.0)  # ~5% positive: the sparse path
+    w[3] = 0.0
+    w[4, 10] = w[4, 20] = 1e30  # equal weights: the noise decides
+    seed = torch.randint(0, 2**62, (N,), generator=g)
+    pos = torch.randint(0, 1000, (N,), generator=g)
+    E = exponential_noise(seed, pos, V)
+    dense = torch.where(w > 0, w / E, -1.0).argmax(-1)
+    assert torch.equal(_race(w, seed, pos), dense)
+    assert int((w > 0).sum()) * 4 < N * V and int(dense[3]) == 0

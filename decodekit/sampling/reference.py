@@ -52,6 +52,7 @@ __all__ = [
     "random_bits",
     "random_bits_at",
     "sample_from_logits",
+    "verify_point_masses_from_logits",
     "verify_reference",
     "window_state",
 ]
@@ -87,14 +88,31 @@ def random_bits_at(seed: torch.Tensor, position: torch.Tensor, token: torch.Tens
     return _mix32((h + k2) & _M32)
 
 
+_TOKEN_HASH: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _token_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """``(i * 0x9E3779B1) mod 2**32`` for every token id ``i`` (int64 ``[V]``): the part of
+    :func:`random_bits_at` that depends on the token alone, computed once per vocabulary."""
+    key = (vocab_size, device)
+    if key not in _TOKEN_HASH:
+        tok = torch.arange(vocab_size, dtype=torch.int64, device=device)
+        _TOKEN_HASH[key] = (tok * 0x9E3779B1) & _M32
+    return _TOKEN_HASH[key]
+
+
 def random_bits(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """32 random bits per (row, token): int64 ``[B, V]`` in ``[0, 2**32)``.
 
     A pure function of (seed, position, token id): a request draws the same bits
-    whatever its slot, batch size or batch-mates.
+    whatever its slot, batch size or batch-mates. (:func:`random_bits_at` over every token
+    id, with the token's part of the hash precomputed.)
     """
-    tok = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
-    return random_bits_at(seed[:, None], position[:, None], tok[None, :])
+    k1, k2 = _row_keys(seed.to(torch.int64)[:, None], position.to(torch.int64)[:, None])
+    h = _mix32(_token_hash(vocab_size, seed.device)[None, :] ^ k1)
+    h += k2
+    h &= _M32
+    return _mix32(h)
 
 
 def exponential_from_bits(r: torch.Tensor) -> torch.Tensor:
@@ -104,14 +122,18 @@ def exponential_from_bits(r: torch.Tensor) -> torch.Tensor:
     above, ``-log1p(-v)`` with ``v = 1 - u`` formed exactly from the integer, so
     small variates keep full relative precision (no tail bias).
     """
-    low = r < 2**31
+    # Selections are blends with 0/1 weights (a * 1 + b * 0 == a for finite a, b: bit for bit
+    # what torch.where gives, without its slow boolean path on the CPU).
+    low = (r < 2**31).to(torch.float32)
+    high = 1.0 - low
     u = (r.to(torch.float32) + 0.5) * _TWO_M32
     v = ((_M32 - r).to(torch.float32) + 0.5) * _TWO_M32
     w = 1.0 - v
-    # Goldberg's log1p: log1p(-v) = -v * log(w) / (w - 1), exact when w == 1.
-    denom = torch.where(w == 1.0, torch.ones_like(w), w - 1.0)
-    e_high = torch.where(w == 1.0, v, v * torch.log(w) / denom)
-    return torch.where(low, -torch.log(u), e_high)
+    lg = torch.log(u * low + w * high)  # one logarithm per variate: log u below, log w above
+    # Goldberg's log1p: log1p(-v) = -v * log(w) / (w - 1), exact when w == 1 (then v itself).
+    one = (w == 1.0).to(torch.float32)
+    e_high = v * lg / (w - 1.0 + one) * (1.0 - one) + v * one
+    return (-lg) * low + e_high * high
 
 
 def exponential_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -283,7 +305,7 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
         on_k.any() | (state.top_p < 1).any() | (state.min_p > 0).any() | (state.typical_p < 1).any()
     ):
         return torch.ones_like(l, dtype=torch.bool)
-    m = l.max(-1, keepdim=True).values
+    m = l.amax(-1, keepdim=True)
     e = torch.exp(l - m)
     keep = torch.ones_like(l, dtype=torch.bool)
     if bool(on_k.any()):
@@ -322,7 +344,7 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
 
 
 def _probs(l: torch.Tensor, keep: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-    m = l.max(-1, keepdim=True).values
+    m = l.amax(-1, keepdim=True)
     e = torch.where(keep, torch.exp(l - m), torch.zeros_like(l))
     p = e / e.sum(-1, keepdim=True)
     onehot = torch.zeros_like(p).scatter_(1, l.argmax(-1, keepdim=True), 1.0)
@@ -353,7 +375,7 @@ def sample_from_logits(
     sampled = ~state.greedy
     if not bool(sampled.any()):
         return tok, l, keep
-    m = l.max(-1).values
+    m = l.amax(-1)
     filtered = sampled & ~keep.all(-1)
     dense = sampled & ~filtered
     if bool(dense.any()):  # every token competes: draw noise for the whole row
@@ -443,10 +465,26 @@ def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 
 def _race(weights: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """argmax_i w_i / E_i per row of ``weights [N, V]`` (noise keyed by seed/position)."""
-    E = exponential_noise(seed, position, weights.shape[1])
-    key = torch.where(weights > 0, weights / E, torch.full_like(weights, -1.0))
-    return key.argmax(-1)
+    """argmax_i w_i / E_i per row of ``weights [N, V]`` (noise keyed by seed/position; a row
+    without positive weight gives 0). On the CPU, when few weights are positive (filtered
+    rows), noise is drawn only for those (row, token) pairs: the same function."""
+    N, V = weights.shape
+    pos = weights > 0
+    if weights.device.type == "cpu" and N and int(pos.sum()) * 4 < N * V:
+        rows, cols = torch.nonzero(pos, as_tuple=True)
+        E = exponential_from_bits(random_bits_at(seed[rows], position[rows], cols))
+        key = weights[rows, cols] / E
+        best = torch.full((N,), -1.0, device=weights.device).scatter_reduce(0, rows, key, "amax")
+        win = key == best[rows]  # the first index of the maximum, as argmax takes it
+        first = torch.full((N,), V, dtype=torch.int64, device=weights.device)
+        first = first.scatter_reduce(0, rows[win], cols[win], "amin")
+        return torch.where(first < V, first, 0)
+    E = exponential_noise(seed, position, V)
+    key = weights / E  # zero weights give 0: below every positive key (a sign test is slow here)
+    best = key.argmax(-1)
+    if bool((key.gather(1, best[:, None]) > 0).all()):
+        return best
+    return torch.where(pos, key, torch.full_like(key, -1.0)).argmax(-1)  # a row without a positive key
 
 
 def draw(probs: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -509,3 +547,116 @@ def verify_reference(
         nb = n_draft[r]
         out[r, nb] = _race(p[r, nb], seed[r], position[r] + nb)
     return out, n_acc
+
+
+def _take_rows(state: RowState, rows: torch.Tensor) -> RowState:
+    """The state of ``rows`` (int64 indices) of ``state``."""
+    return RowState(**{f: None if (v := getattr(state, f)) is None else v[rows]
+                       for f in state.__dataclass_fields__})
+
+
+def _filters(state: RowState) -> bool:
+    """Whether any row filters (:func:`filter_keep` keeps every token otherwise)."""
+    return bool((state.top_k > 0).any() | (state.top_p < 1).any() | (state.min_p > 0).any()
+                | (state.typical_p < 1).any())
+
+
+def _numerators(logits: torch.Tensor, state: RowState
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What :func:`processed_probs_from_logits` computes for ``logits [n, V]``, kept as
+    numerators ``e [n, V]`` and row sums ``z [n]`` (``p = e / z`` bit for bit), with the argmax
+    ``[n]`` of the processed logits when a row is greedy (its ``p`` is one-hot there), else None."""
+    l = process_logits(logits, state)
+    e = torch.exp(l - l.amax(-1, keepdim=True))
+    if _filters(state):
+        e = torch.where(filter_keep(l, state), e, torch.zeros_like(e))
+    return e, e.sum(-1), l.argmax(-1) if bool(state.greedy.any()) else None
+
+
+def verify_point_masses_from_logits(
+    logits: torch.Tensor,
+    state: RowState,
+    draft: torch.Tensor,
+    n_draft: torch.Tensor,
+    seed: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    first_chunk: int = 2,
+    residual: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`processed_probs_from_logits` then :func:`verify_reference` with point-mass
+    drafts (``q`` None), computing only what the verification reads: the same tokens for a
+    fraction of the work on the CPU.
+
+    ``logits [R * W, V]`` (row ``r * W + j``: request ``r`` at window position ``j``),
+    ``state`` the window rows' state (:func:`window_state`), ``draft [R, W - 1]``,
+    ``n_draft [R]``, ``seed [R]``, ``position [R]`` (step counter of the first draft).
+    A request's acceptance reads only its drafts' probabilities (``u_j < p_j(d_j)``, the
+    uniforms keyed by position alone) up to its first rejection, and it draws from one
+    distribution -- the residual there, or the bonus position's. So the window is processed
+    in chunks of positions (``first_chunk``, then doubling) over the requests still
+    accepting: a request rejected early costs a few rows instead of ``W``. Returns
+    ``(tokens int64 [R, W] -1 padded, n_accepted int32 [R])``. ``residual="p"``: the
+    negative control of :func:`verify_reference`.
+    """
+    R, K = draft.shape
+    W = K + 1
+    N, V = logits.shape
+    if N != R * W:
+        raise ValueError(f"logits must be [{R * W}, V] for draft [{R}, {K}], got {tuple(logits.shape)}")
+    dev = logits.device
+    seed, position, n_draft = seed.long(), position.long(), n_draft.long()
+    d = draft.long().clamp(0, V - 1)
+    rq = torch.arange(R, device=dev)
+    j = torch.arange(K, device=dev)
+    u = _uniform(seed[:, None], position[:, None] + j[None, :])  # [R, K]
+    drafted = j[None, :] < n_draft[:, None]
+    pd = torch.zeros(R, K, device=dev)
+    tok = torch.full((R,), -1, dtype=torch.int64, device=dev)
+    n_acc = torch.zeros(R, dtype=torch.int64, device=dev)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    a, size = 0, max(1, first_chunk)
+    while a < W and not bool(done.all()):
+        b = min(a + size, W)
+        cols = torch.arange(a, b, device=dev)
+        need = ~done[:, None] & (cols[None, :] <= n_draft[:, None])  # [R, b - a]
+        rr, cc = torch.nonzero(need, as_tuple=True)
+        at = torch.full((R, b - a), -1, dtype=torch.int64, device=dev)  # chunk row of (r, j)
+        at[rr, cc] = torch.arange(rr.numel(), device=dev)
+        st = _take_rows(state, rr * W + a + cc)
+        e, z, top = _numerators(logits[rr * W + a + cc], st)
+        greedy, jp = st.greedy, a + cc
+        i = torch.nonzero(jp < K).flatten()  # the chunk's rows with a draft to test
+        dd = d[rr[i], jp[i]]
+        p_d = e[i, dd] / z[i]
+        if top is not None:
+            p_d = torch.where(greedy[i], (dd == top[i]).to(p_d.dtype), p_d)
+        pd[rr[i], jp[i]] = p_d
+        hi = min(b, K)
+        ok = (u[:, :hi] < pd[:, :hi]) & drafted[:, :hi]
+        run = ok.to(torch.int64).cumprod(1).sum(1)
+        fin = ~done & (run < b)  # the first position not accepted lies in this chunk
+        if bool(fin.any()):
+            r_f, f = rq[fin], run[fin]
+            i_f = at[r_f, f - a]
+            w = e[i_f] / z[i_f, None]
+            if residual != "p":
+                rejected = torch.nonzero(f < n_draft[fin]).flatten()
+                w[rejected, d[r_f[rejected], f[rejected]]] = 0.0  # the residual of a point mass
+            t = _race(w, seed[r_f], position[r_f] + f)
+            if top is not None:  # greedy rows: p is one-hot at the argmax, which a rejection never removes
+                t = torch.where(greedy[i_f], top[i_f], t)
+            tok[r_f] = t
+            n_acc[r_f] = f
+            done |= fin
+        a, size = b, size * 2
+    return _emitted(d, n_acc, tok), n_acc.to(torch.int32)
+
+
+def _emitted(draft: torch.Tensor, n_acc: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """int64 ``[R, K + 1]``: each row's first ``n_acc`` drafts, then ``tok``, then -1."""
+    R, K = draft.shape
+    col = torch.arange(K + 1, device=draft.device)
+    dw = torch.cat([draft, torch.zeros(R, 1, dtype=torch.int64, device=draft.device)], 1)
+    out = torch.where(col[None, :] < n_acc[:, None], dw, -1)
+    return torch.where(col[None, :] == n_acc[:, None], tok[:, None], out)

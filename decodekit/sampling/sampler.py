@@ -367,6 +367,31 @@ class Sampler:
         return verify(p, q, drafts, nd, seed, position,
                       backend="triton" if self.backend == "triton" else "torch")
 
+    def verify_point_masses(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor,
+                            n_draft: torch.Tensor, *, index: torch.Tensor | None = None,
+                            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`window_probs` then :meth:`verify` for drafts without a distribution (point
+        masses: prompt lookup, greedy drafters), on the torch path without forming every
+        window position's distribution (see
+        :func:`~decodekit.sampling.reference.verify_point_masses_from_logits`): the same
+        tokens. Shapes, ``index`` and ``mask`` as in :meth:`window_probs`; ``n_draft [R]``.
+        Returns ``(tokens int64 [R, W] -1 padded, n_accepted int32 [R])``, or None on the
+        Triton path (its process + select + verify launches already stay on the device).
+        Commits nothing."""
+        if self.backend != "torch":
+            return None
+        idx, drafts = self._prepare_window(logits, slots, drafts, index)
+        R, W, V = logits.shape
+        nd = n_draft if isinstance(n_draft, torch.Tensor) else torch.tensor(list(n_draft))
+        if nd.shape != (R,) or bool((nd < 0).any()) or bool((nd > W - 1).any()):
+            raise ValueError(f"n_draft must be {R} counts in [0, {W - 1}]")
+        rows = self.state.window_rows(idx, drafts)
+        rows.allowed = self._check_mask(mask, R * W)
+        flat = logits.reshape(R * W, V)
+        return ref.verify_point_masses_from_logits(
+            flat, rows, drafts, nd.to(self.device), self.state.seeds(idx),
+            self.state.step_counters(idx).long())
+
     def verify_greedy(self, logits: torch.Tensor, slots: Slots, drafts: torch.Tensor,
                       n_draft: torch.Tensor, *, index: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -73,6 +73,7 @@ class DraftRequest:
     tokens: Sequence[int]
     budget: int
     room: int = 0
+    evidence: int = 0  # the drafter's evidence class for this step (Drafter.evidence)
 
     @property
     def length(self) -> int:
@@ -123,6 +124,13 @@ class Drafter(Protocol):
         """Whether this step's draft for the request is very likely accepted whatever its
         recent drafts did (prompt lookup: a long match, the request is copying); the policy
         then drafts for it. False when the drafter cannot tell."""
+
+    def evidence(self, slot: int, tokens: Sequence[int]) -> int:
+        """A class of this step's draft for the request by what the drafter sees before
+        drafting (prompt lookup: how far back the match agrees, whether it continues the
+        passage being copied), 0 for none. The policy pools the first-token acceptance of each
+        class over all requests: a request whose own history is poor still drafts where
+        drafts of its class usually pass."""
 
     def enable_graphs(self, capture: Any = None) -> None:
         """Capture CUDA graphs of the drafter's own forwards (``capture`` as for

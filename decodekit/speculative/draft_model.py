@@ -115,6 +115,10 @@ class ModelDrafter:
         """A model's drafts carry no such signal before they are drafted."""
         return False
 
+    def evidence(self, slot: int, tokens: Sequence[int]) -> int:
+        """None (see :meth:`confident`)."""
+        return 0
+
     # -- the loop --------------------------------------------------------------------------
     def first_inputs(self, requests: Sequence[DraftRequest], lengths: Sequence[int], n: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,6 +236,18 @@ class _NGramDrafter:
         more recur earlier with a continuation."""
         return self._match(slot, tokens).agreement >= CONFIDENT_AGREEMENT
 
+    def evidence(self, slot: int, tokens: Sequence[int]) -> int:
+        """The match's class: ``2 * min(agreement, CONFIDENT_AGREEMENT) - 1``, plus 1 when it
+        continues the passage the request copies (within the anchor's window); 0 without a
+        match. A one-token match elsewhere is a guess (its first token passes in 10-30% of
+        steps on copy prompts); two or three agreeing tokens at the anchor pass far more often."""
+        m = self._match(slot, tokens)
+        if not m.tokens:
+            return 0
+        anchor = self._anchor(slot, tokens)
+        near = anchor is not None and anchor - BACK <= m.source <= anchor + AHEAD
+        return 2 * min(m.agreement, CONFIDENT_AGREEMENT) - 1 + int(near)
+
     def _match(self, slot: int, tokens: Sequence[int]) -> Match:
         """The lookup (up to ``k`` tokens) for the request's ``tokens``, once per step: the
         policy's :meth:`confident` and the step's proposal share it (which occurrence is taken

@@ -18,7 +18,12 @@ times windows with the logits of every position (the verification needs them all
 ``h`` and ``g`` per request: decayed counts of first tokens accepted, and of runs that went
 on, around the drafter's prior; a request that does not draft drifts back to the prior; a
 step where the drafter is *confident* (prompt lookup: a long match, the request is copying)
-takes ``h`` at least :data:`CONFIDENT_HIT`.
+takes ``h`` at least :data:`CONFIDENT_HIT`. A step whose draft falls in one of the drafter's
+*evidence* classes (prompt lookup: how far back the match agrees, whether it continues the
+passage being copied) takes ``h`` at least the first-token acceptance of that class pooled
+over every request (decayed counts around the prior): a request that paraphrased for a while
+still drafts where the match says it copies again, and one-token guesses, mostly wrong, do
+not lift it.
 
 Plain host arithmetic (the measurement runs forwards through the runner it is given).
 """
@@ -39,6 +44,7 @@ DECAY = 0.85  # weight of the older counts at each verification
 IDLE_DECAY = 0.8  # per step without a draft: the counts drift back to the prior
 PRIOR_WEIGHT = 2.0  # the prior counts as this many drafts
 CONFIDENT_HIT = 0.9  # first-token acceptance on a step where the drafter is confident
+POOL_DECAY = 0.97  # weight of an evidence class's older counts at each of its verifications
 
 
 class WindowCost:
@@ -186,32 +192,39 @@ class DraftPolicy:
         self.k, self.draft_cost, self.cost, self.enabled = k, draft_cost, cost, enabled
         self.prior = prior
         self._counts: dict[int, _Counts] = {}
+        self._pooled: dict[int, _Counts] = {}  # evidence class -> counts over every request
 
     def admit(self, slot: int) -> None:
         """A new request in ``slot`` starts from the prior."""
         self._counts[slot] = _Counts()
 
-    def acceptance(self, slot: int, confident: bool = False) -> tuple[float, float]:
+    def acceptance(self, slot: int, confident: bool = False, evidence: int = 0) -> tuple[float, float]:
         """The request's ``(h, g)`` estimate (``h`` at least :data:`CONFIDENT_HIT` when the
-        drafter is confident this step)."""
+        drafter is confident this step, and at least the pooled estimate of the step's
+        ``evidence`` class when it has one)."""
         c = self._counts.setdefault(slot, _Counts())
         h0, g0 = self.prior
         h = (c.hits + PRIOR_WEIGHT * h0) / (c.drafts + PRIOR_WEIGHT)
         g = (c.kept + PRIOR_WEIGHT * g0) / (c.tries + PRIOR_WEIGHT)
+        if evidence:
+            p = self._pooled.get(evidence, _Counts())
+            h = max(h, (p.hits + PRIOR_WEIGHT * h0) / (p.drafts + PRIOR_WEIGHT))
         return (max(h, CONFIDENT_HIT) if confident else h), g
 
     def plan(self, slots: Sequence[int], caps: Sequence[int], confident: Sequence[bool] = (),
-             rows: int | None = None) -> list[int]:
+             rows: int | None = None, evidence: Sequence[int] = ()) -> list[int]:
         """Draft length per row (``caps[r]``: the most row ``r`` may draft, ``confident[r]``:
-        the drafter is sure of row ``r``'s draft this step). ``rows``: the batch rows a step
-        computes (idle slots below the highest included; default ``len(slots)``)."""
+        the drafter is sure of row ``r``'s draft this step, ``evidence[r]``: the class of row
+        ``r``'s draft, 0 for none). ``rows``: the batch rows a step computes (idle slots below
+        the highest included; default ``len(slots)``)."""
         caps = [min(self.k, max(0, c)) for c in caps]
         if not self.enabled:
             return caps
         B = len(slots)
         n = max(B, rows or 0)
         sure = list(confident) or [False] * B
-        hg = [self.acceptance(s, sure[r]) for r, s in enumerate(slots)]
+        ev = list(evidence) or [0] * B
+        hg = [self.acceptance(s, sure[r], ev[r]) for r, s in enumerate(slots)]
         base = self.cost(n, 1)
         best_L, best = 0, B / base
         expected = float(B)
@@ -226,10 +239,16 @@ class DraftPolicy:
                 self._counts.setdefault(s, _Counts()).decay(IDLE_DECAY)
         return out
 
-    def update(self, slot: int, drafted: int, accepted: int) -> None:
-        """After a verification of ``drafted`` tokens of which ``accepted`` were accepted."""
+    def update(self, slot: int, drafted: int, accepted: int, evidence: int = 0) -> None:
+        """After a verification of ``drafted`` tokens of which ``accepted`` were accepted
+        (``evidence``: the draft's class, see :meth:`plan`)."""
         if not drafted:
             return
+        if evidence:
+            p = self._pooled.setdefault(evidence, _Counts())
+            p.decay(POOL_DECAY)
+            p.drafts += 1
+            p.hits += accepted > 0
         c = self._counts.setdefault(slot, _Counts())
         c.decay(DECAY)
         c.drafts += 1
@@ -238,12 +257,15 @@ class DraftPolicy:
             c.tries += min(accepted + 1, drafted) - 1
             c.kept += accepted - 1
 
-    def snapshot(self, slots: Sequence[int]) -> dict[int, _Counts | None]:
-        """Copies of the slots' counts, for :meth:`restore` (a failed call is undone)."""
-        return {s: None if s not in self._counts else dataclasses.replace(self._counts[s]) for s in slots}
+    def snapshot(self, slots: Sequence[int]) -> tuple[dict[int, _Counts | None], dict[int, _Counts]]:
+        """Copies of the slots' counts and the pooled ones, for :meth:`restore` (a failed call
+        is undone)."""
+        return ({s: None if s not in self._counts else dataclasses.replace(self._counts[s]) for s in slots},
+                {e: dataclasses.replace(c) for e, c in self._pooled.items()})
 
-    def restore(self, snapshot: dict[int, _Counts | None]) -> None:
-        for s, c in snapshot.items():
+    def restore(self, snapshot: tuple[dict[int, _Counts | None], dict[int, _Counts]]) -> None:
+        counts, self._pooled = snapshot
+        for s, c in counts.items():
             if c is None:
                 self._counts.pop(s, None)
             else:

@@ -81,11 +81,11 @@ class SpeculativeStep:
         the runner's)."""
         self.drafter.enable_graphs(capture)
 
-    def checkpoint(self, slots: list[int]) -> dict:
-        """What a failed call must give back for ``slots``: their draft policy counts."""
+    def checkpoint(self, slots: list[int]) -> Any:
+        """What a failed call must give back for ``slots``: the draft policy counts."""
         return self.policy.snapshot(slots)
 
-    def restore(self, checkpoint: dict, lengths: dict[int, int]) -> None:
+    def restore(self, checkpoint: Any, lengths: dict[int, int]) -> None:
         """Undo a failed call: policy counts back, draft caches cut to the target's
         ``lengths`` (slot -> tokens in its cache again)."""
         self.policy.restore(checkpoint)
@@ -96,19 +96,20 @@ class SpeculativeStep:
                  ) -> list[DraftRequest] | None:
         """Draft requests for ``rows`` (contexts) whose known tokens are ``tokens[r]`` (prompt,
         generated and pending; the last one newest), or None when no row may draft."""
-        caps, sure = [], []
+        caps, sure, ev = [], [], []
         for c, seen in zip(rows, tokens, strict=True):
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             produced = len(seen) - len(c.prompt_token_ids)
             cap = max(0, min(self.k, limit - produced - 1, max_seq_len - c.length - 1) if c.speculate else 0)
             caps.append(cap)
             sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
+            ev.append(self.drafter.evidence(c.slot, seen) if cap else 0)
         slots = [c.slot for c in rows]  # a step computes every slot up to the highest
-        plan = self.policy.plan(slots, caps, sure, rows=max(slots) + 1)
+        plan = self.policy.plan(slots, caps, sure, rows=max(slots) + 1, evidence=ev)
         if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
             return None  # (a guided row may still jump forward over tokens its grammar forces)
-        return [DraftRequest(c.slot, seen, n, cap)
-                for c, seen, n, cap in zip(rows, tokens, plan, caps, strict=True)]
+        return [DraftRequest(c.slot, seen, n, cap, e)
+                for c, seen, n, cap, e in zip(rows, tokens, plan, caps, ev, strict=True)]
 
     def run(self, rows: Sequence[Any], requests: Sequence[DraftRequest], lengths: Sequence[int],
             stats: StepStats, edit: Callable[[torch.Tensor, list[list[int]]], torch.Tensor] | None = None
@@ -148,7 +149,7 @@ class SpeculativeStep:
         for r, (d, o, a) in enumerate(zip(drafts.lengths, out_h, acc_h, strict=True)):
             result.append(SpecRow(o[: a + 1], [None] * (a + 1) if lps is None else lps[r][: a + 1], d, a))
             if d and not forced[r]:  # jump-forward runs say nothing about the drafter
-                self.policy.update(requests[r].slot, d, a)
+                self.policy.update(requests[r].slot, d, a, requests[r].evidence)
         return result
 
     def _guided(self, rows: Sequence[Any], requests: Sequence[DraftRequest], drafts: Drafts | None
@@ -195,6 +196,9 @@ class SpeculativeStep:
         sp = self.sampler
         # greedy rows: p is one-hot, so any q accepts exactly the drafts equal to the argmax
         fast = sp.verify_greedy(logits, slots, drafts.tokens, win.n_draft, index=win.index32, mask=mask)
+        if fast is None and drafts.q is None:  # point masses: only the drafts' probabilities
+            fast = sp.verify_point_masses(logits, slots, drafts.tokens, win.n_draft, index=win.index32,
+                                          mask=mask)
         if fast is not None:
             out, n_acc = fast
         else:
