@@ -119,14 +119,17 @@ class LLM:
             pass
         return [r.output() for r in requests]
 
-    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, **steering_options
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
+                    lora: str | os.PathLike[str] | None = None, **steering_options
                     ) -> list[BeamSearchOutput]:
         """Beam search for every prompt with transformers' ``generate(num_beams=...)`` rules
         (:class:`~decodekit.BeamSearchParams`); outputs in order, each with its
         ``sequences`` best first. ``steering_options``: the ``steering_*`` keywords of
-        :meth:`generate` (every beam is steered)."""
+        :meth:`generate` (every beam is steered); ``lora``: as in :meth:`generate` (every beam
+        is adapted)."""
         steering = self.steering(**steering_options)
-        return self.generator.beam_search(_prompt_list(prompts), params, steering=steering)
+        return self.generator.beam_search(_prompt_list(prompts), params, steering=steering,
+                                          lora=self._lora(lora))
 
     def stream_outputs(
         self,

@@ -447,3 +447,40 @@ def test_a_cache_too_small_for_the_beams_is_a_clear_error_and_frees_everything()
     while not ctx.is_done:
         gen.next_token({ctx.request_id: ctx}, num_steps=8)
     assert ctx.generated_token_ids == hf_greedy(model, prompt, 40)
+
+
+def test_lora_adapts_every_beam_and_keeps_the_prefix_cache_clean(tmp_path):
+    """A search with a LoRA adapter equals transformers' beam search on peft's PeftModel with
+    that adapter (the oracle); the adapter is pinned only while the search runs; an unadapted
+    request of the same prompt afterwards is not served the adapted blocks; an unknown adapter
+    is a ValueError naming ``lora``."""
+    from _models import hf_greedy
+    from _peft import save_adapter
+
+    from decodekit import SamplingParams
+
+    model = eos_model("llama")
+    oracle = save_adapter(model, tmp_path / "a", 7, std=0.2, r=8,
+                          target_modules=["q_proj", "k_proj", "v_proj"])
+    gen = make_gen(model, block_size=4, max_loras=1, max_lora_rank=8)
+    assert gen.load_lora("a", tmp_path / "a").ok
+    prompt = prompts_for(6, 1)[0] * 2  # long enough for full blocks
+    params = BeamSearchParams(beam_width=3, max_tokens=MAX_TOKENS)
+    (out,) = gen.beam_search([prompt], params, lora="a")
+    check_same(out, hf_beams(oracle, prompt, 3, MAX_TOKENS), 1.0, "adapted")
+    plain = hf_beams(model, prompt, 3, MAX_TOKENS)
+    assert [s.token_ids for s in out.sequences] != [t for t, _ in plain]  # the adapter mattered
+    assert gen.unload_lora("a").ok and gen.load_lora("a", tmp_path / "a").ok  # not pinned any more
+    ctx = gen.new_context(prompt, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    while not ctx.is_done:
+        gen.next_token({ctx.request_id: ctx})
+    assert ctx.generated_token_ids == hf_greedy(model, prompt, 6)
+    with pytest.raises(ValueError, match="lora"):
+        gen.beam_search([prompt], params, lora="missing")
+    assert gen.slots.num_free == gen.max_batch_size
+    from decodekit import LLM
+
+    llm = LLM(model=model, tokenizer=word_tokenizer(), max_batch_size=4, max_seq_len=64, max_loras=1,
+              max_lora_rank=8)
+    (via_path,) = llm.beam_search(prompt, params, lora=tmp_path / "a")  # a folder, loaded on first use
+    assert [s.token_ids for s in via_path.sequences] == [s.token_ids for s in out.sequences]

@@ -802,3 +802,49 @@ def test_graph_capture_failure_falls_back_for_that_bucket_only():
                 gen.release(batch.pop(rid))
     for c, p in zip(ctxs, prompts, strict=True):
         assert c.generated_token_ids == hf_greedy(model, p, 6)
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_steps_skip_the_rows_below_the_lowest_running_slot(draft, monkeypatch):
+    """Once the requests in the low slots finish, decode steps and speculative windows compute
+    only the rows from the lowest running slot up (the rows below are not run: a CPU step costs
+    its rows); every request still equals transformers' greedy, and a steered request in a high
+    slot keeps its own steering (the hooks' rows follow the first slot)."""
+    from decodekit import NGramDraft, Steering
+
+    model = tiny_model("llama")
+    gen = make_gen(max_batch_size=4, max_seq_len=64, draft=None if draft is None else NGramDraft(n=2, k=4),
+                   window_cost={1: 1.0, 2: 1.01, 8: 1.05})
+    seen: list[tuple[int, int]] = []
+    forward = gen.runner.forward
+
+    def spy(input_ids, q_pos, length, first_slot, kv_len, keep=1):
+        seen.append((first_slot, input_ids.shape[0]))
+        return forward(input_ids, q_pos, length, first_slot, kv_len, keep)
+
+    monkeypatch.setattr(gen.runner, "forward", spy)
+    rng = random.Random("skip")
+    base = random_prompt(rng, 6)
+    prompts = [random_prompt(rng, 5) for _ in range(3)] + [base * 3]  # the last one repeats itself
+    max_new = [3, 4, 16, 16]
+    g = torch.Generator().manual_seed(5)
+    steering = Steering({0: 2.0 * torch.randn(model.config.hidden_size, generator=g)}, 1.0)
+    ctxs = [gen.new_context(p, greedy(m), steering=steering if i == 3 else None)
+            for i, (p, m) in enumerate(zip(prompts, max_new, strict=True))]
+    running = {c.request_id: c for c in ctxs}
+    while running:
+        gen.next_token(running)
+        running = {k: c for k, c in running.items() if not c.is_done}
+    assert [c.slot for c in ctxs] == [None] * 4
+    for c, p, m in zip(ctxs[:3], prompts[:3], max_new[:3], strict=True):
+        assert c.generated_token_ids == hf_greedy(model, p, m)
+    alone = make_gen(max_batch_size=1, max_seq_len=64)
+    solo = alone.new_context(prompts[3], greedy(16), steering=steering)
+    while not solo.is_done:
+        alone.next_token({solo.request_id: solo})
+    assert ctxs[3].generated_token_ids == solo.generated_token_ids
+    assert ctxs[3].generated_token_ids != hf_greedy(model, prompts[3], 16)  # the steering mattered
+    assert seen[0] == (0, 4)  # one prefill of the four prompts
+    steps = seen[1:]
+    assert steps[0] == (0, 4) and (1, 3) in steps and (2, 2) in steps  # then from slot 1, then 2
+    assert all(first + rows <= 4 for first, rows in steps)

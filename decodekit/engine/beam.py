@@ -22,7 +22,8 @@ prefilled once, and after each step a beam whose parent changed takes its parent
 the paged cache; a row copy with ``kv_cache="slots"``). The step's selection runs on the
 device; one host transfer per step brings back the parents (for the cache bookkeeping) and
 which requests go on. Beam rows run without speculation or logits processors; a ``steering``
-steers every beam (its prefix-cache blocks salted like a steered request's).
+steers every beam and a LoRA adapter adapts every beam (prefix-cache blocks salted like a
+steered or adapted request's).
 
 May call: the generator's :class:`~decodekit.engine.runner.ModelRunner` and
 :class:`~decodekit.engine.slots.SlotTable` (its public methods).
@@ -249,10 +250,12 @@ class BeamSearch:
     generator's lock). Requests run in groups of ``free slots // beam_width``; every slot taken
     is given back at the end, also when a forward fails."""
 
-    def __init__(self, gen: Any, params: BeamSearchParams, steering: Any = None) -> None:
+    def __init__(self, gen: Any, params: BeamSearchParams, steering: Any = None, lora: str | None = None
+                 ) -> None:
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
         self.gen, self.runner, self.params, self.steering = gen, gen.runner, params, steering
+        self.lora = lora
         self.eos_ids = [] if params.ignore_eos else sorted(set(gen.eos_token_ids))
         free = gen.slots.num_free
         if params.beam_width > free:
@@ -310,11 +313,13 @@ class BeamSearch:
             self.gen.slots.take(s, req)
         reqs.append(req)
         root = slots[0]
-        salts: list[bytes] = []
         if self.steering is not None:
             for s in slots:  # every beam is steered (a beam's slot is its row of the hook tables)
                 self.runner.hooks.set_row(s, self.steering, len(prompt))
-            salts = self.gen.prefix_salts(self.steering, len(prompt), len(prompt))
+        if self.lora is not None:
+            for s in slots:  # and adapted (its row of the LoRA index)
+                self.runner.lora.set_row(s, self.lora)
+        salts = self.gen.prefix_salts(self.steering, len(prompt), len(prompt), self.lora)
         cached = self.runner.admit(root, prompt, salts)
         logits = self.runner.prefill([prompt], root, [cached])[0]
         self.runner.register(root, prompt, salts)
@@ -386,6 +391,8 @@ class BeamSearch:
             self.runner.free(s)
             if self.steering is not None:
                 self.runner.hooks.clear_row(s)
+            if self.lora is not None:
+                self.runner.lora.clear_row(s)
             self.gen.slots.give_back(s)
         req.slots, req.beams = [], []
 

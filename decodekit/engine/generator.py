@@ -519,14 +519,16 @@ class TokenGenerator:
             return children
 
     def beam_search(self, prompts: Sequence[Prompt], params: BeamSearchParams, *,
-                    steering: Steering | None = None) -> list[BeamSearchOutput]:
+                    steering: Steering | None = None, lora: str | None = None) -> list[BeamSearchOutput]:
         """Beam search for each prompt (text, token ids or chat messages, as :meth:`new_context`
         takes) with transformers' ``generate(num_beams=...)`` rules (:mod:`.beam`), each on
         ``params.beam_width`` free slots (``ValueError`` when fewer are free), without
-        speculation; ``steering`` steers every beam. Every slot is free again when it returns
+        speculation; ``steering`` steers every beam, ``lora`` (a loaded adapter's name, pinned
+        while the search runs) adapts every beam. Every slot is free again when it returns
         or raises. ``OutOfBlocks`` (a ``RuntimeError``) when the paged cache cannot hold the
         beams next to the running requests."""
         self._check_steering(steering)
+        self._check_lora(lora)
         if isinstance(prompts, (str, bytes, Mapping, torch.Tensor)) or not isinstance(prompts, Sequence) \
                 or any(isinstance(p, (int, Mapping)) for p in prompts):
             raise ValueError("prompts must be a list of prompts (wrap a single prompt in a list)")
@@ -534,11 +536,18 @@ class TokenGenerator:
             raise ValueError("beam_search runs neither an ensemble nor batch_logits_processors")
         ids = [self.adapter.encode(p) for p in prompts]
         with self._lock:
+            tables = self._lora_tables() if lora is not None else None
+            pin = None if tables is None else tables.slot_of(lora)
+            if pin is not None:
+                tables.acquire(pin)  # not unloaded while the beams use it
             try:
-                return BeamSearch(self, params, steering).run(ids)
+                return BeamSearch(self, params, steering, lora).run(ids)
             except OutOfBlocks as e:  # (every slot and block was given back)
                 raise OutOfBlocks(f"beam search ran out of KV blocks ({e}): raise kv_cache_tokens, lower "
                                   "beam_width or max_tokens, or release running requests") from e
+            finally:
+                if pin is not None:
+                    tables.release(pin)
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id`` (or a fresh one) if no live context of this generator has it."""
@@ -822,20 +831,22 @@ class TokenGenerator:
 
     def _salts(self, ctx: TextGenerationContext) -> list[bytes]:
         """Prefix-cache salts of the blocks of ``ctx``'s tokens (its steering and adapter)."""
-        salts = self.prefix_salts(ctx.steering, len(ctx.prompt_token_ids), len(ctx.tokens))
-        if ctx.lora is not None:  # every key chains from block 0's: salting it separates them all
-            tag = f"lora:{ctx.lora}:{self._lora_loads.get(ctx.lora, -1)}".encode()
+        return self.prefix_salts(ctx.steering, len(ctx.prompt_token_ids), len(ctx.tokens), ctx.lora)
+
+    def prefix_salts(self, steering: Steering | None, prompt_len: int, n_tokens: int,
+                     lora: str | None = None) -> list[bytes]:
+        """Prefix-cache salts of the full blocks of ``n_tokens`` tokens of a request with a
+        ``prompt_len``-token prompt, ``steering`` and LoRA adapter ``lora``: what changes their
+        keys and values."""
+        salts: list[bytes] = []
+        if steering is not None and self.runner.kv is not None:
+            lo, hi = steering.position_range(prompt_len)
+            bs = self.runner.kv.block_size
+            salts = range_salts(steering.digest(), lo, hi, n_tokens // bs, bs)
+        if lora is not None:  # every key chains from block 0's: salting it separates them all
+            tag = f"lora:{lora}:{self._lora_loads.get(lora, -1)}".encode()
             salts = [(salts[0] if salts else b"") + tag] + salts[1:]
         return salts
-
-    def prefix_salts(self, steering: Steering | None, prompt_len: int, n_tokens: int) -> list[bytes]:
-        """Prefix-cache salts of the full blocks of ``n_tokens`` tokens of a request with a
-        ``prompt_len``-token prompt and ``steering``: what changes their keys and values."""
-        if steering is None or self.runner.kv is None:
-            return []
-        lo, hi = steering.position_range(prompt_len)
-        bs = self.runner.kv.block_size
-        return range_salts(steering.digest(), lo, hi, n_tokens // bs, bs)
 
     def _unadmit(self, ctx: TextGenerationContext) -> None:
         """Undo :meth:`_admit` for a context whose prefill did not complete."""

@@ -299,30 +299,41 @@ class ModelRunner:
                                   self.kv_len(end), keep=end - start)
         return logits[0]
 
+    def step_rows(self, slots: Sequence[int]) -> int:
+        """How many batch rows a decode or window step over ``slots`` computes: every slot from
+        the lowest to the highest eagerly (free ones between them too), ``0 .. max(slots)`` when
+        a captured graph runs it (the decode graphs' buckets stand for the windows' here)."""
+        hi = max(slots) + 1
+        g = self.steered_graphs if self.steered else self.graphs
+        return hi if g is not None and g.ready(hi) else hi - min(slots)
+
     def decode(self, slots: Sequence[int], lengths: Sequence[int]) -> Rows:
         """One decode forward for ``slots``: each one's newest token at position ``lengths[slot]``.
 
-        Runs slots ``0 .. max(slots)`` (a CUDA graph of the bucket when one is ready: the steered
-        set when a slot is steered), with one upload for the step's integer inputs. Returns
-        the logits ``[R, V]`` of the rows in order and the slot index on the device.
+        Runs slots ``min(slots) .. max(slots)`` (``0 .. max(slots)`` as a CUDA graph of the bucket
+        when one is ready: the steered set when a slot is steered), with one upload for the
+        step's integer inputs. Returns the logits ``[R, V]`` of the rows in order and the slot
+        index on the device.
         """
-        n = max(slots) + 1
+        hi = max(slots) + 1
         g = self.steered_graphs if self.steered else self.graphs
-        graphs = g is not None and g.ready(n)
-        n_fill = g.bucket(n) if graphs else n  # a graph runs its whole bucket
-        lens, s = self._lengths(lengths, n_fill), np.asarray(slots, dtype=np.int64)
+        graphs = g is not None and g.ready(hi)
+        first = 0 if graphs else min(slots)  # eager: the rows below the lowest slot are skipped
+        n_fill = g.bucket(hi) if graphs else hi - first  # a graph runs its whole bucket
+        lens, s = self._lengths(lengths, first, n_fill), np.asarray(slots, dtype=np.int64)
+        r = s - first  # the slots' rows
         owned = lens > 0
         pos = np.where(owned, np.minimum(lens, self.max_seq_len - 1), 0)  # idle rows: own free position
-        pos[s] = lens[s]
+        pos[r] = lens[r]
         length = np.where(owned, pos + 1, 0)
-        idx, idx32, pos_d, len_d = self.uploads.put(s, s.astype(np.int32), pos, length)
+        idx, idx32, rows, pos_d, len_d = self.uploads.put(s, s.astype(np.int32), r, pos, length)
         with nvtx_range("decodekit.forward", n_fill):
             if graphs:
                 logits = g.run(n_fill, pos_d, len_d)
             else:
-                logits = self.forward(self.last_tokens[:n, None], pos_d[:, None], len_d, 0,
-                                      self.kv_len(int(lens[s].max()) + 1))
-        return Rows(logits[:, -1].index_select(0, idx), idx, idx32)
+                logits = self.forward(self.last_tokens[first:hi, None], pos_d[:, None], len_d, first,
+                                      self.kv_len(int(lens[r].max()) + 1))
+        return Rows(logits[:, -1].index_select(0, rows), idx, idx32)
 
     def decode_at(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode forward over slots ``0..n-1``: ``tokens [n]`` at ``pos [n]`` (device), each
@@ -351,37 +362,39 @@ class ModelRunner:
         on the device."""
         K = drafts.shape[1]
         q = K + 1
-        n = max(slots) + 1
+        hi = max(slots) + 1
         sets = self.steered_window_graphs if self.steered else self.window_graphs
         width = next((w for w in sorted(sets) if w >= q), 0)
         g = sets.get(width)
-        graphs = g is not None and g.ready(n)
-        qq, n_fill = (width, g.bucket(n)) if graphs else (q, n)
-        lens, s = self._lengths(lengths, n_fill), np.asarray(slots, dtype=np.int64)
+        graphs = g is not None and g.ready(hi)
+        first = 0 if graphs else min(slots)  # eager: the rows below the lowest slot are skipped
+        qq, n_fill = (width, g.bucket(hi)) if graphs else (q, hi - first)
+        lens, s = self._lengths(lengths, first, n_fill), np.asarray(slots, dtype=np.int64)
+        r = s - first  # the slots' rows
         owned = (lens > 0)[:, None]
         pos = np.where(owned, lens[:, None], 0) + np.arange(qq)  # idle rows: their free positions
         pos = np.minimum(pos, self.cache.max_seq_len - 1)
         length = np.where(owned[:, 0], lens + 1, 0)
-        length[s] = lens[s] + q  # the pads past the window stay outside
-        idx, idx32, pos_d, len_d, nd = self.uploads.put(s, s.astype(np.int32), pos.reshape(-1), length,
-                                                        np.asarray(n_draft, dtype=np.int64))
+        length[r] = lens[r] + q  # the pads past the window stay outside
+        idx, idx32, rows, pos_d, len_d, nd = self.uploads.put(
+            s, s.astype(np.int32), r, pos.reshape(-1), length, np.asarray(n_draft, dtype=np.int64))
         # the static window buffer serves eager windows too (no allocation per step)
         ids = self.window_ids[:n_fill, :qq] if qq <= self.window_ids.shape[1] else \
             torch.empty(n_fill, qq, dtype=torch.long, device=self.device)
-        ids[:, 0] = self.last_tokens[:n_fill]
+        ids[:, 0] = self.last_tokens[first:first + n_fill]
         ids[:, 1:] = 0
-        ids[idx, 1:q] = drafts.clamp(min=0)
+        ids[rows, 1:q] = drafts.clamp(min=0)
         with nvtx_range("decodekit.forward", n_fill * qq):
             if graphs:
                 logits = g.run(n_fill, pos_d, len_d)
             else:
-                logits = self.forward(ids, pos_d.view(n_fill, qq), len_d, 0,
-                                      self.kv_len(int(lens[s].max()) + q), keep=q)
-        return Rows(logits.index_select(0, idx)[:, :q], idx, idx32, nd)
+                logits = self.forward(ids, pos_d.view(n_fill, qq), len_d, first,
+                                      self.kv_len(int(lens[r].max()) + q), keep=q)
+        return Rows(logits.index_select(0, rows)[:, :q], idx, idx32, nd)
 
-    def _lengths(self, lengths: Sequence[int], n: int) -> np.ndarray:
-        """The first ``n`` slot lengths as int64 (0: free)."""
-        return np.asarray(lengths[:n], dtype=np.int64)
+    def _lengths(self, lengths: Sequence[int], first: int, n: int) -> np.ndarray:
+        """Slot lengths ``first .. first + n - 1`` as int64 (0: free)."""
+        return np.asarray(lengths[first:first + n], dtype=np.int64)
 
     # ------------------------------------------------------------------ CUDA graphs
     def enable_graphs(self, capture: Capture | None = None, window: int = 0) -> None:

@@ -272,12 +272,13 @@ def _kth_largest(l: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return vals.gather(1, (k - 1)[:, None])
 
 
-def _first_reaching(v: torch.Tensor, w: torch.Tensor, target: torch.Tensor, descending: bool):
+def _first_reaching(v: torch.Tensor, w: torch.Tensor, target: torch.Tensor, descending: bool,
+                    candidates: int = CANDIDATES):
     """Walk each row's tokens in order of ``v`` and stop once the weight ``w`` seen so far
     reaches ``target [B, 1]``. Returns ``(sorted_v [B, n], sorted_w, n)`` where the rows are
-    fully covered by the first ``n`` entries (``n`` = CANDIDATES when enough, else all)."""
+    fully covered by the first ``n`` entries (``n`` = ``candidates`` when enough, else all)."""
     V = v.shape[1]
-    n = min(V, CANDIDATES)
+    n = min(V, candidates)
     if n < V:
         sv, idx = v.topk(n, dim=-1, largest=descending)
         sw = w.gather(1, idx)
@@ -316,7 +317,10 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     if bool((topp < 1.0).any()):
         ek = torch.where(keep, e, torch.zeros_like(e))
         target = torch.where(topp < 1.0, topp * ek.sum(-1, keepdim=True), 0.0)
-        sv, se = _first_reaching(torch.where(keep, l, -math.inf), ek, target, descending=True)
+        # with top-k on every row, the k largest hold the kept mass (ties beyond them: the
+        # coverage check falls back to more)
+        n = min(CANDIDATES, int(k.max())) if bool(on_k.all()) else CANDIDATES
+        sv, se = _first_reaching(torch.where(keep, l, -math.inf), ek, target, descending=True, candidates=n)
         above = se.cumsum(-1) - se
         n_p = (above < target).sum(-1, keepdim=True).clamp(min=1)
         tp = sv.gather(1, n_p - 1)

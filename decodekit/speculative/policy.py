@@ -1,8 +1,8 @@
 """Draft lengths from a cost model: how many tokens each request of a batch drafts this step.
 
 A verification window is rectangular: ``B`` rows of ``L + 1`` positions, ``L`` the longest
-draft (the runner pads shorter rows; idle slots below the highest are rows too), so it costs
-``cost(B, L + 1)`` in units of a one-token forward (:class:`WindowCost`, measured per rows
+draft (the runner pads shorter rows; free slots between the lowest and the highest are rows
+too), so it costs ``cost(B, L + 1)`` in units of a one-token forward (:class:`WindowCost`, measured per rows
 and width on the running device when the generator is built, or given). A request's ``j``-th
 drafted token is accepted with probability
 ``h * g^(j-1)``: ``h`` that its first token is, ``g`` that a run, once started, goes on
@@ -215,8 +215,8 @@ class DraftPolicy:
              rows: int | None = None, evidence: Sequence[int] = ()) -> list[int]:
         """Draft length per row (``caps[r]``: the most row ``r`` may draft, ``confident[r]``:
         the drafter is sure of row ``r``'s draft this step, ``evidence[r]``: the class of row
-        ``r``'s draft, 0 for none). ``rows``: the batch rows a step computes (idle slots below
-        the highest included; default ``len(slots)``)."""
+        ``r``'s draft, 0 for none). ``rows``: the batch rows a step computes (free slots between
+        the lowest and the highest included; default ``len(slots)``)."""
         caps = [min(self.k, max(0, c)) for c in caps]
         if not self.enabled:
             return caps

@@ -104,8 +104,8 @@ class SpeculativeStep:
             caps.append(cap)
             sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
             ev.append(self.drafter.evidence(c.slot, seen) if cap else 0)
-        slots = [c.slot for c in rows]  # a step computes every slot up to the highest
-        plan = self.policy.plan(slots, caps, sure, rows=max(slots) + 1, evidence=ev)
+        slots = [c.slot for c in rows]  # a step computes every slot from the lowest to the highest
+        plan = self.policy.plan(slots, caps, sure, rows=self.runner.step_rows(slots), evidence=ev)
         if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
             return None  # (a guided row may still jump forward over tokens its grammar forces)
         return [DraftRequest(c.slot, seen, n, cap, e)
