@@ -315,7 +315,7 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
         keep = l >= kth
     topp = state.top_p.float()[:, None]
     if bool((topp < 1.0).any()):
-        ek = torch.where(keep, e, torch.zeros_like(e))
+        ek = e * keep  # e is finite and >= 0: the same values as a where (its boolean path is slow here)
         target = torch.where(topp < 1.0, topp * ek.sum(-1, keepdim=True), 0.0)
         # with top-k on every row, the k largest hold the kept mass (ties beyond them: the
         # coverage check falls back to more)
@@ -330,7 +330,7 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
         keep &= e >= minp
     typ = state.typical_p.float()[:, None]
     if bool((typ < 1.0).any()):
-        q = torch.where(keep, e, torch.zeros_like(e))
+        q = e * keep
         zK = q.sum(-1, keepdim=True)
         # e > 0: masked tokens (l = -inf) would give 0 * -inf = NaN
         s1 = torch.where(keep & (e > 0), e * (l - m), 0.0).sum(-1, keepdim=True)
@@ -349,7 +349,7 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
 
 def _probs(l: torch.Tensor, keep: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     m = l.amax(-1, keepdim=True)
-    e = torch.where(keep, torch.exp(l - m), torch.zeros_like(l))
+    e = torch.exp(l - m) * keep
     p = e / e.sum(-1, keepdim=True)
     onehot = torch.zeros_like(p).scatter_(1, l.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], onehot, p)
@@ -573,7 +573,7 @@ def _numerators(logits: torch.Tensor, state: RowState
     l = process_logits(logits, state)
     e = torch.exp(l - l.amax(-1, keepdim=True))
     if _filters(state):
-        e = torch.where(filter_keep(l, state), e, torch.zeros_like(e))
+        e = e * filter_keep(l, state)
     return e, e.sum(-1), l.argmax(-1) if bool(state.greedy.any()) else None
 
 
