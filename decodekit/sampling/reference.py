@@ -288,6 +288,12 @@ def _first_reaching(v: torch.Tensor, w: torch.Tensor, target: torch.Tensor, desc
     return sv, w.gather(1, idx)
 
 
+def _filters(state: RowState) -> bool:
+    """Whether any row filters (:func:`filter_keep` keeps every token otherwise)."""
+    return bool((state.top_k > 0).any() | (state.top_p < 1).any() | (state.min_p > 0).any()
+                | (state.typical_p < 1).any())
+
+
 def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     """Bool ``[B, V]``: tokens kept by top-k, then top-p, then min-p, then typical-p.
 
@@ -300,12 +306,10 @@ def filter_keep(l: torch.Tensor, state: RowState) -> torch.Tensor:
     keep everything (they take the argmax).
     """
     B, V = l.shape
+    if not _filters(state):
+        return torch.ones_like(l, dtype=torch.bool)
     k = state.top_k.long()
     on_k = k > 0
-    if not bool(
-        on_k.any() | (state.top_p < 1).any() | (state.min_p > 0).any() | (state.typical_p < 1).any()
-    ):
-        return torch.ones_like(l, dtype=torch.bool)
     m = l.amax(-1, keepdim=True)
     e = torch.exp(l - m)
     keep = torch.ones_like(l, dtype=torch.bool)
@@ -388,12 +392,7 @@ def sample_from_logits(
         tok[r] = (torch.exp(l[r] - m[r, None]) / E).argmax(-1)
     if bool(filtered.any()):  # noise only for the kept (row, token) pairs
         rows, cols = torch.nonzero(keep & filtered[:, None], as_tuple=True)
-        E = exponential_from_bits(random_bits_at(state.seed[rows], pos[rows], cols))
-        race = torch.exp(l[rows, cols] - m[rows]) / E
-        best = torch.full((B,), -1.0, device=l.device).scatter_reduce(0, rows, race, "amax")
-        win = race == best[rows]
-        first = torch.full((B,), V, dtype=torch.int64, device=l.device)
-        first = first.scatter_reduce(0, rows[win], cols[win], "amin")
+        first = _race_at(rows, cols, torch.exp(l[rows, cols] - m[rows]), state.seed, pos, B, V)
         # a row with nothing kept cannot occur for requests the sampler accepted; stay in range
         tok = torch.where(filtered & (first < V), first, tok)
     return tok, l, keep
@@ -468,6 +467,20 @@ def _uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return (r.to(torch.float32) + 0.5) * 2.0**-32
 
 
+def _race_at(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, seed: torch.Tensor,
+             position: torch.Tensor, n_rows: int, vocab_size: int) -> torch.Tensor:
+    """The exponential race over (row, token) pairs ``(rows [P], cols [P])`` of weights
+    ``w [P] > 0``, noise keyed by ``(seed[row], position[row], token)``: per row of ``n_rows``
+    the token of the largest ``w / E`` (the first index among equals, as argmax takes it),
+    ``vocab_size`` for a row without pairs. int64 ``[n_rows]``."""
+    E = exponential_from_bits(random_bits_at(seed[rows], position[rows], cols))
+    key = w / E
+    best = torch.full((n_rows,), -1.0, device=w.device).scatter_reduce(0, rows, key, "amax")
+    win = key == best[rows]
+    first = torch.full((n_rows,), vocab_size, dtype=torch.int64, device=w.device)
+    return first.scatter_reduce(0, rows[win], cols[win], "amin")
+
+
 def _race(weights: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """argmax_i w_i / E_i per row of ``weights [N, V]`` (noise keyed by seed/position; a row
     without positive weight gives 0). On the CPU, when few weights are positive (filtered
@@ -476,12 +489,7 @@ def _race(weights: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> 
     pos = weights > 0
     if weights.device.type == "cpu" and N and int(pos.sum()) * 4 < N * V:
         rows, cols = torch.nonzero(pos, as_tuple=True)
-        E = exponential_from_bits(random_bits_at(seed[rows], position[rows], cols))
-        key = weights[rows, cols] / E
-        best = torch.full((N,), -1.0, device=weights.device).scatter_reduce(0, rows, key, "amax")
-        win = key == best[rows]  # the first index of the maximum, as argmax takes it
-        first = torch.full((N,), V, dtype=torch.int64, device=weights.device)
-        first = first.scatter_reduce(0, rows[win], cols[win], "amin")
+        first = _race_at(rows, cols, weights[rows, cols], seed, position, N, V)
         return torch.where(first < V, first, 0)
     E = exponential_noise(seed, position, V)
     key = weights / E  # zero weights give 0: below every positive key (a sign test is slow here)
@@ -557,12 +565,6 @@ def _take_rows(state: RowState, rows: torch.Tensor) -> RowState:
     """The state of ``rows`` (int64 indices) of ``state``."""
     return RowState(**{f: None if (v := getattr(state, f)) is None else v[rows]
                        for f in state.__dataclass_fields__})
-
-
-def _filters(state: RowState) -> bool:
-    """Whether any row filters (:func:`filter_keep` keeps every token otherwise)."""
-    return bool((state.top_k > 0).any() | (state.top_p < 1).any() | (state.min_p > 0).any()
-                | (state.typical_p < 1).any())
 
 
 def _numerators(logits: torch.Tensor, state: RowState

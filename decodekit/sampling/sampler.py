@@ -357,10 +357,8 @@ class Sampler:
         idx = self.state.index(slots, index)
         if p.dim() != 3 or p.shape[0] != idx.shape[0] or p.shape[2] != self.vocab_size:
             raise ValueError(f"p must be [{idx.shape[0]}, W, {self.vocab_size}], got {tuple(p.shape)}")
-        nd = n_draft if isinstance(n_draft, torch.Tensor) else torch.tensor(list(n_draft))
+        nd = _draft_counts(n_draft, p.shape[1])
         if nd.device.type == "cpu":
-            if bool((nd < 0).any()) or bool((nd > p.shape[1] - 1).any()):
-                raise ValueError(f"n_draft must be in [0, {p.shape[1] - 1}]")
             nd = self.state.upload(nd)
         seed = self.state.seeds(idx)
         position = self.state.step_counters(idx).long()
@@ -382,9 +380,9 @@ class Sampler:
             return None
         idx, drafts = self._prepare_window(logits, slots, drafts, index)
         R, W, V = logits.shape
-        nd = n_draft if isinstance(n_draft, torch.Tensor) else torch.tensor(list(n_draft))
-        if nd.shape != (R,) or bool((nd < 0).any()) or bool((nd > W - 1).any()):
-            raise ValueError(f"n_draft must be {R} counts in [0, {W - 1}]")
+        nd = _draft_counts(n_draft, W)
+        if nd.shape != (R,):
+            raise ValueError(f"n_draft must hold {R} counts, got shape {tuple(nd.shape)}")
         rows = self.state.window_rows(idx, drafts)
         rows.allowed = self._check_mask(mask, R * W)
         flat = logits.reshape(R * W, V)
@@ -651,3 +649,12 @@ class Sampler:
             return SamplerOutput(tok, chosen)
         top = lsm.topk(nlp, dim=-1)
         return SamplerOutput(tok, chosen, top.values, top.indices)
+
+
+def _draft_counts(n_draft: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
+    """``n_draft`` as a tensor, range-checked against a window of ``width`` positions when it is
+    on the host (a device tensor is never read back)."""
+    nd = n_draft if isinstance(n_draft, torch.Tensor) else torch.tensor(list(n_draft))
+    if nd.device.type == "cpu" and (bool((nd < 0).any()) or bool((nd > width - 1).any())):
+        raise ValueError(f"n_draft must be in [0, {width - 1}]")
+    return nd
