@@ -221,3 +221,24 @@ def test_generator_measures_the_cost_or_takes_a_table():
     with pytest.raises(ValueError, match="window_cost"):
         TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, draft=NGramDraft(k=4),
                        window_cost={4: 1.0})
+
+
+def test_evidence_classes_start_from_their_own_prior():
+    """A drafter's per-class priors: an unseen class starts from its own first-token acceptance
+    (prompt lookup: three tokens agreeing at the anchor draft at once, a one-token guess
+    elsewhere does not), evidence pulls it away; out-of-range priors are refused by name."""
+    from decodekit.speculative.ngram import EVIDENCE_PRIOR
+
+    pol = DraftPolicy(8, 0.0, CPU, prior=(0.15, 0.8), evidence_prior=EVIDENCE_PRIOR)
+    pol.admit(0)
+    assert pol.acceptance(0, evidence=6)[0] == pytest.approx(EVIDENCE_PRIOR[6])
+    assert pol.acceptance(0, evidence=1)[0] == pytest.approx(0.15)
+    assert pol.plan([0], [8], evidence=[6])[0] > 0 and pol.plan([0], [8], evidence=[1]) == [0]
+    plain = DraftPolicy(8, 0.0, CPU, prior=(0.15, 0.8))
+    plain.admit(0)
+    assert plain.plan([0], [8], evidence=[6]) == [0]  # control: without class priors it waits
+    for _ in range(6):
+        pol.update(0, 8, 0, evidence=6)
+    assert pol.acceptance(0, evidence=6)[0] < 0.3
+    with pytest.raises(ValueError, match=r"evidence_prior\[3\]"):
+        DraftPolicy(8, 0.0, CPU, evidence_prior={3: 1.5})

@@ -462,3 +462,126 @@ def test_ngram_index_agrees_with_the_scan():
                 checked += 1
                 disagree += other.propose(k, anchor) != cfg.propose(toks, k, anchor)
     assert checked == 60 * 40 * 3 and disagree > 100
+
+
+class _Words:
+    """A stub tokenizer that decodes ids to fixed texts (for the drafter's token kinds)."""
+
+    def __init__(self, texts: dict[int, str], vocab: int) -> None:
+        self.texts, self.vocab = texts, vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def batch_decode(self, ids: list[list[int]]) -> list[str]:
+        return [self.texts.get(i[0], f" w{i[0]}") for i in ids]
+
+
+def _lookup(texts: dict[int, str] | None, vocab: int = 200):
+    """An NGramDraft drafter built on a stub runner (with a tokenizer of ``texts``, or none)."""
+    tok = None if texts is None else _Words(texts, vocab)
+    adapter = type("A", (), {"tokenizer": tok, "vocab_size": vocab})()
+    runner = type("R", (), {"device": torch.device("cpu"), "adapter": adapter})()
+    return NGramDraft(n=3, k=12).build(runner, None)
+
+
+def _step(drafter, seen: list[int], accepted: int) -> list[int]:
+    """One speculative step of slot 0: the draft for ``seen``, verified with ``accepted``
+    tokens accepted."""
+    from decodekit.speculative.base import DraftRequest
+
+    req = DraftRequest(0, seen, 12)
+    d = drafter.propose([req], [len(seen) - 1])
+    out = [] if d is None else d.tokens[0, : d.lengths[0]].tolist()
+    if d is not None:
+        drafter.committed([req], [accepted], d.tokens.shape[1])
+    return out
+
+
+def test_token_kinds_from_the_tokenizer_texts():
+    """A word is whitespace then a letter or digit, a part starts with one, the rest (line
+    breaks, dashes, punctuation, special tokens) is layout; ids past the tokenizer are layout;
+    no tokenizer, no kinds."""
+    from decodekit.speculative.ngram import MARK, PART, WORD, token_kinds
+
+    tok = _Words({0: " The", 1: "ding", 2: "\n", 3: "-", 4: ".", 5: " 42", 6: "<|im_end|>", 7: " ", 8: "é"},
+                 9)
+    assert token_kinds(tok, 11) == [WORD, PART, MARK, MARK, MARK, WORD, MARK, MARK, PART, MARK, MARK]
+    assert token_kinds(object(), 4) is None
+
+
+def test_ngram_learns_a_left_out_layout_span():
+    """A request turns a dashed list into prose: the model writes the next line's first word
+    where the source has a line break and a dash. The next draft continues that line, and the
+    drafts after it skip the break and dash at every later line end (one window crosses two
+    lines), while skipping stays right; once the model keeps a break, the skip misses and is
+    dropped (the draft copies the break again). Without the learned skip (control: the drafter
+    is told nothing of the rejection) the draft runs into the break."""
+    NL, DASH, DOT = 2, 3, 4
+    texts = {NL: "\n", DASH: "-", DOT: "."}
+    lines = [[10 + 10 * i + j for j in range(4)] + [DOT] for i in range(5)]  # 5 lines of 4 words
+    src = [x for ln in lines for x in [NL, DASH] + ln]
+    prompt = [5, 6] + src + [7]
+    drafter = _lookup(texts)
+    drafter.admit([0], [prompt], [None])
+    seen = prompt + lines[0][:2]  # the model copies line 1's first words
+    assert _step(drafter, seen, 3) == lines[0][2:] + [NL, DASH] + lines[1] + [NL, DASH]
+    seen += lines[0][2:] + [lines[1][0]]  # accepted up to the dot, then line 2's word for the break
+    d = _step(drafter, seen, 12)
+    assert d == lines[1][1:] + lines[2] + lines[3][:3]  # from line 2 on, the break and dash skipped
+    skip = drafter.skips[0][0]
+    assert skip.tokens == (NL, DASH) and (skip.hits, skip.misses) == (2, 0)  # both skips accepted
+    seen += d + [lines[3][3]]
+    d = _step(drafter, seen, 1)  # the model keeps a break this time: the token after the skip rejected
+    assert d[:3] == [DOT] + lines[4][:2] and (skip.hits, skip.misses) == (2, 1)
+    skip.misses = 3  # more misses than hits: no longer skipped
+    fresh = _lookup(texts)
+    fresh.admit([0], [prompt], [None])
+    fresh.skips[0] = [skip]
+    fresh.anchors[0] = (prompt.index(lines[3][3]), len(seen))
+    assert _step(fresh, seen, 0)[:4] == [DOT, NL, DASH, lines[4][0]]
+    control = _lookup(texts)  # told nothing of the rejection: runs into the break
+    control.admit([0], [prompt], [None])
+    assert _step(control, prompt + lines[0] + [lines[1][0]], 0)[3:6] == [DOT, NL, DASH]
+
+
+def test_ngram_does_not_learn_to_skip_words():
+    """A model that leaves a word out moves the anchor past it, but the word is not skipped in
+    later drafts (only layout spans are); without token kinds any span is learned."""
+    words = [20, 21, 22, 23, 24, 25, 21, 26, 27, 28, 29, 30, 31, 32, 33]
+    prompt = [5, 6] + words + [7]
+    for texts, learned in (({}, False), (None, True)):
+        drafter = _lookup(texts)
+        drafter.admit([0], [prompt], [None])
+        seen = prompt + words[:2]
+        assert _step(drafter, seen, 1)[:2] == [22, 23]  # 22 accepted, 23 rejected
+        seen += [22, 24]  # the model left 23 out
+        assert _step(drafter, seen, 2)[:3] == [25, 21, 26]  # the copy resumes after 24
+        assert bool(drafter.skips.get(0)) is learned
+
+
+def test_ngram_resyncs_after_a_corrected_word():
+    """A spelling fix: the source has " bul" "ding" where the model writes " building" (not in
+    the source). With token kinds the next draft continues at the source's next word (" has
+    four ..."); punctuation written where the source has a word (an insertion) keeps the copy
+    at that word. Without a tokenizer (control) there is no lookup hit after the fix."""
+    THE, BUL, DING, HAS, FOUR, FLOORS, AND, TOP, BUILDING, DOT = 30, 31, 32, 33, 34, 35, 36, 37, 90, 4
+    texts = {DING: "ding", DOT: "."}
+    src = [40, 41, THE, BUL, DING, HAS, FOUR, FLOORS, AND, TOP, 42, 43, 44]
+    prompt = [5, 6] + src + [7]
+    for texts_, resync in ((texts, True), (None, False)):
+        drafter = _lookup(texts_)
+        drafter.admit([0], [prompt], [None])
+        seen = prompt + [40, 41]
+        assert _step(drafter, seen, 1)[:3] == [THE, BUL, DING]  # THE accepted, BUL rejected
+        seen += [THE, BUILDING]
+        d = _step(drafter, seen, 0)
+        assert (d[:3] == [HAS, FOUR, FLOORS]) is resync
+        if not resync:
+            assert d == []
+    drafter = _lookup(texts)
+    drafter.admit([0], [prompt], [None])
+    seen = prompt + [40, 41]
+    assert _step(drafter, seen, 1)[:2] == [THE, BUL]
+    seen += [THE, DOT]  # punctuation where the source's word BUL stands
+    assert _step(drafter, seen, 0)[:3] == [BUL, DING, HAS]

@@ -215,7 +215,7 @@ class TokenGenerator:
                 cost = WindowCost(from_leader(dict(measured.points), self.adapter.tp_size))
             else:
                 cost = WindowCost({1: 1.0})
-            policy = DraftPolicy(k, drafter.cost, cost, drafter.prior, adaptive_k)
+            policy = DraftPolicy.for_drafter(drafter, k, cost, adaptive_k)
             self.speculative = SpeculativeStep(drafter, self.runner, self.sampler, k, policy, self.guidance)
         self.stats = StepStats()
         if cuda_graphs and self.device.type == "cuda" and self.adapter.tp_size > 1:

@@ -102,7 +102,9 @@ class Drafter(Protocol):
     ``cost``: one drafted token's cost as a fraction of a target forward (0 for lookup).
     ``prior``: ``(h, g)``, the acceptance the draft policy assumes before any evidence: of a
     request's first drafted token, and of each next one once a run has started
-    (:class:`~decodekit.speculative.policy.DraftPolicy`).
+    (:class:`~decodekit.speculative.policy.DraftPolicy`). Optional ``evidence_prior``:
+    ``{evidence class: h}``, the first-token acceptance of each of its :meth:`evidence`
+    classes before any evidence (``prior``'s ``h`` for a class it does not name).
     Slot hooks (``admit`` after the target prefilled a request, ``release``) let a drafter
     keep per-slot state; ``lengths`` are the target's per-slot cache lengths (0: free).
     """

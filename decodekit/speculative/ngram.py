@@ -11,6 +11,15 @@ model emits tokens that are not in the source; the nearest occurrence of the nex
 suffix (" the") is then the one in the passage being copied, where the latest may be
 anywhere.
 
+Where the model departs from the source, the drafter reads what it wrote instead of the
+rejected token (:meth:`_NGramDrafter._resync`): the token a few source tokens on (the model
+left a span out: a list's line break and dash when it writes prose; such layout spans are
+then skipped in that request's later drafts, while skipping them keeps being right), or,
+with the tokenizer's token kinds, a word for a source word (a spelling fix: the copy resumes
+at the next source word) or punctuation (an insertion: at the rejected token again); the next
+draft then continues the source from there, where a suffix lookup would find nothing (the
+corrected word is not in the source) or a guess elsewhere.
+
 It has no distribution: the verifier treats each proposal as a point mass, which keeps the
 output distribution exactly the target's. Drafting is host work over the request's tokens:
 per request an index of its n-grams (their starts, ascending), extended as tokens arrive, so
@@ -31,11 +40,20 @@ import torch
 from .._checks import int_at_least
 from .base import DraftRequest, Drafts
 
-__all__ = ["AHEAD", "BACK", "CONFIDENT_AGREEMENT", "MAX_AGREEMENT", "Match", "NGramDraft", "NGramIndex"]
+__all__ = ["AHEAD", "BACK", "CONFIDENT_AGREEMENT", "MAX_AGREEMENT", "Match", "NGramDraft", "NGramIndex",
+           "Skip"]
 
 MAX_AGREEMENT = 32  # how far back a match is extended
 CONFIDENT_AGREEMENT = 4  # a match agreeing this far back: the request is copying its source
 BACK, AHEAD = 8, 64  # an anchored lookup takes continuations within [anchor - BACK, anchor + AHEAD]
+MAX_SKIP = 3  # longest source span a request is seen to leave out
+MAX_SKIPS = 4  # spans remembered per request (the latest)
+MAX_WORD = 6  # tokens of a source word a correction may replace
+RESYNC = 2 * CONFIDENT_AGREEMENT + 1  # evidence class of a draft from the anchor after a correction
+
+# first-token acceptance of a match class (:meth:`_NGramDrafter.evidence`) before any evidence:
+# agreement 1, 2, 3, 4+ tokens, elsewhere (odd) or continuing the copied passage (even)
+EVIDENCE_PRIOR = {1: 0.15, 2: 0.4, 3: 0.3, 4: 0.55, 5: 0.45, 6: 0.7, 7: 0.8, 8: 0.9, RESYNC: 0.5}
 
 
 def pick(starts: Sequence[int], anchor: int | None, offset: int = 0) -> int:
@@ -59,6 +77,7 @@ class Match:
     tokens: list[int]
     source: int = -1
     agreement: int = 0
+    resync: bool = False  # the continuation at the anchor after a correction, not a suffix match
 
 
 def agreement(tokens: Sequence[int], source: int) -> int:
@@ -116,7 +135,56 @@ class NGramDraft:
     def build(self, runner: Any, sampler: Any) -> _NGramDrafter:
         """The :class:`~decodekit.speculative.base.Drafter` for a generator (lookup needs
         neither the model nor the sampler, only the device)."""
-        return _NGramDrafter(self, runner.device)
+        adapter = getattr(runner, "adapter", None)
+        tokenizer = getattr(adapter, "tokenizer", None)
+        kinds = None if tokenizer is None else token_kinds(tokenizer, adapter.vocab_size)
+        return _NGramDrafter(self, runner.device, kinds)
+
+
+PART, WORD, MARK = 0, 1, 2  # token kinds: goes on a word, begins one, punctuation / space / other
+
+
+def token_kinds(tokenizer: Any, vocab: int) -> list[int] | None:
+    """Per token id, by its text alone: :data:`WORD` when whitespace then a letter or digit,
+    :data:`PART` when a letter or digit first, :data:`MARK` otherwise; None without a
+    tokenizer that decodes token ids."""
+    decode = getattr(tokenizer, "batch_decode", None)
+    if decode is None:
+        return None
+    named = min(vocab, len(tokenizer)) if hasattr(tokenizer, "__len__") else vocab
+    try:
+        texts = list(decode([[i] for i in range(named)])) + [""] * (vocab - named)  # padding rows: MARK
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+        return None
+    kinds = []
+    for t in texts:
+        t = t if isinstance(t, str) else ""
+        if t[:1].isspace():
+            kinds.append(WORD if t[1:2].isalnum() else MARK)
+        else:
+            kinds.append(PART if t[:1].isalnum() else MARK)
+    return kinds
+
+
+@dataclass
+class Skip:
+    """A source span a request leaves out when it copies (learned from a rejection: the model
+    wrote the token after the span instead of its first), and how often skipping it was right
+    (``hits``: the token after it was accepted) or wrong (``misses``); used while
+    ``hits >= misses``."""
+
+    tokens: tuple[int, ...]
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass
+class _Draft:
+    positions: list[int]  # source position of each drafted token
+    length: int  # the request's tokens when it was drafted
+    anchored: bool  # it continued the passage being copied
+    resync: bool  # it was the anchor's continuation after a correction (Match.resync)
+    skipped: list[tuple[int, Skip]]  # (draft position right after a skipped span, the skip)
 
 
 class NGramIndex:
@@ -182,26 +250,28 @@ class _NGramDrafter:
 
     cost = 0.0
     prior = (0.15, 0.8)  # acceptance before any evidence: a first token rarely, then a run
+    evidence_prior = EVIDENCE_PRIOR
 
-    def __init__(self, config: NGramDraft, device: torch.device) -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: NGramDraft, device: torch.device, kinds: list[int] | None = None) -> None:
+        self.config, self.device, self.kinds = config, device, kinds
+        self._resynced: set[int] = set()  # slots whose anchor was just placed after a correction
         self.index: dict[int, NGramIndex] = {}
         self.anchors: dict[int, tuple[int, int]] = {}  # slot -> (source, tokens then)
-        self._sources: dict[int, tuple[int, int]] = {}  # slot -> this step's draft's (source, tokens)
+        self.skips: dict[int, list[Skip]] = {}  # slot -> source spans the request leaves out
+        self._drafts: dict[int, _Draft] = {}  # slot -> this step's draft
+        self._pending: dict[int, tuple[int, int]] = {}  # slot -> a rejection: (source, emitted index)
         self._last: dict[int, tuple[int, int | None, Match]] = {}  # slot -> this step's lookup
 
     def admit(self, slots, prompts, steering) -> None:
         for s, p in zip(slots, prompts, strict=True):
+            self.release(s)
             self.index[s] = NGramIndex(self.config)
             self.index[s].extend(p)
-            self.anchors.pop(s, None)
-            self._last.pop(s, None)
 
     def release(self, slot: int) -> None:
-        self.index.pop(slot, None)
-        self.anchors.pop(slot, None)
-        self._sources.pop(slot, None)
-        self._last.pop(slot, None)
+        for state in (self.index, self.anchors, self.skips, self._drafts, self._pending, self._last):
+            state.pop(slot, None)
+        self._resynced.discard(slot)
 
     def enable_graphs(self, capture=None) -> None:
         """Nothing to capture: lookup runs on the host."""
@@ -209,7 +279,9 @@ class _NGramDrafter:
     def truncate(self, slot: int, length: int) -> None:
         if slot in self.index:
             self.index[slot].truncate(length)
-        self._last.pop(slot, None)
+        for state in (self._drafts, self._pending, self._last):
+            state.pop(slot, None)
+        self._resynced.discard(slot)
         anchor = self.anchors.get(slot)
         if anchor is not None and anchor[1] > length + 1:
             del self.anchors[slot]
@@ -218,12 +290,83 @@ class _NGramDrafter:
         """A draft whose first token was accepted anchors its request at its source; a
         rejected one anchors only a request without an anchor (a correction right where the
         copy stands), never moves one: a guess from elsewhere (a one-token match in another
-        line) must not drag the next lookups to the passage it came from."""
+        line) must not drag the next lookups to the passage it came from. A rejection in the
+        passage being copied is remembered: the next lookup sees what the model wrote instead
+        (:meth:`_resync`). A learned skip inside the draft scores a hit when the token after it
+        was accepted, a miss when that token was the one rejected."""
         for r, a in zip(requests, accepted, strict=True):
-            src = self._sources.pop(r.slot, None)
-            if src is not None and (a > 0 or r.slot not in self.anchors):
-                self.anchors[r.slot] = src
-        self._sources.clear()
+            d = self._drafts.pop(r.slot, None)
+            if d is None:
+                continue
+            self._resynced.discard(r.slot)
+            for at, skip in d.skipped:
+                skip.hits += a > at
+                skip.misses += a == at
+            copying = a > 0 or (d.anchored and not d.resync)
+            if copying or r.slot not in self.anchors:
+                if a < len(d.positions):
+                    if copying:
+                        self._pending[r.slot] = (d.positions[a], d.length + a)
+                    self.anchors[r.slot] = (d.positions[a], d.length + a)
+                else:
+                    self.anchors[r.slot] = (d.positions[-1] + 1, d.length + a)
+        self._drafts.clear()
+
+    def _resync(self, slot: int, tokens: Sequence[int]) -> None:
+        """After a rejection at source position ``s`` in the copied passage, place the anchor by
+        what the model wrote instead, ``t``:
+
+        - ``t`` is one of the next :data:`MAX_SKIP` source tokens: the model left out the span
+          before it (a list's "\\n-" when the list becomes prose); the anchor moves past it,
+          and the request's drafts skip that span from now on (:class:`Skip`); ``t`` is the
+          source token before ``s``: the anchor was one ahead;
+        - else, with the tokenizer's token kinds (:func:`token_kinds`), where the source has a
+          word at ``s``: ``t`` is a word (a corrected or replaced word): the copy resumes at
+          the source's next word; ``t`` goes on the model's word or is punctuation (a longer
+          correction, an insertion): at ``s`` again. The next lookup then drafts from the
+          anchor (:meth:`_match`).
+        """
+        pending = self._pending.pop(slot, None)
+        if pending is None or pending[1] >= len(tokens):
+            return
+        s, emitted = pending
+        t = tokens[emitted]
+        if t == tokens[s]:
+            return
+        if s > 0 and tokens[s - 1] == t:
+            self.anchors[slot] = (s - 1, emitted)
+            return
+        for m in range(1, MAX_SKIP + 1):
+            if s + m < emitted and tokens[s + m] == t:
+                self.anchors[slot] = (s + m, emitted)
+                self._learn_skip(slot, tuple(tokens[s: s + m]))
+                return
+        kinds = self.kinds
+        if kinds is None or kinds[tokens[s]] != WORD:
+            return
+        if kinds[t] == WORD:
+            end = min(s + 1 + MAX_WORD, emitted)
+            nxt = next((j for j in range(s + 1, end) if kinds[tokens[j]] != PART), None)
+            if nxt is None:
+                return
+            self.anchors[slot] = (nxt - 1, emitted)
+        else:
+            self.anchors[slot] = (s - 1, emitted)
+        self._resynced.add(slot)
+
+    def _learn_skip(self, slot: int, span: tuple[int, ...]) -> None:
+        """Remember that the request left out ``span`` (layout only: with the tokenizer's
+        token kinds, a span of punctuation, spaces and line breaks; a word left out once says
+        nothing about the next occurrence of that word)."""
+        if self.kinds is not None and any(self.kinds[x] != MARK for x in span):
+            return
+        skips = self.skips.setdefault(slot, [])
+        known = next((k for k in skips if k.tokens == span), None)
+        if known is None:
+            skips.append(Skip(span))
+            del skips[:-MAX_SKIPS]
+        else:
+            known.hits += 1
 
     def _anchor(self, slot: int, tokens: Sequence[int]) -> int | None:
         """Where the request should be copying from now: its last draft's source advanced by
@@ -244,6 +387,8 @@ class _NGramDrafter:
         m = self._match(slot, tokens)
         if not m.tokens:
             return 0
+        if m.resync:
+            return RESYNC
         anchor = self._anchor(slot, tokens)
         near = anchor is not None and anchor - BACK <= m.source <= anchor + AHEAD
         return 2 * min(m.agreement, CONFIDENT_AGREEMENT) - 1 + int(near)
@@ -252,6 +397,7 @@ class _NGramDrafter:
         """The lookup (up to ``k`` tokens) for the request's ``tokens``, once per step: the
         policy's :meth:`confident` and the step's proposal share it (which occurrence is taken
         does not depend on how many tokens are proposed)."""
+        self._resync(slot, tokens)
         anchor = self._anchor(slot, tokens)
         last = self._last.get(slot)
         if last is not None and last[:2] == (len(tokens), anchor):
@@ -261,6 +407,8 @@ class _NGramDrafter:
             index = self.index[slot] = NGramIndex(self.config)
         index.extend(tokens)
         m = index.match(self.config.k, anchor)
+        if slot in self._resynced and anchor is not None and m.source != anchor and 0 <= anchor < len(tokens):
+            m = Match(list(tokens[anchor: anchor + self.config.k]), anchor, agreement(tokens, anchor), True)
         self._last[slot] = (len(tokens), anchor, m)
         return m
 
@@ -268,12 +416,24 @@ class _NGramDrafter:
         if r.budget <= 0:
             return []
         m = self._match(r.slot, r.tokens)
-        if m.tokens:
-            self._sources[r.slot] = (m.source, len(r.tokens))
-        return m.tokens[: r.budget]
+        if not m.tokens:
+            return []
+        own = self.index[r.slot].tokens
+        live = [k for k in self.skips.get(r.slot, ()) if k.hits >= k.misses]
+        positions, skipped, i = [], [], m.source
+        while len(positions) < min(r.budget, self.config.k) and i < len(own):
+            k = next((k for k in live if tuple(own[i: i + len(k.tokens)]) == k.tokens), None)
+            if k is not None and i + len(k.tokens) < len(own):
+                skipped.append((len(positions), k))
+                i += len(k.tokens)
+            positions.append(i)
+            i += 1
+        self._drafts[r.slot] = _Draft(positions, len(r.tokens), m.source == self._anchor(r.slot, r.tokens),
+                                      m.resync, skipped)
+        return [own[p] for p in positions]
 
     def propose(self, requests: Sequence[DraftRequest], lengths: Sequence[int]) -> Drafts | None:
-        self._sources.clear()
+        self._drafts.clear()
         drafts = [self._draft(r) for r in requests]
         K = max(len(d) for d in drafts)
         if K == 0:

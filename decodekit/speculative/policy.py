@@ -21,7 +21,9 @@ step where the drafter is *confident* (prompt lookup: a long match, the request 
 takes ``h`` at least :data:`CONFIDENT_HIT`. A step whose draft falls in one of the drafter's
 *evidence* classes (prompt lookup: how far back the match agrees, whether it continues the
 passage being copied) takes ``h`` at least the first-token acceptance of that class pooled
-over every request (decayed counts around the prior): a request that paraphrased for a while
+over every request (decayed counts around the class's own prior, the drafter's
+``evidence_prior``: for prompt lookup three tokens agreeing where the copy stands start at
+0.7, a one-token match elsewhere at 0.15): a request that paraphrased for a while
 still drafts where the match says it copies again, and one-token guesses, mostly wrong, do
 not lift it.
 
@@ -185,14 +187,26 @@ class DraftPolicy:
         The drafter's ``(h, g)`` before any evidence.
     enabled : bool
         False: every request drafts as much as it may (up to ``k``).
+    evidence_prior : mapping, optional
+        ``{evidence class: h}`` before any evidence of that class (default: ``prior``'s h).
     """
 
     def __init__(self, k: int, draft_cost: float, cost: WindowCost, prior: tuple[float, float] = (0.6, 0.6),
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, evidence_prior: Mapping[int, float] | None = None) -> None:
         self.k, self.draft_cost, self.cost, self.enabled = k, draft_cost, cost, enabled
         self.prior = prior
+        self.evidence_prior = dict(evidence_prior or {})
+        for e, h in self.evidence_prior.items():
+            if not 0.0 <= h <= 1.0:
+                raise ValueError(f"evidence_prior[{e}] must be in [0, 1], got {h}")
         self._counts: dict[int, _Counts] = {}
         self._pooled: dict[int, _Counts] = {}  # evidence class -> counts over every request
+
+    @classmethod
+    def for_drafter(cls, drafter: Any, k: int, cost: WindowCost, enabled: bool = True) -> DraftPolicy:
+        """The policy for a built drafter: its ``cost``, ``prior`` and, when it has one, its
+        ``evidence_prior``."""
+        return cls(k, drafter.cost, cost, drafter.prior, enabled, getattr(drafter, "evidence_prior", None))
 
     def admit(self, slot: int) -> None:
         """A new request in ``slot`` starts from the prior."""
@@ -208,7 +222,8 @@ class DraftPolicy:
         g = (c.kept + PRIOR_WEIGHT * g0) / (c.tries + PRIOR_WEIGHT)
         if evidence:
             p = self._pooled.get(evidence, _Counts())
-            h = max(h, (p.hits + PRIOR_WEIGHT * h0) / (p.drafts + PRIOR_WEIGHT))
+            he = self.evidence_prior.get(evidence, h0)
+            h = max(h, (p.hits + PRIOR_WEIGHT * he) / (p.drafts + PRIOR_WEIGHT))
         return (max(h, CONFIDENT_HIT) if confident else h), g
 
     def plan(self, slots: Sequence[int], caps: Sequence[int], confident: Sequence[bool] = (),
