@@ -52,8 +52,10 @@ MAX_WORD = 6  # tokens of a source word a correction may replace
 RESYNC = 2 * CONFIDENT_AGREEMENT + 1  # evidence class of a draft from the anchor after a correction
 
 # first-token acceptance of a match class (:meth:`_NGramDrafter.evidence`) before any evidence:
-# agreement 1, 2, 3, 4+ tokens, elsewhere (odd) or continuing the copied passage (even)
-EVIDENCE_PRIOR = {1: 0.15, 2: 0.4, 3: 0.3, 4: 0.55, 5: 0.45, 6: 0.7, 7: 0.8, 8: 0.9, RESYNC: 0.5}
+# agreement 1, 2, 3, 4+ tokens, elsewhere (odd) or continuing the copied passage (even); a
+# one-token match takes the drafter's prior (0.15) wherever it is: in open text the anchor
+# sits in the request's own recent output, where one-token matches are everywhere
+EVIDENCE_PRIOR = {3: 0.2, 4: 0.3, 5: 0.35, 6: 0.6, 7: 0.8, 8: 0.9, RESYNC: 0.4}
 
 
 def pick(starts: Sequence[int], anchor: int | None, offset: int = 0) -> int:

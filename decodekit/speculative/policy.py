@@ -23,7 +23,7 @@ takes ``h`` at least :data:`CONFIDENT_HIT`. A step whose draft falls in one of t
 passage being copied) takes ``h`` at least the first-token acceptance of that class pooled
 over every request (decayed counts around the class's own prior, the drafter's
 ``evidence_prior``: for prompt lookup three tokens agreeing where the copy stands start at
-0.7, a one-token match elsewhere at 0.15): a request that paraphrased for a while
+0.6, a one-token match at 0.15): a request that paraphrased for a while
 still drafts where the match says it copies again, and one-token guesses, mostly wrong, do
 not lift it.
 
