@@ -260,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="LayerSkipDraft layers: first N or a list (default 16: tools/layerskip_search)")
     p.add_argument("--layerskip-k", type=int, default=3, help="LayerSkipDraft k (default 3)")
     p.add_argument("--only-batch", choices=["1", "big"], help="run only the B=1 or only the batched points")
+    p.add_argument("--kind", choices=["copy", "open"], help="run only this prompt kind")
+    p.add_argument("--seeds", type=int, default=1, metavar="S",
+                   help="sampled settings at B=1: each prompt run with S seeds (a sampled run's tokens "
+                        "differ between sides, so each side copies different text: more samples per prompt, "
+                        "less noise in the per-task ratios); default 1")
     p.add_argument("--queue", type=int, default=1, metavar="Q",
                    help="batched points: Q x B requests through B slots (continuous batching: a slot is "
                         "refilled when its request ends); default 1 (B requests admitted together)")
@@ -278,11 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (kinds, settings, make) in drafters(args, wl).items():
         for kind, st, batch in [(k, s, b) for k in kinds for s in settings for b in (1, big)]:
             skip_batch = args.only_batch and (batch == 1) != (args.only_batch == "1")
-            if args.drafter not in (name, "all") or skip_batch:
+            if args.drafter not in (name, "all") or skip_batch or args.kind not in (None, kind):
                 continue
-            kp = prompts[kind]
-            ps = kp[:b1] if batch == 1 else [kp[i % len(kp)] for i in range(batch * max(1, args.queue))]
-            seq, t = H.max_seq(ps, n), SETTINGS[st]
+            kp, t = prompts[kind], SETTINGS[st]
+            draws = max(1, args.seeds) if t and batch == 1 else 1  # prompt i's seeds: 1000 + i + b1 * j
+            ps = kp[:b1] * draws if batch == 1 else [kp[i % len(kp)]
+                                                     for i in range(batch * max(1, args.queue))]
+            seq = H.max_seq(ps, n)
             try:
                 sides = {"plain": dk_side(make_gen(wl, batch, seq), t, dev)}
                 sides |= {k: dk_side(make_gen(wl, batch, seq, d, not args.smoke), t, dev)
@@ -291,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     sides |= {f"hf lookup K={k}" if k else "hf": hf_side(wl, t, k) for k in (0, *HF_KS)}
                 for side in sides.values():  # warm-up
                     side(ps[:batch], list(range(batch)), min(8, n))
-                new = run_point(wl, name, kind, st, batch, ps, sides, n, repeats, bw, tasks[kind][:len(ps)])
+                new = run_point(wl, name, kind, st, batch, ps, sides, n, repeats, bw,
+                                tasks[kind][:b1] * draws)
             except Exception as exc:
                 new = [{"drafter": name, "kind": kind, "setting": st, "batch": batch, "side": "-",
                         "status": H.short_error(exc)}]
@@ -304,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = summary(ok)
     body = [
         f"- model {wl.description}, {wl.dtype_name}; {n} new tokens, EOS on; {b1} prompts per kind at "
-        f"B=1; at B={big}: {big * max(1, args.queue)} requests through {big} slots (continuous batching"
+        f"B=1 ({max(1, args.seeds)} seed(s) per prompt sampled); at B={big}: "
+        f"{big * max(1, args.queue)} requests through {big} slots (continuous batching"
         f"{'' if args.queue > 1 else ', all admitted together'}); {repeats} repeat(s), sides interleaved, "
         "medians",
         f"- NGramDraft n=3, min_n={args.ngram_min_n}; LayerSkipDraft layers {args.layerskip_layers} of "
@@ -328,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = H.metadata(
         dev, "wall time (time.perf_counter, device synchronised) of the decode calls after prefill; HF: "
         "first to last step-clock stamp", model=wl.description, max_new_tokens=n, repeats=repeats,
-        b1_prompts=b1, smoke=args.smoke, quick=args.quick, drafter_option=args.drafter,
+        b1_prompts=b1, sampled_seeds_per_prompt=max(1, args.seeds), kind_option=args.kind,
+        smoke=args.smoke, quick=args.quick, drafter_option=args.drafter,
         k_sweep=list(K_SWEEP), hf_prompt_lookup=list(HF_KS), draft_model=DRAFT_CONFIG,
         layerskip={"layers": args.layerskip_layers, "k": args.layerskip_k}, best_vs_best=best,
         greedy_mismatches=sum(r["greedy_mismatches"] for r in bad), copy_bandwidth_gb_s=bw.bytes_per_s / 1e9)

@@ -11,7 +11,7 @@ import pytest
 from _models import tiny_model, word_tokenizer
 
 from decodekit import NGramDraft, TokenGenerator
-from decodekit.speculative.policy import CONFIDENT_HIT, DraftPolicy, WindowCost
+from decodekit.speculative.policy import CONFIDENT_HIT, DENSE_WIDTHS, DraftPolicy, WindowCost
 
 CPU = WindowCost({1: 1.0, 2: 1.8, 17: 2.0, 64: 5.0})  # SmolLM2 fp32 on 2 cores, roughly
 GPU = WindowCost({1: 1.0, 64: 1.1, 256: 1.6})  # bandwidth-bound decode
@@ -211,10 +211,16 @@ def test_generator_measures_the_cost_or_takes_a_table():
     model = tiny_model("llama")
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, draft=NGramDraft(k=4))
     pts = dict(gen.speculative.policy.cost.points)
-    # rows 1 and max_batch_size by widths 1, 2 and k + 1 (4, just below 5, left out)
-    assert sorted(pts) == [(1, 1), (1, 2), (1, 5), (2, 1), (2, 2), (2, 5)] and pts[(1, 1)] == 1.0
-    assert all(pts[(r, a)] <= pts[(r, b)] for r in (1, 2) for a, b in ((1, 2), (2, 5)))
+    # one row: every width up to k + 1 (small products are lumpy on CPUs); max_batch_size rows:
+    # widths 1, 2 and k + 1 (4, just below 5, left out)
+    assert sorted(pts) == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1), (2, 2), (2, 5)]
+    assert pts[(1, 1)] == 1.0
+    assert all(pts[(1, w)] <= pts[(1, w + 1)] for w in range(1, 5))
+    assert all(pts[(2, a)] <= pts[(2, b)] for a, b in ((1, 2), (2, 5)))
     assert all(pts[(1, w)] <= pts[(2, w)] for w in (1, 2, 5))
+    wide = TokenGenerator(model, word_tokenizer(), max_batch_size=1, max_seq_len=64,
+                          draft=NGramDraft(k=DENSE_WIDTHS))  # wider than DENSE_WIDTHS: sparse again
+    assert [w for (_, w), _c in wide.speculative.policy.cost.points] == [1, 2, 4, 8, 16, DENSE_WIDTHS + 1]
     gen = TokenGenerator(model, word_tokenizer(), max_batch_size=2, max_seq_len=64, draft=NGramDraft(k=4),
                          window_cost={1: 2.0, 8: 3.0})
     assert gen.speculative.policy.cost(8) == 1.5

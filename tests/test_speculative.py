@@ -508,6 +508,13 @@ def test_token_kinds_from_the_tokenizer_texts():
                  9)
     assert token_kinds(tok, 11) == [WORD, PART, MARK, MARK, MARK, WORD, MARK, MARK, PART, MARK, MARK]
     assert token_kinds(object(), 4) is None
+    # kept per tokenizer while its size holds: decoded once; a token added is decoded again
+    calls = []
+    decode = tok.batch_decode
+    tok.batch_decode = lambda ids: calls.append(len(ids)) or decode(ids)
+    assert token_kinds(tok, 11) is token_kinds(tok, 11) and calls == []
+    tok.texts[9], tok.vocab = " and", 10
+    assert token_kinds(tok, 11)[9] == WORD and calls == [10]
 
 
 def test_ngram_learns_a_left_out_layout_span():

@@ -31,6 +31,7 @@ May call: :mod:`.base`.
 from __future__ import annotations
 
 import bisect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,14 +147,33 @@ class NGramDraft:
 PART, WORD, MARK = 0, 1, 2  # token kinds: goes on a word, begins one, punctuation / space / other
 
 
+_KINDS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], list[int] | None]] = weakref.WeakKeyDictionary()
+
+
 def token_kinds(tokenizer: Any, vocab: int) -> list[int] | None:
     """Per token id, by its text alone: :data:`WORD` when whitespace then a letter or digit,
     :data:`PART` when a letter or digit first, :data:`MARK` otherwise; None without a
-    tokenizer that decodes token ids."""
+    tokenizer that decodes token ids. Kept per tokenizer (a 49k vocabulary takes about a
+    second to decode) while its size and ``vocab`` stay the same."""
     decode = getattr(tokenizer, "batch_decode", None)
     if decode is None:
         return None
     named = min(vocab, len(tokenizer)) if hasattr(tokenizer, "__len__") else vocab
+    try:
+        kept = _KINDS.get(tokenizer)
+    except TypeError:  # not weakly referenceable or not hashable: not kept
+        kept = None
+    if kept is not None and kept[0] == (vocab, named):
+        return kept[1]
+    kinds = _kinds(decode, vocab, named)
+    try:
+        _KINDS[tokenizer] = ((vocab, named), kinds)
+    except TypeError:
+        pass
+    return kinds
+
+
+def _kinds(decode: Any, vocab: int, named: int) -> list[int] | None:
     try:
         texts = list(decode([[i] for i in range(named)])) + [""] * (vocab - named)  # padding rows: MARK
     except (TypeError, ValueError, IndexError, KeyError, OverflowError):

@@ -46,6 +46,7 @@ DECAY = 0.85  # weight of the older counts at each verification
 IDLE_DECAY = 0.8  # per step without a draft: the counts drift back to the prior
 PRIOR_WEIGHT = 2.0  # the prior counts as this many drafts
 CONFIDENT_HIT = 0.9  # first-token acceptance on a step where the drafter is confident
+DENSE_WIDTHS = 32  # WindowCost.measure times every one-row width up to this
 POOL_DECAY = 0.97  # weight of an evidence class's older counts at each of its verifications
 
 
@@ -109,8 +110,11 @@ class WindowCost:
     def measure(cls, runner: Any, max_rows: int, max_width: int, repeats: int = 2,
                 context: int = 256) -> WindowCost:
         """Time forwards of ``rows`` slots (from slot 0; 1, ``max_rows`` and every fourth part
-        of it: 8 -> 1, 2, 8) of ``width`` positions each (1, 2, 4, .. and ``max_width``; a
-        power of two just below it is left out), after ``context`` cached positions, with the
+        of it: 8 -> 1, 2, 8) of ``width`` positions each (one row: every width up to
+        ``max_width`` when that is at most :data:`DENSE_WIDTHS`, since small matrix products are
+        lumpy on CPUs (SmolLM2 on 2 cores: 4 positions cost 1.55 forwards, 3 cost 1.16; 13-15
+        cost 2.35, 16 cost 2.05); more rows and wider windows: 1, 2, 4, .. and ``max_width``, a
+        power of two just below it left out), after ``context`` cached positions, with the
         logits of every position (the verification needs them all): the fastest of
         ``repeats`` after one warm-up forward at the largest shape. Call while no request holds
         a slot: the writes land in free positions (a paged cache's free slots write to its
@@ -118,7 +122,8 @@ class WindowCost:
         dev = runner.device
         size = runner.max_seq_len
         top_w = max(1, min(max_width, size))
-        widths = sorted({1 << i for i in range(top_w.bit_length()) if (1 << i) < top_w - 1} | {1, top_w})
+        sparse = sorted({1 << i for i in range(top_w.bit_length()) if (1 << i) < top_w - 1} | {1, top_w})
+        dense = list(range(1, top_w + 1)) if top_w <= DENSE_WIDTHS else sparse
         rows = sorted({1} | {max_rows >> (2 * j) for j in range(8) if max_rows >> (2 * j) >= 1})
         points: dict[tuple[int, int], float] = {}
 
@@ -134,9 +139,9 @@ class WindowCost:
             return time.perf_counter() - t0
 
         with torch.inference_mode():
-            forward(rows[-1], widths[-1])  # warm-up
+            forward(rows[-1], top_w)  # warm-up
             for b in rows:
-                for w in widths:
+                for w in (dense if b == 1 else sparse):
                     points[(b, w)] = min(forward(b, w) for _ in range(repeats))
         return cls(points)
 
