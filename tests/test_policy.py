@@ -149,6 +149,44 @@ def test_evidence_classes_pool_their_acceptance_over_requests():
     assert pol.acceptance(2, evidence=5)[0] == pytest.approx(lifted)
 
 
+def test_a_wide_window_takes_the_request_record_with_the_class():
+    """At one row a class's pooled record lifts a request whose own drafts of that class fail
+    (optimistic: a few positions cost little more than a step); a window of more than one row
+    takes the request's own decayed record with the class around the pooled one instead, so
+    a row that keeps failing on a class the others pass no longer widens the batch's window.
+    Steps without a draft pull that record back to the pool; a failed call's snapshot restores
+    it; admit forgets it."""
+    cost = WindowCost({(1, 1): 1.0, (1, 2): 1.8, (1, 17): 3.0, (2, 1): 1.2, (2, 2): 2.2, (2, 17): 3.0})
+    pol = DraftPolicy(16, 0.0, cost, prior=(0.15, 0.8), evidence_prior={8: 0.9})
+    pair = dict(confident=[True, False], evidence=[8, 0])  # request 0 with a class-8 match, 4 without
+    for s in range(5):
+        pol.admit(s)
+    for _ in range(10):
+        pol.update(1, 16, 16, evidence=8)  # requests 1 and 2 copy: class 8 passes
+        pol.update(2, 16, 16, evidence=8)
+    for _ in range(6):
+        pol.update(0, 16, 0, evidence=8)  # request 0's class-8 drafts fail
+    pooled = pol.acceptance(3, evidence=8)[0]
+    assert pooled > 0.7 and pol.acceptance(0, evidence=8)[0] == pooled  # one row: the larger
+    assert pol.acceptance(0, evidence=8, own=True)[0] < 0.4 < pooled
+    assert pol.acceptance(3, evidence=8, own=True)[0] == pytest.approx(pooled)  # no record yet
+    assert pol.plan([0], [16], [True], evidence=[8])[0] > 0  # alone: drafts on the pooled record
+    assert pol.plan([0, 4], [16, 16], **pair) == [0, 0]  # two rows: its own record says no
+    assert pol.plan([3, 4], [16, 16], **pair)[0] > 0  # control: a request without that record drafts
+    before = pol.acceptance(0, evidence=8, own=True)[0]
+    snap = pol.snapshot([0])
+    pol.update(0, 16, 0, evidence=8)
+    assert pol.acceptance(0, evidence=8, own=True)[0] < before
+    pol.restore(snap)
+    assert pol.acceptance(0, evidence=8, own=True)[0] == pytest.approx(before)
+    idle = 1
+    while pol.plan([0, 4], [16, 16], **pair) == [0, 0]:
+        idle += 1
+    assert 1 < idle < 12
+    pol.admit(0)
+    assert pol.acceptance(0, evidence=8, own=True)[0] == pytest.approx(pol.acceptance(3, evidence=8)[0])
+
+
 def test_break_even_follows_the_cost():
     """The same history drafts on a GPU-like cost (verifying more tokens is nearly free) and
     not on a CPU-like one (two tokens already cost 1.8); a copying request drafts long on
