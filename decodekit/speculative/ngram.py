@@ -160,16 +160,14 @@ def token_kinds(tokenizer: Any, vocab: int) -> list[int] | None:
         return None
     named = min(vocab, len(tokenizer)) if hasattr(tokenizer, "__len__") else vocab
     try:
-        kept = _KINDS.get(tokenizer)
+        kept, keepable = _KINDS.get(tokenizer), True
     except TypeError:  # not weakly referenceable or not hashable: not kept
-        kept = None
+        kept, keepable = None, False
     if kept is not None and kept[0] == (vocab, named):
         return kept[1]
     kinds = _kinds(decode, vocab, named)
-    try:
+    if keepable:
         _KINDS[tokenizer] = ((vocab, named), kinds)
-    except TypeError:
-        pass
     return kinds
 
 

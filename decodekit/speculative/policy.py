@@ -186,7 +186,7 @@ class _Counts:
 @dataclass
 class _Snapshot:
     counts: dict[int, _Counts | None]  # slot -> over all its drafts (None: none)
-    own: dict[tuple[int, int], _Counts]  # (slot, evidence class) -> the request's
+    own: dict[int, dict[int, _Counts]]  # slot -> evidence class -> the request's
     pooled: dict[int, _Counts]  # evidence class -> over every request
 
 
@@ -219,7 +219,7 @@ class DraftPolicy:
                 raise ValueError(f"evidence_prior[{e}] must be in [0, 1], got {h}")
         self._counts: dict[int, _Counts] = {}
         self._pooled: dict[int, _Counts] = {}  # evidence class -> counts over every request
-        self._own: dict[tuple[int, int], _Counts] = {}  # (slot, evidence class) -> the request's counts
+        self._own: dict[int, dict[int, _Counts]] = {}  # slot -> evidence class -> the request's counts
 
     @classmethod
     def for_drafter(cls, drafter: Any, k: int, cost: WindowCost, enabled: bool = True) -> DraftPolicy:
@@ -230,8 +230,7 @@ class DraftPolicy:
     def admit(self, slot: int) -> None:
         """A new request in ``slot`` starts from the prior."""
         self._counts[slot] = _Counts()
-        for key in [key for key in self._own if key[0] == slot]:
-            del self._own[key]
+        self._own.pop(slot, None)
 
     def acceptance(self, slot: int, confident: bool = False, evidence: int = 0,
                    own: bool = False) -> tuple[float, float]:
@@ -249,7 +248,7 @@ class DraftPolicy:
             he = self.evidence_prior.get(evidence, h0)
             pooled = (p.hits + PRIOR_WEIGHT * he) / (p.drafts + PRIOR_WEIGHT)
             if own:
-                c_e = self._own.get((slot, evidence), _Counts())
+                c_e = self._own.get(slot, {}).get(evidence, _Counts())
                 return (c_e.hits + PRIOR_WEIGHT * pooled) / (c_e.drafts + PRIOR_WEIGHT), g
             h = max(h, pooled)
         return (max(h, CONFIDENT_HIT) if confident else h), g
@@ -280,8 +279,8 @@ class DraftPolicy:
         for s, d, e in zip(slots, out, ev, strict=True):
             if d == 0:  # drift back to the prior (a request's class record: to the pooled one)
                 self._counts.setdefault(s, _Counts()).decay(IDLE_DECAY)
-                if (s, e) in self._own:
-                    self._own[(s, e)].decay(IDLE_DECAY)
+                if e in self._own.get(s, {}):
+                    self._own[s][e].decay(IDLE_DECAY)
         return out
 
     def update(self, slot: int, drafted: int, accepted: int, evidence: int = 0) -> None:
@@ -294,7 +293,7 @@ class DraftPolicy:
             p.decay(POOL_DECAY)
             p.drafts += 1
             p.hits += accepted > 0
-            own = self._own.setdefault((slot, evidence), _Counts())
+            own = self._own.setdefault(slot, {}).setdefault(evidence, _Counts())
             own.decay(DECAY)
             own.drafts += 1
             own.hits += accepted > 0
@@ -309,10 +308,10 @@ class DraftPolicy:
     def snapshot(self, slots: Sequence[int]) -> _Snapshot:
         """Copies of the slots' counts (over all drafts and per evidence class) and the pooled
         ones, for :meth:`restore` (a failed call is undone)."""
-        keep = set(slots)
         return _Snapshot({s: None if s not in self._counts else dataclasses.replace(self._counts[s])
                           for s in slots},
-                         {k: dataclasses.replace(c) for k, c in self._own.items() if k[0] in keep},
+                         {s: {e: dataclasses.replace(c) for e, c in self._own[s].items()}
+                          for s in slots if s in self._own},
                          {e: dataclasses.replace(c) for e, c in self._pooled.items()})
 
     def restore(self, snapshot: _Snapshot) -> None:
@@ -322,4 +321,5 @@ class DraftPolicy:
                 self._counts.pop(s, None)
             else:
                 self._counts[s] = c
-        self._own = {k: c for k, c in self._own.items() if k[0] not in snapshot.counts} | snapshot.own
+            self._own.pop(s, None)
+        self._own |= snapshot.own
