@@ -11,7 +11,15 @@ every request in prompt order and its policy pools what it learns per evidence c
 requests, so a task's number depends on the tasks run before it: compare runs of the same
 ``--task`` selection.
 
-Usage: ``python -m tools.speculative_proxy [--temperature T] [--seeds S] [--task NAME] [--no-hf]``
+``--batch B`` (B > 1): decodekit's plain steps and NGramDraft windows on ``B`` prompts of
+``--kind`` admitted together (as ``bench.speculative --only-batch big``), each forward priced
+by ``(rows, width)`` in ``--table`` (default :data:`TABLE_B8`, measured at 1, 2 and 8 rows by
+``--measure``); prints tokens per unit of cost of both and their ratio. HF's prompt lookup is
+batch 1 only. ``--measure``: time this machine's table (``WindowCost.measure``) and print it
+as JSON for ``--table``.
+
+Usage: ``python -m tools.speculative_proxy [--temperature T] [--seeds S] [--task NAME] [--no-hf]
+[--batch B --kind copy|open] [--table JSON] [--measure]``
 """
 
 from __future__ import annotations
@@ -32,6 +40,21 @@ TABLE = {1: 1.00, 2: 1.07, 3: 1.13, 4: 1.48, 5: 1.53, 6: 1.57, 7: 1.77, 8: 1.83,
          11: 2.07, 12: 2.13, 13: 2.27, 14: 2.30, 15: 2.35, 16: 2.35, 17: 2.35}  # 2026-12-03, this VM
 
 
+# (rows, width) -> relative cost; one row as TABLE
+TABLE_B8: dict[Any, float] = {  # --measure --batch 8, 2026-12-03, this VM
+    **TABLE, (2, 1): 1.013, (2, 2): 1.606, (2, 4): 1.923, (2, 8): 1.958, (2, 17): 2.389,
+    (8, 1): 1.92, (8, 2): 2.405, (8, 4): 2.808, (8, 8): 3.941, (8, 17): 5.432}
+
+
+def parse_table(text: str) -> dict[Any, float]:
+    """``--table`` JSON: ``{"width": cost}`` or ``{"rows,width": cost}``."""
+    out: dict[Any, float] = {}
+    for k, v in json.loads(text).items():
+        parts = [int(x) for x in str(k).split(",")]
+        out[parts[0] if len(parts) == 1 else (parts[0], parts[1])] = float(v)
+    return out
+
+
 @dataclass
 class Work:
     tokens: int = 0
@@ -42,20 +65,20 @@ class Work:
         return self.tokens / self.cost if self.cost else 0.0
 
 
-def widths_of(model: torch.nn.Module) -> tuple[list[int], Any]:
-    """A list that collects the width of every forward of ``model``, and the hook's handle."""
-    seen: list[int] = []
+def shapes_of(model: torch.nn.Module) -> tuple[list[tuple[int, int]], Any]:
+    """A list that collects ``(rows, width)`` of every forward of ``model``, and the hook's handle."""
+    seen: list[tuple[int, int]] = []
 
     def hook(_m: Any, args: tuple, kw: dict) -> None:
         ids = kw.get("input_ids")
-        seen.append((args[0] if ids is None else ids).shape[1])
+        seen.append(tuple((args[0] if ids is None else ids).shape[:2]))
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import decodekit
 
-    table = {int(k): float(v) for k, v in json.loads(args.table).items()} if args.table else TABLE
+    table = parse_table(args.table) if args.table else TABLE
     wl = load_workload("embedded", torch.device("cpu"), "fp32")
     tasks = prompt_set("speculative_prompts", "task")["copy"]
     prompts = wl.encode_all(prompt_set("speculative_prompts")["copy"])
@@ -63,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                    max_seq_len=H.max_seq(prompts, 96), seed=0,
                                    draft=decodekit.NGramDraft(n=3, k=16), window_cost=table)
     cost = gen.speculative.policy.cost
-    seen, handle = widths_of(wl.model)
+    seen, handle = shapes_of(wl.model)
     sides = ["decodekit"] + ([] if args.no_hf else ["hf K=4", "hf K=10"])
     work: dict[str, dict[str, Work]] = {}
     sample = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} \
@@ -88,10 +111,54 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                         n = out.shape[1] - len(p) - 1  # after the first token, as decodekit's decode
                     w = work.setdefault(task, {}).setdefault(side, Work())
                     w.tokens += n
-                    w.cost += sum(cost(1, x) for x in seen[1:])  # the prefill left out
+                    w.cost += sum(cost(1, x) for _, x in seen[1:])  # the prefill left out
     finally:
         handle.remove()
     return {t: {s: w.per_cost for s, w in by.items()} for t, by in work.items()}
+
+
+def run_batch(args: argparse.Namespace) -> dict[str, Work]:
+    """Plain steps and NGramDraft (k=16) windows on ``args.batch`` prompts of ``args.kind``
+    admitted together, ``args.seeds`` rounds when sampled (prompt ``i``'s seed ``1000 + i + 8j``):
+    tokens and cost per side (prefill forwards, wider than any window, left out)."""
+    import decodekit
+    from decodekit.speculative.policy import WindowCost
+
+    if not args.table and not TABLE_B8:
+        raise SystemExit("--batch needs a (rows, width) table: run --measure and pass it as --table")
+    table = parse_table(args.table) if args.table else TABLE_B8
+    cost, k = WindowCost(table), 16
+    wl = load_workload("embedded", torch.device("cpu"), "fp32")
+    kp = wl.encode_all(prompt_set("speculative_prompts")[args.kind])
+    prompts = [kp[i % len(kp)] for i in range(args.batch)]
+    gens = {side: decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=args.batch,
+                                           max_seq_len=H.max_seq(prompts, 96), seed=0, draft=draft,
+                                           window_cost=table)
+            for side, draft in (("plain", None), (f"k={k}", decodekit.NGramDraft(n=3, k=k)))}
+    seen, handle = shapes_of(wl.model)
+    work = {side: Work() for side in gens}
+    try:
+        for j in range(args.seeds if args.temperature else 1):
+            for side, gen in gens.items():
+                params = [decodekit.SamplingParams(temperature=args.temperature, max_new_tokens=96,
+                                                   seed=1000 + i + 8 * j) for i in range(len(prompts))]
+                seen.clear()
+                n = H.timed_generate(gen, prompts, params, torch.device("cpu")).decode_tokens
+                work[side].tokens += n
+                work[side].cost += sum(cost(r, x) for r, x in seen if x <= k + 1)
+    finally:
+        handle.remove()
+    return work
+
+
+def measure(args: argparse.Namespace) -> str:
+    """This machine's window costs at ``args.batch`` slots (1, 2 and 8 rows at 8), as --table JSON."""
+    import decodekit
+
+    wl = load_workload("embedded", torch.device("cpu"), "fp32")
+    gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=args.batch, max_seq_len=512,
+                                   seed=0, draft=decodekit.NGramDraft(n=3, k=16))
+    return json.dumps({f"{r},{w}": round(c, 3) for (r, w), c in gen.speculative.policy.cost.points})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,8 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="decodekit only (A/B of two checkouts)")
     p.add_argument("--table", help='relative cost per width as JSON, e.g. \'{"1": 1.0, "17": 2.3}\'')
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="B > 1: plain vs k=16 on B prompts together")
+    p.add_argument("--kind", choices=["copy", "open"], default="copy", help="--batch: the prompts")
+    p.add_argument("--measure", action="store_true", help="print this machine's --table (at --batch slots)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.measure:
+        print(measure(args))
+        return 0
+    if args.batch > 1:
+        work = run_batch(args)
+        (plain, w_plain), (spec, w_spec) = work.items()
+        print(f"B={args.batch} {args.kind}, t={args.temperature}: {plain} {w_plain.per_cost:.3f} tok/cost, "
+              f"{spec} {w_spec.per_cost:.3f} tok/cost; {spec} / {plain}: "
+              f"{w_spec.per_cost / w_plain.per_cost:.3f}x")
+        return 0
     for task, by in run(args).items():
         hf = max((v for s, v in by.items() if s.startswith("hf")), default=0.0)
         ratio = f"{by['decodekit'] / hf:.2f}x" if hf else "-"
