@@ -286,3 +286,70 @@ def test_evidence_classes_start_from_their_own_prior():
     assert pol.acceptance(0, evidence=6)[0] < 0.3
     with pytest.raises(ValueError, match=r"evidence_prior\[3\]"):
         DraftPolicy(8, 0.0, CPU, evidence_prior={3: 1.5})
+
+
+def test_wide_windows_calibrate_the_estimates_by_what_they_accepted():
+    """Windows of more than one row scale every row's expected tokens by the batch's accepted /
+    predicted tokens over recent multi-row verifications: rows whose estimates stay high (the
+    drafter is confident) but whose drafts fail stop widening the window after a few steps,
+    while one row alone (optimistic, uncalibrated) still drafts. Steps without a draft bring
+    the scale back towards 1 so the batch tries again; a failed call's snapshot restores it."""
+    cost = WindowCost({(1, 1): 1.0, (1, 2): 1.2, (1, 17): 3.0, (2, 1): 1.2, (2, 2): 1.6, (2, 17): 5.0})
+    pol = DraftPolicy(16, 0.0, cost, prior=(0.6, 0.6))
+    for s in range(2):
+        pol.admit(s)
+    sure = dict(confident=[True, True])
+    assert pol.plan([0, 1], [16, 16], **sure)[0] > 0  # confident: h >= 0.9 on both rows
+    failed = 0
+    while (plan := pol.plan([0, 1], [16, 16], **sure))[0] > 0:
+        snap = pol.snapshot([0, 1])
+        for s, d in zip((0, 1), plan, strict=True):
+            pol.update(s, d, 0)  # every draft rejected at once
+        failed += 1
+        assert failed < 12, "the batch keeps drafting although nothing is accepted"
+    assert failed >= 2  # one failure is not enough evidence (the prior weight)
+    assert pol.acceptance(0, confident=True)[0] >= 0.9  # the estimate itself stayed high
+    assert pol.plan([0], [16], [True])[0] > 0  # one row: no calibration
+    pol.restore(snap)  # the state before the last failed verification drafts again
+    assert pol.plan([0, 1], [16, 16], **sure)[0] > 0
+    pol.update(0, 16, 0)
+    pol.update(1, 16, 0)
+    idle = 0
+    while pol.plan([0, 1], [16, 16], **sure)[0] == 0:
+        idle += 1
+        assert idle < 40, "the calibration never drifts back"
+    assert idle >= 1
+
+
+def test_rows_with_nothing_to_draft_do_not_widen_the_window():
+    """A row whose drafter has nothing to propose this step (prompt lookup without a match)
+    counts for no expected tokens: two rows that each could draft pay for a window, one
+    alone does not, so the step stays plain instead of verifying a draft the window's cost
+    was justified by a row that never had one."""
+    from types import SimpleNamespace
+
+    from decodekit import SamplingParams
+    from decodekit.speculative.step import SpeculativeStep
+
+    class Lookup:  # what a drafter says before drafting: only slot 0 has a match
+        cost, prior = 0.0, (0.5, 0.8)
+
+        def confident(self, slot, tokens):
+            return False
+
+        def evidence(self, slot, tokens):
+            return 0
+
+        def available(self, slot, tokens):
+            return 16 if slot == 0 else 0
+
+    cost = WindowCost({(1, 1): 1.0, (1, 4): 1.5, (2, 1): 1.2, (2, 4): 2.2, (2, 17): 4.0})
+    runner = SimpleNamespace(step_rows=lambda slots: max(slots) - min(slots) + 1)
+    row = lambda slot: SimpleNamespace(slot=slot, params=SamplingParams(max_new_tokens=64),
+                                       prompt_token_ids=[1], speculate=True, length=2, guide=None)
+    step = SpeculativeStep(Lookup(), runner, None, 16, DraftPolicy(16, 0.0, cost, prior=(0.5, 0.8)))
+    both = DraftPolicy(16, 0.0, cost, prior=(0.5, 0.8)).plan([0, 1], [16, 16])
+    assert both[0] > 0  # had both rows a draft, the window would pay
+    assert step.requests([row(0), row(1)], [[1, 5], [1, 6]], 256) is None  # one has none: a plain step
+    alone = step.requests([row(0)], [[1, 5]], 256)
+    assert alone is not None and alone[0].budget > 0  # control: one row's window is cheap enough

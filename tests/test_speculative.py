@@ -344,6 +344,7 @@ def test_ngram_match_agreement_anchor_and_confidence():
     long agreement only."""
     import random
 
+    from decodekit.speculative.base import DraftRequest
     from decodekit.speculative.ngram import CONFIDENT_AGREEMENT, NGramIndex
 
     rng = random.Random(1)
@@ -372,6 +373,12 @@ def test_ngram_match_agreement_anchor_and_confidence():
     assert drafter.evidence(5, text + [7, 100, 101]) == 2 * 2 - 1 + 1  # "100 101" continues at 2: near
     drafter.anchors[6] = (30, len(text) + 2)
     assert drafter.evidence(6, text + [7, 100, 101]) == 2 * 2 - 1  # the anchor points elsewhere
+    # what a draft can hold: nothing without a match, k at most, what is left of the source near the end
+    assert drafter.available(4, text + [7, 8]) == 0
+    assert drafter.available(2, text + [7] + text[:2]) == 8  # 38 tokens of the source left: k
+    tail = text + [7] + text[-3:]  # "137 138 139" matched where the text ends: 4 tokens follow it
+    assert drafter.available(7, tail) == 4
+    assert drafter.propose([DraftRequest(7, tail, 8)], [0]).lengths == [4]  # what the draft then holds
 
 
 def test_ngram_anchor_follows_the_source_through_a_correction():

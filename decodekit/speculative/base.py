@@ -20,7 +20,9 @@ import torch
 
 from .._checks import int_at_least
 
-__all__ = ["DraftRequest", "Drafter", "Drafts", "SpecStats", "check_k"]
+__all__ = ["NO_LIMIT", "DraftRequest", "Drafter", "Drafts", "SpecStats", "check_k"]
+
+NO_LIMIT = 1 << 30  # Drafter.available of a drafter that can draft any length
 
 
 def check_k(k: Any) -> int:
@@ -133,6 +135,11 @@ class Drafter(Protocol):
         passage being copied), 0 for none. The policy pools the first-token acceptance of each
         class over all requests: a request whose own history is poor still drafts where
         drafts of its class usually pass."""
+
+    def available(self, slot: int, tokens: Sequence[int]) -> int:
+        """The most tokens this step's draft for the request can have, as far as the drafter
+        can tell before drafting (prompt lookup: 0 without a match, else what is left of the
+        matched source); the policy plans no row for more. A model drafter: :data:`NO_LIMIT`."""
 
     def enable_graphs(self, capture: Any = None) -> None:
         """Capture CUDA graphs of the drafter's own forwards (``capture`` as for

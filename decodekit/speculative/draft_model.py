@@ -24,7 +24,7 @@ import torch
 from ..engine.model_adapter import ModelAdapter, hidden_size
 from ..engine.runner import ModelRunner
 from ..steering.vector import Steering, SteeringVector
-from .base import DraftRequest, Drafts, check_k
+from .base import NO_LIMIT, DraftRequest, Drafts, check_k
 
 __all__ = ["DRAFT_SALT", "DraftModel", "DraftModelDrafter", "ModelDrafter"]
 
@@ -118,6 +118,10 @@ class ModelDrafter:
     def evidence(self, slot: int, tokens: Sequence[int]) -> int:
         """None (see :meth:`confident`)."""
         return 0
+
+    def available(self, slot: int, tokens: Sequence[int]) -> int:
+        """No limit of its own: a model drafts as many tokens as it is asked for."""
+        return NO_LIMIT
 
     # -- the loop --------------------------------------------------------------------------
     def first_inputs(self, requests: Sequence[DraftRequest], lengths: Sequence[int], n: int

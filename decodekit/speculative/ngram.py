@@ -413,6 +413,12 @@ class _NGramDrafter:
         near = anchor is not None and anchor - BACK <= m.source <= anchor + AHEAD
         return 2 * min(m.agreement, CONFIDENT_AGREEMENT) - 1 + int(near)
 
+    def available(self, slot: int, tokens: Sequence[int]) -> int:
+        """0 without a match; else the tokens from the match's source to the newest, at most
+        ``k`` (a match near the end of what the request has has little left to copy)."""
+        m = self._match(slot, tokens)
+        return min(self.config.k, len(tokens) - m.source) if m.tokens else 0
+
     def _match(self, slot: int, tokens: Sequence[int]) -> Match:
         """The lookup (up to ``k`` tokens) for the request's ``tokens``, once per step: the
         policy's :meth:`confident` and the step's proposal share it (which occurrence is taken

@@ -96,16 +96,17 @@ class SpeculativeStep:
                  ) -> list[DraftRequest] | None:
         """Draft requests for ``rows`` (contexts) whose known tokens are ``tokens[r]`` (prompt,
         generated and pending; the last one newest), or None when no row may draft."""
-        caps, sure, ev = [], [], []
+        caps, sure, ev, fill = [], [], [], []
         for c, seen in zip(rows, tokens, strict=True):
             limit = c.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             produced = len(seen) - len(c.prompt_token_ids)
             cap = max(0, min(self.k, limit - produced - 1, max_seq_len - c.length - 1) if c.speculate else 0)
             caps.append(cap)
-            sure.append(bool(cap) and self.drafter.confident(c.slot, seen))
-            ev.append(self.drafter.evidence(c.slot, seen) if cap else 0)
+            fill.append(min(cap, self.drafter.available(c.slot, seen)) if cap else 0)  # what it can draft
+            sure.append(bool(fill[-1]) and self.drafter.confident(c.slot, seen))
+            ev.append(self.drafter.evidence(c.slot, seen) if fill[-1] else 0)
         slots = [c.slot for c in rows]  # a step computes every slot from the lowest to the highest
-        plan = self.policy.plan(slots, caps, sure, rows=self.runner.step_rows(slots), evidence=ev)
+        plan = self.policy.plan(slots, fill, sure, rows=self.runner.step_rows(slots), evidence=ev)
         if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
             return None  # (a guided row may still jump forward over tokens its grammar forces)
         return [DraftRequest(c.slot, seen, n, cap, e)
