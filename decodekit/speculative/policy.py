@@ -38,10 +38,10 @@ this step): windows of more than one row scale every row's expected tokens by th
 accepted / predicted tokens over recent multi-row verifications (decayed, starting at 1,
 within 0.25-1.25, drifting back to 1 on steps without a draft). SmolLM2 on 2 cores, 8 open
 prompts together, priced by one table: 0.925x -> 0.955x of plain steps' tokens per cost
-greedy, 0.952x -> 0.971x at t=0.7, copy prompts t=0.7 0.973x -> 1.023x (3 seeds; 0.99x
-with 8), copy greedy unchanged (1.21x). Rows the drafter can fill no further (``fill``:
-prompt lookup without a match, or near the end of its source) count for no more tokens
-than they can hold.
+greedy, 0.952x -> 0.971x at t=0.7; copy prompts unchanged (greedy 1.21x, t=0.7 0.985x ->
+0.990x over 8 seeds per prompt). Rows the drafter can fill no further (``fill``: prompt
+lookup without a match, or near the end of its source) count for no more tokens than they
+can hold: open greedy 0.990x, t=0.7 0.995x.
 
 Plain host arithmetic (the measurement runs forwards through the runner it is given).
 """
