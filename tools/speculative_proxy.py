@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 def run_batch(args: argparse.Namespace) -> dict[str, Work]:
     """Plain steps and NGramDraft (k=16) windows on ``args.batch`` prompts of ``args.kind``
-    admitted together, ``args.seeds`` rounds when sampled (prompt ``i``'s seed ``1000 + i + 8j``):
+    admitted together (``args.queue`` times as many through ``args.batch`` slots),
+    ``args.seeds`` rounds when sampled (prompt ``i``'s seed ``1000 + i + 8j``):
     tokens and cost per side (prefill forwards, wider than any window, left out)."""
     import decodekit
     from decodekit.speculative.policy import WindowCost
@@ -130,7 +131,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Work]:
     cost, k = WindowCost(table), 16
     wl = load_workload("embedded", torch.device("cpu"), "fp32")
     kp = wl.encode_all(prompt_set("speculative_prompts")[args.kind])
-    prompts = [kp[i % len(kp)] for i in range(args.batch)]
+    prompts = [kp[i % len(kp)] for i in range(args.batch * args.queue)]
     gens = {side: decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=args.batch,
                                            max_seq_len=H.max_seq(prompts, 96), seed=0, draft=draft,
                                            window_cost=table)
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1, help="B > 1: plain vs k=16 on B prompts together")
     p.add_argument("--kind", choices=["copy", "open"], default="copy", help="--batch: the prompts")
+    p.add_argument("--queue", type=int, default=1, help="--batch: B * Q requests through the B slots")
     p.add_argument("--measure", action="store_true", help="print this machine's --table (at --batch slots)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch > 1:
         work = run_batch(args)
         (plain, w_plain), (spec, w_spec) = work.items()
-        print(f"B={args.batch} {args.kind}, t={args.temperature}: {plain} {w_plain.per_cost:.3f} tok/cost, "
+        print(f"B={args.batch} x{args.queue} {args.kind}, t={args.temperature}: "
+              f"{plain} {w_plain.per_cost:.3f} tok/cost, "
               f"{spec} {w_spec.per_cost:.3f} tok/cost; {spec} / {plain}: "
               f"{w_spec.per_cost / w_plain.per_cost:.3f}x")
         return 0
