@@ -66,6 +66,9 @@ def dk_side(gen: Any, temperature: float, dev: torch.device) -> Side:
         return Run(g.decode_s, g.decode_tokens, len(g.step_s), sum(g.active),
                    sum(s.drafted for s in st), sum(s.accepted for s in st), sum(s.steps for s in st),
                    g.tokens)
+    # the window costs the generator measured when built: [rows, width, cost] (a run's plan depends on them)
+    run.window_cost = None if gen.speculative is None else \
+        [[r, w, round(c, 3)] for (r, w), c in gen.speculative.policy.cost.points]
     return run
 
 
@@ -304,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 new = [{"drafter": name, "kind": kind, "setting": st, "batch": batch, "side": "-",
                         "status": H.short_error(exc)}]
             for r in new:
+                side = sides.get(r["side"]) if r["side"] != "-" else None  # (none when the point failed)
+                r["window_cost"] = getattr(side, "window_cost", None)
                 print(row_line(r), flush=True)
             rows += new
             gc.collect()

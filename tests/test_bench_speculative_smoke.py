@@ -48,6 +48,10 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
     for r in rows:
         assert _pos(r["tok_s"]) and _pos(r["speedup"]) and _pos(r["gb_s"]) and _pos(r["floor_tok_s"]), r
         assert r["tokens_per_step"] >= 1.0
+        speculative = r["side"] != "plain" and not r["side"].startswith("hf")
+        # each speculative side records the window costs its generator measured, (1, 1) = 1
+        assert (r["window_cost"] is not None) == speculative, r
+        assert not speculative or [1, 1, 1.0] in r["window_cost"], r["window_cost"]
         if r["setting"] == "greedy" and r["side"] not in ("plain", "hf"):
             assert r["greedy_compared"] > 0
             if not r["side"].startswith("hf"):
