@@ -22,12 +22,13 @@ def run_smoke(cmd: list[str], timeout: float = 600, max_rss_gb: float = 4.0) -> 
                for k, f in (("out", proc.stdout), ("err", proc.stderr))]
     for r in readers:
         r.start()
-    deadline = time.monotonic() + timeout
+    deadline, timed_out = time.monotonic() + timeout, False
     while True:  # os.wait4 reaps the child and gives its own rusage (ru_maxrss in KiB on Linux)
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() > deadline:
+            timed_out = True
             proc.kill()
             pid, status, usage = os.wait4(proc.pid, 0)
             break
@@ -37,7 +38,7 @@ def run_smoke(cmd: list[str], timeout: float = 600, max_rss_gb: float = 4.0) -> 
         r.join(30)
     out, err = chunks.get("out", ""), chunks.get("err", "")
     shown = f"\nstdout:\n{out}\nstderr:\n{err}"
-    assert time.monotonic() <= deadline, f"timed out after {timeout} s" + shown
+    assert not timed_out, f"timed out after {timeout} s" + shown
     assert proc.returncode == 0, f"exit code {proc.returncode}" + shown
     peak_gb = usage.ru_maxrss / 2**20
     assert peak_gb <= max_rss_gb, f"peak memory {peak_gb:.1f} GB > {max_rss_gb} GB" + shown

@@ -361,7 +361,8 @@ class DraftPolicy:
 
     def restore(self, snapshot: _Snapshot) -> None:
         self._pooled = dict(snapshot.pooled)
-        self._planned, self._calibration = dict(snapshot.planned), snapshot.calibration
+        self._planned = dict(snapshot.planned)
+        self._calibration = dataclasses.replace(snapshot.calibration)  # the snapshot may be restored again
         for s, c in snapshot.counts.items():
             if c is None:
                 self._counts.pop(s, None)
