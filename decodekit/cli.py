@@ -355,7 +355,7 @@ def _generate(args) -> int:
 def run_serve(args) -> int:
     """``decodekit serve``: the OpenAI-compatible server (:mod:`decodekit.serving`)."""
     try:
-        from .serving import Server
+        from .serving import Server  # noqa: F401 (the serve extra is installed)
     except ImportError as e:
         raise ImportError(f"{e}; decodekit serve needs the serve extra: "
                           "pip install 'decodekit[serve]'") from None
@@ -365,10 +365,23 @@ def run_serve(args) -> int:
     api_key = args.api_key or os.environ.get("DECODEKIT_API_KEY")
     if args.ray:
         return _serve_replicas(args, name, api_key)
-    if args.tp:
-        from .engine.parallel import init_distributed
+    if not args.tp:
+        return _serve(args, name, api_key)
+    import torch.distributed as dist
 
-        init_distributed()
+    from .engine.parallel import init_distributed
+
+    init_distributed()
+    try:
+        return _serve(args, name, api_key)
+    finally:  # (a rank that exits with the group's threads alive can abort at exit)
+        dist.destroy_process_group()
+
+
+def _serve(args, name: str, api_key: str | None) -> int:
+    """One process's server (with ``--tp``: rank 0 serves, the other ranks follow it)."""
+    from .serving import Server
+
     llm = serve_llm(args)
     if args.tp and _follow(llm, args):
         return 0
