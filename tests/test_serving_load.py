@@ -62,8 +62,8 @@ def _workload(n: int, seed: int) -> list[dict]:
         max_tokens = rng.randrange(1, 24)
         body = {"model": "tiny", "prompt": words, "max_tokens": max_tokens, "seed": i,
                 "temperature": rng.choice([0.0, 0.7, 1.0]), "top_p": rng.choice([1.0, 0.9])}
-        if kind == "cancel":
-            body.update(max_tokens=120, ignore_eos=True, stream=True)
+        if kind == "cancel":  # long enough that the client leaves well before it could end
+            body.update(max_tokens=340, ignore_eos=True, stream=True)
         elif kind == "stream":
             body["stream"] = True
         elif kind == "bad":
@@ -121,7 +121,7 @@ def test_32_clients_400_requests(tmp_path):
     oracle = tiny_llm(max_batch_size=16)
     work = _workload(400, seed=0)
     _expected(oracle, work)
-    proc, url = _start_cli(tmp_path, "--max-batch-size", "16", "--num-steps", "2", "--max-seq-len", "160")
+    proc, url = _start_cli(tmp_path, "--max-batch-size", "16", "--num-steps", "2", "--max-seq-len", "400")
     try:
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda w: _send(url, w), _workload(100, seed=1)))  # warm-up: pools reach their size
@@ -152,11 +152,17 @@ def test_32_clients_400_requests(tmp_path):
     def delta(name: str, labels: str = "") -> float:
         return metric(after_metrics, name, labels) - metric(before_metrics, name, labels)
     finished = sum(delta("decodekit_requests_total", f'finish_reason="{r}"') for r in ("stop", "length"))
-    assert finished == counts["plain"] + counts["stream"] + counts["chat"]
+    cancelled = delta("decodekit_request_cancellations_total")
+    # Every request ended exactly once. A client that leaves after its first chunk is a
+    # cancellation unless the server finished the request before it saw the client go (a
+    # scheduling race the client cannot observe; it once happened under CI's load with 120
+    # tokens): most of them must still be cancellations.
+    assert finished + cancelled == counts["plain"] + counts["stream"] + counts["chat"] + counts["cancel"]
+    assert finished >= counts["plain"] + counts["stream"] + counts["chat"]
+    assert cancelled >= 0.9 * counts["cancel"], (cancelled, counts["cancel"])
     assert delta("decodekit_request_rejections_total", 'reason="invalid"') == counts["bad"]
-    assert delta("decodekit_request_cancellations_total") == counts["cancel"]
     assert delta("decodekit_request_failures_total") == 0
-    assert delta("decodekit_time_to_first_token_seconds_count") == finished + counts["cancel"]
+    assert delta("decodekit_time_to_first_token_seconds_count") == finished + cancelled
     seen_tokens = sum(len(w["want_tokens"]) for w in work if "want_tokens" in w)
     assert delta("decodekit_generation_tokens_total") >= seen_tokens
 
