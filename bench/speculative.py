@@ -66,9 +66,10 @@ def dk_side(gen: Any, temperature: float, dev: torch.device) -> Side:
         return Run(g.decode_s, g.decode_tokens, len(g.step_s), sum(g.active),
                    sum(s.drafted for s in st), sum(s.accepted for s in st), sum(s.steps for s in st),
                    g.tokens)
-    # the window costs the generator measured when built: [rows, width, cost] (a run's plan depends on them)
+    # the window costs the generator measured when built: [rows, width, cost], packed windows
+    # [rows, width, tokens, cost] (a run's plan depends on them)
     run.window_cost = None if gen.speculative is None else \
-        [[r, w, round(c, 3)] for (r, w), c in gen.speculative.policy.cost.points]
+        [[*key, round(c, 3)] for key, c in gen.speculative.policy.cost.table().items()]
     return run
 
 

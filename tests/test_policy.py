@@ -344,7 +344,8 @@ def test_rows_with_nothing_to_draft_do_not_widen_the_window():
             return 16 if slot == 0 else 0
 
     cost = WindowCost({(1, 1): 1.0, (1, 4): 1.5, (2, 1): 1.2, (2, 4): 2.2, (2, 17): 4.0})
-    runner = SimpleNamespace(step_rows=lambda slots: max(slots) - min(slots) + 1)
+    runner = SimpleNamespace(step_rows=lambda slots: max(slots) - min(slots) + 1,
+                             window_packed=lambda slots: False)  # (padded windows: what this is about)
     row = lambda slot: SimpleNamespace(slot=slot, params=SamplingParams(max_new_tokens=64),
                                        prompt_token_ids=[1], speculate=True, length=2, guide=None)
     step = SpeculativeStep(Lookup(), runner, None, 16, DraftPolicy(16, 0.0, cost, prior=(0.5, 0.8)))

@@ -47,11 +47,12 @@ TABLE_B8: dict[Any, float] = {  # --measure --batch 8, 2026-12-03, this VM
 
 
 def parse_table(text: str) -> dict[Any, float]:
-    """``--table`` JSON: ``{"width": cost}`` or ``{"rows,width": cost}``."""
+    """``--table`` JSON: ``{"width": cost}``, ``{"rows,width": cost}`` or, packed windows,
+    ``{"rows,width,tokens": cost}``."""
     out: dict[Any, float] = {}
     for k, v in json.loads(text).items():
         parts = [int(x) for x in str(k).split(",")]
-        out[parts[0] if len(parts) == 1 else (parts[0], parts[1])] = float(v)
+        out[parts[0] if len(parts) == 1 else tuple(parts)] = float(v)
     return out
 
 
@@ -65,13 +66,20 @@ class Work:
         return self.tokens / self.cost if self.cost else 0.0
 
 
-def shapes_of(model: torch.nn.Module) -> tuple[list[tuple[int, int]], Any]:
-    """A list that collects ``(rows, width)`` of every forward of ``model``, and the hook's handle."""
-    seen: list[tuple[int, int]] = []
+def shapes_of(model: torch.nn.Module) -> tuple[list[tuple[int, int, int]], Any]:
+    """A list that collects ``(rows, width, tokens)`` of every forward of ``model`` (a packed
+    window: its grid, from the attention mask, and the tokens it carries), and the hook's handle."""
+    seen: list[tuple[int, int, int]] = []
 
     def hook(_m: Any, args: tuple, kw: dict) -> None:
         ids = kw.get("input_ids")
-        seen.append(tuple((args[0] if ids is None else ids).shape[:2]))
+        B, q = (args[0] if ids is None else ids).shape[:2]
+        mask = kw.get("attention_mask")
+        mask = next(iter(mask.values())) if isinstance(mask, dict) else mask
+        if mask is not None and mask.dim() == 4 and mask.shape[0] * mask.shape[2] != B * q:  # packed
+            seen.append((mask.shape[0], mask.shape[2], q))
+        else:
+            seen.append((B, q, B * q))
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                         n = out.shape[1] - len(p) - 1  # after the first token, as decodekit's decode
                     w = work.setdefault(task, {}).setdefault(side, Work())
                     w.tokens += n
-                    w.cost += sum(cost(1, x) for _, x in seen[1:])  # the prefill left out
+                    w.cost += sum(cost(1, x) for _, x, _t in seen[1:])  # the prefill left out
     finally:
         handle.remove()
     return {t: {s: w.per_cost for s, w in by.items()} for t, by in work.items()}
@@ -146,7 +154,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Work]:
                 seen.clear()
                 n = H.timed_generate(gen, prompts, params, torch.device("cpu")).decode_tokens
                 work[side].tokens += n
-                work[side].cost += sum(cost(r, x) for r, x in seen if x <= k + 1)
+                work[side].cost += sum(cost.packed(r, x, t) for r, x, t in seen if x <= k + 1)
     finally:
         handle.remove()
     return work
@@ -159,7 +167,8 @@ def measure(args: argparse.Namespace) -> str:
     wl = load_workload("embedded", torch.device("cpu"), "fp32")
     gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=args.batch, max_seq_len=512,
                                    seed=0, draft=decodekit.NGramDraft(n=3, k=16))
-    return json.dumps({f"{r},{w}": round(c, 3) for (r, w), c in gen.speculative.policy.cost.points})
+    return json.dumps({",".join(map(str, key)): round(c, 3)
+                       for key, c in gen.speculative.policy.cost.table().items()})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -212,7 +212,7 @@ class TokenGenerator:
                 cost = WindowCost(window_cost)
             elif adaptive_k:  # timings differ between ranks: every rank plans with rank 0's
                 measured = WindowCost.measure(self.runner, max_batch_size, k + 1)
-                cost = WindowCost(from_leader(dict(measured.points), self.adapter.tp_size))
+                cost = WindowCost(from_leader(measured.table(), self.adapter.tp_size))
             else:
                 cost = WindowCost({1: 1.0})
             policy = DraftPolicy.for_drafter(drafter, k, cost, adaptive_k)

@@ -11,6 +11,10 @@ row writes (its own positions). The model's attention code runs unchanged: it ca
 The paged cache keeps the same binding API (rows, write positions) and maps each position
 through the row's block table; who holds which block is decided in :mod:`.paging`.
 
+A *packed* forward (:meth:`SlotKVCache.bind` with ``packed``) feeds the model one row of
+the batch's real tokens only (``[1, N]``, no padding); ``update`` spreads its keys and values
+back over the rows' grid ``[B, H, q, D]`` before writing, so everything past it is unchanged.
+
 Rolling a row back (speculative decoding) is only length bookkeeping in the
 generator: positions past a row's length are masked out and overwritten later.
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["PagedKVCache", "SlotKVCache", "attention_masks", "kv_shape"]
+__all__ = ["PagedKVCache", "SlotKVCache", "attention_masks", "kv_shape", "unpack_rows"]
 
 
 def attention_masks(kind: str, windows: dict[str, int | None], q_pos: torch.Tensor,
@@ -96,17 +100,22 @@ class SlotKVCache(Cache):
         self._rows = slice(0, max_slots)
         self._rows_idx = torch.arange(max_slots, device=device)[:, None]
         self._write_pos: torch.Tensor | None = None
+        self._unpack: torch.Tensor | None = None  # packed forwards: grid cell -> token (N: none)
 
     # ------------------------------------------------------------------ per step
     def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
-             length: torch.Tensor | None = None, home: bool = False) -> None:
+             length: torch.Tensor | None = None, home: bool = False,
+             packed: torch.Tensor | None = None) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
         attention sees the first ``kv_len`` positions (default: all). ``length [B]``: each
         row's visible positions (the masks carry them; unused here). ``home``: the paged
-        cache's hint (rows are views here anyway)."""
+        cache's hint (rows are views here anyway). ``packed [B * q]`` (int64): the forward
+        is packed, its ``N`` tokens in one row; cell ``(b, j)`` of the grid holds token
+        ``packed[b * q + j]``, ``N`` for none (zeros are written there)."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
+        self._unpack = packed
         self._rows = slice(first_slot, first_slot + B)
         self._rows_idx = torch.arange(first_slot, first_slot + B, device=write_pos.device)[:, None]
         self._write_pos = write_pos
@@ -119,11 +128,23 @@ class SlotKVCache(Cache):
         pos = self._write_pos
         if pos is None:
             raise RuntimeError("SlotKVCache.update before bind(): use it through TokenGenerator")
+        key_states, value_states = self._grid(key_states), self._grid(value_states)
         # keys[slot, :, pos, :] = k[b, :, j, :] for every (b, j)
         layer.keys[self._rows_idx, :, pos] = key_states.transpose(1, 2).to(layer.keys.dtype)
         layer.values[self._rows_idx, :, pos] = value_states.transpose(1, 2).to(layer.values.dtype)
         n = self.kv_len
         return layer.keys[self._rows, :, :n], layer.values[self._rows, :, :n]
+
+    def end_packed(self) -> None:
+        """A packed forward is over: drop its index (the next ``bind`` says again)."""
+        self._unpack = None
+
+    def _grid(self, states: torch.Tensor) -> torch.Tensor:
+        """``states [B, H, q, D]`` as given, or a packed forward's ``[1, H, N, D]`` spread
+        over the bound grid ``[B, H, q, D]`` (cells without a token: zeros)."""
+        if self._unpack is None:
+            return states
+        return unpack_rows(states, self._unpack, self._write_pos.shape)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -154,6 +175,17 @@ class SlotKVCache(Cache):
         mask = torch.zeros(ok.shape, dtype=dtype, device=q_pos.device)
         mask.masked_fill_(~ok, torch.finfo(dtype).min)
         return mask[:, None]
+
+
+def unpack_rows(states: torch.Tensor, unpack: torch.Tensor, grid: tuple[int, int] | torch.Size
+                ) -> torch.Tensor:
+    """A packed forward's per-token ``states [1, H, N, D]`` laid out on the rows' grid
+    ``[B, H, q, D]`` (``grid = (B, q)``): cell ``(b, j)`` takes token ``unpack[b * q + j]``,
+    zeros where that is ``N``."""
+    B, q = grid
+    x = states[0].transpose(0, 1)  # [N, H, D]
+    x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return x.index_select(0, unpack).view(B, q, *x.shape[1:]).transpose(1, 2)
 
 
 class _PagedLayer(_SlotLayer):
@@ -218,14 +250,15 @@ class PagedKVCache(SlotKVCache):
         return 1 + slot * self.max_blocks + i
 
     def bind(self, first_slot: int, write_pos: torch.Tensor, kv_len: int | None = None,
-             length: torch.Tensor | None = None, home: bool = False) -> None:
+             length: torch.Tensor | None = None, home: bool = False,
+             packed: torch.Tensor | None = None) -> None:
         """Rows ``first_slot .. first_slot + B`` write at ``write_pos [B, q]`` (int64);
-        attention sees their first ``kv_len`` positions (default: all), each row its first
-        ``length [B]`` (needed in kernel mode). The block indices are worked out here once
-        for every layer. ``home``: every block the rows hold is in its home range
-        (:meth:`home_block`; the caller knows, from the host tables), so reads are views of
-        the stores instead of gathered copies (what the rows do not hold reads as whatever
-        the range has: past each row's length, masked)."""
+        ``packed``: as :meth:`SlotKVCache.bind`. Attention sees their first ``kv_len``
+        positions (default: all), each row its first ``length [B]`` (needed in kernel mode).
+        The block indices are worked out here once for every layer. ``home``: every block the
+        rows hold is in its home range (:meth:`home_block`; the caller knows, from the host
+        tables), so reads are views of the stores instead of gathered copies (what the rows
+        do not hold reads as whatever the range has: past each row's length, masked)."""
         B = write_pos.shape[0]
         if first_slot < 0 or first_slot + B > self.max_slots:
             raise ValueError(f"slots {first_slot}..{first_slot + B} outside [0, {self.max_slots})")
@@ -237,6 +270,7 @@ class PagedKVCache(SlotKVCache):
         self._read_blocks = table[:, : -(-self.kv_len // bs)]  # [B, nb]
         self._write_pos, self._table, self._length = write_pos, table, length
         self._home = first_slot if home and self.home_block(0, 0) is not None else None
+        self._unpack = packed
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Write ``key/value_states [B, H, q, D]`` into the rows' blocks; return the rows'
@@ -244,6 +278,7 @@ class PagedKVCache(SlotKVCache):
         if self._write_pos is None:
             raise RuntimeError("PagedKVCache.update before bind(): use it through TokenGenerator")
         layer = self.layers[layer_idx]
+        key_states, value_states = self._grid(key_states), self._grid(value_states)
         blk, off = self._write_block, self._write_off
         layer.keys[blk, off] = key_states.transpose(1, 2).to(layer.keys.dtype)  # [B, q, H, D]
         layer.values[blk, off] = value_states.transpose(1, 2).to(layer.values.dtype)

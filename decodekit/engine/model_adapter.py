@@ -270,12 +270,14 @@ class ModelAdapter:
         return attention_masks(self.mask_kind, self.windows, q_pos, length, kv_len, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, q_pos: torch.Tensor, length: torch.Tensor, cache: Any,
-                kv_len: int, keep: int = 1) -> torch.Tensor:
+                kv_len: int, keep: int = 1, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The model over a bound slot cache: logits ``[B, keep, V]`` of the last ``keep``
-        positions of ``input_ids [B, q]`` at positions ``q_pos [B, q]``."""
+        positions of ``input_ids [B, q]`` at positions ``q_pos [B, q]``. A packed forward
+        (inside :func:`~decodekit.engine.attention.packed_attention`): ``input_ids [1, N]`` at
+        ``positions [1, N]``, ``q_pos`` the rows' grid (for the masks)."""
         out = self.model(input_ids=input_ids, attention_mask=self.masks(q_pos, length, kv_len),
-                         position_ids=q_pos, use_cache=True, logits_to_keep=keep,
-                         **{self.cache_kw: cache})
+                         position_ids=q_pos if positions is None else positions, use_cache=True,
+                         logits_to_keep=keep, **{self.cache_kw: cache})
         return out.logits[:, -keep:, :]
 
     def encode(self, prompt: Prompt) -> list[int]:

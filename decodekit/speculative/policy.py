@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["DraftPolicy", "WindowCost"]
@@ -72,13 +73,17 @@ CALIB_IDLE = 0.9  # per multi-row step without a draft: the calibration drifts b
 
 class WindowCost:
     """``cost(rows, width)``: a forward over ``rows`` batch rows of ``width`` positions each,
-    relative to a one-row, one-token forward; ``cost(tokens)`` is ``cost(1, tokens)``.
+    relative to a one-row, one-token forward; ``cost(tokens)`` is ``cost(1, tokens)``;
+    :meth:`packed` prices a packed window (rows of different widths, no padding).
 
     ``points``: ``{(rows, width): seconds or relative cost}``, with ``(1, 1)`` among the keys;
     an int key ``T`` stands for ``(1, T)``. Between measured widths the cost is piecewise
     linear (linear beyond the last), between measured row counts linear in the rows; a table
     of one row only (int keys) prices ``rows x width`` as ``rows * width`` tokens of one row.
-    Made non-decreasing in both (timing noise never makes more work cheaper).
+    Made non-decreasing in both (timing noise never makes more work cheaper). Keys
+    ``(rows, width, rows + width - 1)``: a *packed* forward of ``rows`` rows, one of them
+    ``width`` tokens and the others one each (:meth:`packed` interpolates by tokens between
+    that and the full ``(rows, width)``).
 
     Rows matter on their own: a batch of ``B`` rows of ``L + 1`` positions costs more than
     one row of ``B * (L + 1)`` (each row reads its own keys and values), by 1.2-1.5x for
@@ -87,15 +92,26 @@ class WindowCost:
 
     def __init__(self, points: Mapping[Any, float]) -> None:
         keys: dict[tuple[int, int], float] = {}
+        long: dict[tuple[int, int], float] = {}
         for key, c in points.items():
             rw = (1, key) if isinstance(key, int) else tuple(key)
+            if len(rw) == 3 and all(int(x) >= 1 for x in rw) and int(rw[2]) == int(rw[0]) + int(rw[1]) - 1 \
+                    and c > 0:
+                long[(int(rw[0]), int(rw[1]))] = float(c)
+                continue
             if len(rw) != 2 or any(int(x) < 1 for x in rw) or not c > 0:
-                raise ValueError("window_cost: keys must be token counts >= 1 or (rows, width) pairs "
-                                 f">= 1 and costs > 0, got {key!r}: {c!r}")
+                raise ValueError("window_cost: keys must be token counts >= 1, (rows, width) pairs >= 1 or "
+                                 "(rows, width, rows + width - 1) packed triples, and costs > 0, got "
+                                 f"{key!r}: {c!r}")
             keys[(int(rw[0]), int(rw[1]))] = float(c)
         if (1, 1) not in keys:
             raise ValueError("window_cost needs the cost of 1 token (key 1, or (1, 1))")
         base = keys[(1, 1)]
+        # packed windows with one long row: their own curves (one row: the same as unpacked)
+        self.long: WindowCost | None = None
+        if long:
+            one = {(1, w): c for (r, w), c in keys.items() if r == 1}
+            self.long = WindowCost({**one, **{(r, w): c for (r, w), c in long.items() if r > 1}})
         self.rows: list[int] = sorted({r for r, _ in keys})
         self.curves: dict[int, list[tuple[int, float]]] = {}
         below: list[tuple[int, float]] | None = None
@@ -123,8 +139,26 @@ class WindowCost:
         c0, c1 = _interp(self.curves[r0], width), _interp(self.curves[r1], width)
         return max(c0, c0 + (c1 - c0) * (rows - r0) / (r1 - r0))
 
+    def packed(self, rows: int, width: int, tokens: float) -> float:
+        """A packed window of ``rows`` rows, the widest ``width`` positions, ``tokens`` in all:
+        linear in the tokens between one long row (``rows + width - 1``) and every row that
+        wide (``cost(rows, width)``); without packed points, ``cost(rows, width)``."""
+        full = self(rows, width)
+        if self.long is None or rows <= 1 or width <= 1:
+            return full
+        lo, hi = rows + width - 1, rows * width
+        one = min(self.long(rows, width), full)
+        return one + (full - one) * min(max((tokens - lo) / (hi - lo), 0.0), 1.0)
+
+    def table(self) -> dict[tuple[int, ...], float]:
+        """The points as a ``window_cost`` table (relative costs; packed triples included)."""
+        out: dict[tuple[int, ...], float] = dict(self.points)
+        if self.long is not None:
+            out |= {(r, w, r + w - 1): c for (r, w), c in self.long.points if r > 1}
+        return out
+
     def __repr__(self) -> str:
-        return "WindowCost({" + ", ".join(f"{k}: {c:.2f}" for k, c in self.points) + "})"
+        return "WindowCost({" + ", ".join(f"{k}: {c:.2f}" for k, c in self.table().items()) + "})"
 
     @classmethod
     def measure(cls, runner: Any, max_rows: int, max_width: int, repeats: int = 2,
@@ -136,7 +170,9 @@ class WindowCost:
         cost 2.35, 16 cost 2.05); more rows and wider windows: 1, 2, 4, .. and ``max_width``, a
         power of two just below it left out), after ``context`` cached positions, with the
         logits of every position (the verification needs them all): the fastest of
-        ``repeats`` after one warm-up forward at the largest shape. Call while no request holds
+        ``repeats`` after one warm-up forward at the largest shape. On a runner that packs its
+        windows (``runner.packs_windows``), also packed windows of one long row and the others
+        one token each (keys ``(rows, width, rows + width - 1)``). Call while no request holds
         a slot: the writes land in free positions (a paged cache's free slots write to its
         null block)."""
         dev = runner.device
@@ -145,16 +181,21 @@ class WindowCost:
         sparse = sorted({1 << i for i in range(top_w.bit_length()) if (1 << i) < top_w - 1} | {1, top_w})
         dense = list(range(1, top_w + 1)) if top_w <= DENSE_WIDTHS else sparse
         rows = sorted({1} | {max_rows >> (2 * j) for j in range(8) if max_rows >> (2 * j) >= 1})
-        points: dict[tuple[int, int], float] = {}
 
-        def forward(b: int, w: int) -> float:
+        points: dict[tuple[int, ...], float] = {}
+
+        def forward(b: int, w: int, packed: bool = False) -> float:
             c = max(0, min(context, size - w))
             ids = torch.zeros(b, w, dtype=torch.long, device=dev)
             pos = (torch.arange(w, device=dev) + c)[None].expand(b, w).contiguous()
             length = torch.full((b,), c + w, dtype=torch.long, device=dev)
             _sync(dev)
             t0 = time.perf_counter()
-            runner.forward(ids, pos, length, 0, runner.kv_len(c + w), keep=w)
+            if packed:  # one row of w tokens, the others one each
+                widths = np.array([w] + [1] * (b - 1))
+                runner.forward_packed(ids, pos, length, 0, runner.kv_len(c + w), widths)
+            else:
+                runner.forward(ids, pos, length, 0, runner.kv_len(c + w), keep=w)
             _sync(dev)
             return time.perf_counter() - t0
 
@@ -163,6 +204,8 @@ class WindowCost:
             for b in rows:
                 for w in (dense if b == 1 else sparse):
                     points[(b, w)] = min(forward(b, w) for _ in range(repeats))
+                    if b > 1 and w > 1 and getattr(runner, "packs_windows", False):
+                        points[(b, w, b + w - 1)] = min(forward(b, w, True) for _ in range(repeats))
         return cls(points)
 
 
@@ -288,11 +331,14 @@ class DraftPolicy:
         return (max(h, CONFIDENT_HIT) if confident else h), g
 
     def plan(self, slots: Sequence[int], caps: Sequence[int], confident: Sequence[bool] = (),
-             rows: int | None = None, evidence: Sequence[int] = ()) -> list[int]:
+             rows: int | None = None, evidence: Sequence[int] = (), packed: bool = False) -> list[int]:
         """Draft length per row (``caps[r]``: the most row ``r`` may draft, ``confident[r]``:
         the drafter is sure of row ``r``'s draft this step, ``evidence[r]``: the class of row
         ``r``'s draft, 0 for none). ``rows``: the batch rows a step computes (free slots between
-        the lowest and the highest included; default ``len(slots)``)."""
+        the lowest and the highest included; default ``len(slots)``). ``packed``: the window
+        runs packed (:meth:`WindowCost.packed`: each row pays for its own drafts), so rows
+        draft different lengths: the drafted tokens are taken in order of their expected
+        acceptance while that raises the expected tokens per unit of cost."""
         caps = [min(self.k, max(0, c)) for c in caps]
         if not self.enabled:
             return caps
@@ -302,16 +348,20 @@ class DraftPolicy:
         ev = list(evidence) or [0] * B
         hg = [self.acceptance(s, sure[r], ev[r], n > 1) for r, s in enumerate(slots)]
         base = self.cost(n, 1)
-        best_L, best = 0, B / base
-        expected = float(B)
         scale = self._calibration.factor if n > 1 else 1.0
-        for L in range(1, max(caps, default=0) + 1):
-            expected += scale * sum(h * g ** (L - 1) for (h, g), c in zip(hg, caps, strict=True) if c >= L)
-            value = expected / (self.cost(n, L + 1) + self.draft_cost * L * base)
-            if value > best:
-                best_L, best = L, value
-        out = [min(best_L, c) for c in caps]
-        if n > 1 and not best_L:
+        if packed and n > 1:
+            out = self._plan_packed(n, hg, caps, scale, base)
+        else:
+            best_L, best = 0, B / base
+            expected = float(B)
+            for L in range(1, max(caps, default=0) + 1):
+                expected += scale * sum(h * g ** (L - 1)
+                                        for (h, g), c in zip(hg, caps, strict=True) if c >= L)
+                value = expected / (self.cost(n, L + 1) + self.draft_cost * L * base)
+                if value > best:
+                    best_L, best = L, value
+            out = [min(best_L, c) for c in caps]
+        if n > 1 and not any(out):
             self._calibration.add(0.0, 0.0, CALIB_IDLE)
         for s, d, e, est in zip(slots, out, ev, hg, strict=True):
             if d and n > 1:
@@ -322,6 +372,30 @@ class DraftPolicy:
                 self._counts.setdefault(s, _Counts()).decay(IDLE_DECAY)
                 if e in self._own.get(s, {}):
                     self._own[s][e].decay(IDLE_DECAY)
+        return out
+
+    def _plan_packed(self, rows: int, hg: Sequence[tuple[float, float]], caps: Sequence[int], scale: float,
+                     base: float) -> list[int]:
+        """Per row drafts for a packed window over ``rows`` batch rows: every drafted token
+        (row ``r``'s ``j``-th expects ``scale * h_r * g_r^(j-1)``) in order of that, the best
+        prefix by expected tokens per unit of cost (``cost.packed``; drafting: the longest
+        draft's steps)."""
+        B = len(caps)
+        gains = [(scale * h * g ** (j - 1), j, r)
+                 for r, ((h, g), c) in enumerate(zip(hg, caps, strict=True)) for j in range(1, c + 1)]
+        order = sorted(gains, key=lambda t: (-t[0], t[1]))
+        counts = [0] * B
+        best_T, best, expected, longest = 0, B / base, float(B), 0
+        for T, (gain, _j, r) in enumerate(order, 1):
+            counts[r] += 1
+            longest = max(longest, counts[r])
+            expected += gain
+            value = expected / (self.cost.packed(rows, longest + 1, B + T) + self.draft_cost * longest * base)
+            if value > best:
+                best_T, best = T, value
+        out = [0] * B
+        for _gain, _j, r in order[:best_T]:
+            out[r] += 1
         return out
 
     def update(self, slot: int, drafted: int, accepted: int, evidence: int = 0) -> None:

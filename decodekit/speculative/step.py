@@ -106,7 +106,8 @@ class SpeculativeStep:
             sure.append(bool(fill[-1]) and self.drafter.confident(c.slot, seen))
             ev.append(self.drafter.evidence(c.slot, seen) if fill[-1] else 0)
         slots = [c.slot for c in rows]  # a step computes every slot from the lowest to the highest
-        plan = self.policy.plan(slots, fill, sure, rows=self.runner.step_rows(slots), evidence=ev)
+        plan = self.policy.plan(slots, fill, sure, rows=self.runner.step_rows(slots), evidence=ev,
+                                packed=self.runner.window_packed(slots))
         if not any(plan) and not any(c.guide is not None and cap for c, cap in zip(rows, caps, strict=True)):
             return None  # (a guided row may still jump forward over tokens its grammar forces)
         return [DraftRequest(c.slot, seen, n, cap, e)
