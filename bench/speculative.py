@@ -69,7 +69,8 @@ def dk_side(gen: Any, temperature: float, dev: torch.device) -> Side:
     # the window costs the generator measured when built: [rows, width, cost], packed windows
     # [rows, width, tokens, cost] (a run's plan depends on them)
     run.window_cost = None if gen.speculative is None else \
-        [[*key, round(c, 3)] for key, c in gen.speculative.policy.cost.table().items()]
+        [[*(key if isinstance(key, tuple) else (key,)), round(c, 4)]
+         for key, c in gen.speculative.policy.cost.table().items()]
     return run
 
 

@@ -165,3 +165,24 @@ def test_window_cost_packed_interpolates_by_tokens():
     assert WindowCost({1: 1.0, (8, 17): 5.5}).packed(8, 17, 24) == pytest.approx(5.5)  # no packed points
     with pytest.raises(ValueError, match="window_cost"):
         WindowCost({1: 1.0, (8, 17, 30): 3.0})  # a packed key is (rows, width, rows + width - 1)
+    # the sampler's work per position and row, relative to the one-token forward
+    cells = WindowCost({1: 2.0, "cell": 0.02})
+    assert cells.sampling(8, 17) == pytest.approx(0.01 * 136)
+    assert WindowCost(cells.table()).cell == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="cell"):
+        WindowCost({1: 1.0, "cell": -0.1})
+
+
+def test_the_samplers_work_shortens_packed_drafts():
+    """Every row of a window is sampled at the longest draft's width: with that work priced
+    (a "cell" cost), one confident row's draft stops paying for the sampling of seven other
+    rows at its width (8 x 9 cells x 0.01 = 0.72 one-token forwards), while a small cell cost
+    leaves the plan as it was."""
+    table = {1: 1.0, 9: 1.8, (8, 1): 1.9, (8, 9): 4.0, (8, 9, 16): 2.4}
+    slots, caps, sure = list(range(8)), [8] * 8, [True] + [False] * 7
+
+    def plan(cell: float) -> list[int]:
+        return DraftPolicy(8, 0.0, WindowCost({**table, "cell": cell}), prior=(0.05, 0.8)).plan(
+            slots, caps, sure, packed=True)
+    assert plan(0.0) == plan(0.002) == [8] + [0] * 7
+    assert plan(0.01) == [0] * 8

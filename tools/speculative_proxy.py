@@ -51,6 +51,9 @@ def parse_table(text: str) -> dict[Any, float]:
     ``{"rows,width,tokens": cost}``."""
     out: dict[Any, float] = {}
     for k, v in json.loads(text).items():
+        if k == "cell":
+            out[k] = float(v)
+            continue
         parts = [int(x) for x in str(k).split(",")]
         out[parts[0] if len(parts) == 1 else tuple(parts)] = float(v)
     return out
@@ -167,7 +170,7 @@ def measure(args: argparse.Namespace) -> str:
     wl = load_workload("embedded", torch.device("cpu"), "fp32")
     gen = decodekit.TokenGenerator(wl.model, wl.tokenizer, max_batch_size=args.batch, max_seq_len=512,
                                    seed=0, draft=decodekit.NGramDraft(n=3, k=16))
-    return json.dumps({",".join(map(str, key)): round(c, 3)
+    return json.dumps({",".join(map(str, key)) if isinstance(key, tuple) else key: round(c, 4)
                        for key, c in gen.speculative.policy.cost.table().items()})
 
 

@@ -83,7 +83,9 @@ class WindowCost:
     Made non-decreasing in both (timing noise never makes more work cheaper). Keys
     ``(rows, width, rows + width - 1)``: a *packed* forward of ``rows`` rows, one of them
     ``width`` tokens and the others one each (:meth:`packed` interpolates by tokens between
-    that and the full ``(rows, width)``).
+    that and the full ``(rows, width)``). Key ``"cell"``: the verification's work per window
+    position and row outside the forward (the sampler's passes over a vocabulary of logits;
+    :meth:`sampling`), in the same unit.
 
     Rows matter on their own: a batch of ``B`` rows of ``L + 1`` positions costs more than
     one row of ``B * (L + 1)`` (each row reads its own keys and values), by 1.2-1.5x for
@@ -93,7 +95,12 @@ class WindowCost:
     def __init__(self, points: Mapping[Any, float]) -> None:
         keys: dict[tuple[int, int], float] = {}
         long: dict[tuple[int, int], float] = {}
+        cell = float(points.get("cell", 0.0))
+        if not cell >= 0.0:
+            raise ValueError(f"window_cost['cell'] must be >= 0, got {cell!r}")
         for key, c in points.items():
+            if key == "cell":
+                continue
             rw = (1, key) if isinstance(key, int) else tuple(key)
             if len(rw) == 3 and all(int(x) >= 1 for x in rw) and int(rw[2]) == int(rw[0]) + int(rw[1]) - 1 \
                     and c > 0:
@@ -107,6 +114,7 @@ class WindowCost:
         if (1, 1) not in keys:
             raise ValueError("window_cost needs the cost of 1 token (key 1, or (1, 1))")
         base = keys[(1, 1)]
+        self.cell = cell / base
         # packed windows with one long row: their own curves (one row: the same as unpacked)
         self.long: WindowCost | None = None
         if long:
@@ -150,11 +158,19 @@ class WindowCost:
         one = min(self.long(rows, width), full)
         return one + (full - one) * min(max((tokens - lo) / (hi - lo), 0.0), 1.0)
 
-    def table(self) -> dict[tuple[int, ...], float]:
-        """The points as a ``window_cost`` table (relative costs; packed triples included)."""
-        out: dict[tuple[int, ...], float] = dict(self.points)
+    def sampling(self, rows: int, width: int) -> float:
+        """The verification's work outside the forward for ``rows`` rows of ``width`` positions
+        (the sampler's passes over each position's logits)."""
+        return self.cell * rows * width
+
+    def table(self) -> dict[Any, float]:
+        """The points as a ``window_cost`` table (relative costs; packed triples and
+        ``"cell"`` included)."""
+        out: dict[Any, float] = dict(self.points)
         if self.long is not None:
             out |= {(r, w, r + w - 1): c for (r, w), c in self.long.points if r > 1}
+        if self.cell:
+            out["cell"] = self.cell
         return out
 
     def __repr__(self) -> str:
@@ -170,7 +186,8 @@ class WindowCost:
         cost 2.35, 16 cost 2.05); more rows and wider windows: 1, 2, 4, .. and ``max_width``, a
         power of two just below it left out), after ``context`` cached positions, with the
         logits of every position (the verification needs them all): the fastest of
-        ``repeats`` after one warm-up forward at the largest shape. On a runner that packs its
+        ``repeats`` after one warm-up forward at the largest shape; ``"cell"``: a log-softmax
+        over the largest window's logits, per position and row. On a runner that packs its
         windows (``runner.packs_windows``), also packed windows of one long row and the others
         one token each (keys ``(rows, width, rows + width - 1)``). Call while no request holds
         a slot: the writes land in free positions (a paged cache's free slots write to its
@@ -199,8 +216,17 @@ class WindowCost:
             _sync(dev)
             return time.perf_counter() - t0
 
+        def sampling(x: torch.Tensor) -> float:
+            _sync(dev)
+            t0 = time.perf_counter()
+            torch.log_softmax(x, -1)
+            _sync(dev)
+            return time.perf_counter() - t0
+
         with torch.inference_mode():
             forward(rows[-1], top_w)  # warm-up
+            logits = torch.zeros(rows[-1] * top_w, runner.adapter.vocab_size, device=dev)
+            points["cell"] = min(sampling(logits) for _ in range(repeats + 1)) / logits.shape[0]
             for b in rows:
                 for w in (dense if b == 1 else sparse):
                     points[(b, w)] = min(forward(b, w) for _ in range(repeats))
@@ -352,12 +378,13 @@ class DraftPolicy:
         if packed and n > 1:
             out = self._plan_packed(n, hg, caps, scale, base)
         else:
-            best_L, best = 0, B / base
+            best_L, best = 0, B / (base + self.cost.sampling(n, 1))
             expected = float(B)
             for L in range(1, max(caps, default=0) + 1):
                 expected += scale * sum(h * g ** (L - 1)
                                         for (h, g), c in zip(hg, caps, strict=True) if c >= L)
-                value = expected / (self.cost(n, L + 1) + self.draft_cost * L * base)
+                spent = self.cost(n, L + 1) + self.cost.sampling(n, L + 1)
+                value = expected / (spent + self.draft_cost * L * base)
                 if value > best:
                     best_L, best = L, value
             out = [min(best_L, c) for c in caps]
@@ -378,19 +405,21 @@ class DraftPolicy:
                      base: float) -> list[int]:
         """Per row drafts for a packed window over ``rows`` batch rows: every drafted token
         (row ``r``'s ``j``-th expects ``scale * h_r * g_r^(j-1)``) in order of that, the best
-        prefix by expected tokens per unit of cost (``cost.packed``; drafting: the longest
-        draft's steps)."""
+        prefix by expected tokens per unit of cost (``cost.packed``, the sampler's work over
+        every row at the longest draft's width; drafting: the longest draft's steps)."""
         B = len(caps)
         gains = [(scale * h * g ** (j - 1), j, r)
                  for r, ((h, g), c) in enumerate(zip(hg, caps, strict=True)) for j in range(1, c + 1)]
         order = sorted(gains, key=lambda t: (-t[0], t[1]))
         counts = [0] * B
-        best_T, best, expected, longest = 0, B / base, float(B), 0
+        best_T, best, expected, longest = 0, B / (base + self.cost.sampling(rows, 1)), float(B), 0
         for T, (gain, _j, r) in enumerate(order, 1):
             counts[r] += 1
             longest = max(longest, counts[r])
             expected += gain
-            value = expected / (self.cost.packed(rows, longest + 1, B + T) + self.draft_cost * longest * base)
+            # the sampler reads every row at the longest draft's width
+            spent = self.cost.packed(rows, longest + 1, B + T) + self.cost.sampling(rows, longest + 1)
+            value = expected / (spent + self.draft_cost * longest * base)
             if value > best:
                 best_T, best = T, value
         out = [0] * B
