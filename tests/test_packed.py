@@ -19,12 +19,12 @@ import pytest
 import torch
 from _models import VOCAB, hf_greedy, tiny_model, word_tokenizer
 
-from decodekit import NGramDraft, SamplingParams, TokenGenerator
+from decodekit import DraftModel, NGramDraft, SamplingParams, TokenGenerator
 from decodekit.engine.attention import _sdpa
 from decodekit.speculative.policy import DraftPolicy, WindowCost
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3"]
-FLAT = {1: 1.0, 7: 1.0, (4, 1): 1.0, (4, 7): 1.0, (4, 7, 10): 1.0}  # drafting always pays
+FLAT = {1: 1.0, 13: 1.0, (4, 1): 1.0, (4, 13): 1.0, (4, 13, 16): 1.0}  # drafting always pays
 
 
 def _grids(model: torch.nn.Module) -> tuple[list[tuple[int, int, int]], object]:
@@ -60,8 +60,10 @@ def test_packed_windows_decode_as_transformers(arch, kv_cache, one_thread):
     model = tiny_model(arch)
     rng = random.Random(arch + kv_cache)
     prompts = _repeating_prompts(rng, 4)
+    # the target as its own draft model, every row drafting all its budget allows (fewer near
+    # its end: different lengths); the free slot 1 is a row of the grids after the first step
     gen = TokenGenerator(copy.deepcopy(model), word_tokenizer(), max_batch_size=4, max_seq_len=96,
-                         draft=NGramDraft(n=2, k=6), window_cost=FLAT, kv_cache=kv_cache)
+                         draft=DraftModel(copy.deepcopy(model), k=12), adaptive_k=False, kv_cache=kv_cache)
     assert gen.runner.packs_windows
     seen, handle = _grids(gen.runner.model)
     params = [SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, logprobs=0),
@@ -78,9 +80,10 @@ def test_packed_windows_decode_as_transformers(arch, kv_cache, one_thread):
     finally:
         handle.remove()
     assert gen.spec_stats.accepted > 0
-    # ragged windows ran packed, some with the free slot inside the grid
-    assert any(t < rows * width for rows, width, t in seen), seen
-    assert any(rows >= 3 and t < rows for rows, width, t in seen) or any(rows == 4 for rows, _w, _t in seen)
+    # ragged windows ran packed (their tokens rounded up to a multiple of 8), some after the
+    # request in slot 1 left: a free row inside the grid
+    assert seen and all(t % 8 == 0 and t < rows * width for rows, width, t in seen), seen
+    assert gen.runner.packs_windows and any(rows == 4 for rows, _w, _t in seen), seen
     for i in (0, 3):
         assert ctxs[i].generated_token_ids == hf_greedy(model, prompts[i], 16), i
     for i in (0, 2, 3):
@@ -140,18 +143,22 @@ def test_a_model_mixing_rows_outside_attention_keeps_padded_windows(one_thread):
 def test_packed_plan_gives_each_row_its_own_length():
     """A packed window prices each row's drafts by the tokens they add: a request that copies
     (its drafter is confident: h 0.9, runs go on with 0.9) drafts all 8 while the others (h
-    0.05) draft nothing: (4 + 5.2) / 2.0 expected tokens per unit, where one more token of
-    another row adds 0.05 for 0.06. Padded, every row is as wide as the longest anyway, so
-    they all draft the same, and less: every position costs four rows."""
-    cost = WindowCost({1: 1.0, 2: 1.05, 9: 1.8, (4, 1): 1.5, (4, 2): 1.9, (4, 9): 3.4, (4, 9, 12): 2.0})
+    0.05) draft only what the runner's rounding to a multiple of 8 tokens carries anyway
+    (4 + 8 = 12 -> 16: four tokens; with a cap of 3, 4 + 3 -> 8: one): (4 + 5.2) / 2.0
+    expected tokens per unit, where a token beyond those adds 0.05 for ~0.06. Padded, every
+    row is as wide as the longest anyway, so they all draft the same, and less: every
+    position costs four rows."""
+    cost = WindowCost({1: 1.0, 2: 1.05, 9: 1.8, (4, 1): 1.5, (4, 2): 1.9, (4, 4): 2.3, (4, 9): 3.4,
+                       (4, 2, 5): 1.6, (4, 4, 7): 1.75, (4, 9, 12): 2.0})
     slots, caps = [0, 1, 2, 3], [8, 8, 8, 8]
     sure = [True, False, False, False]  # row 0's drafter is confident: h >= 0.9
-    assert DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, caps, sure, packed=True) == [8, 0, 0, 0]
+    packed = DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, caps, sure, packed=True)
+    assert packed[0] == 8 and sum(packed[1:]) == 4, packed
     padded = DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, caps, sure)
     assert padded == padded[:1] * 4 and 0 < padded[0] < 8, padded
     # caps bound each row; nobody sure: nothing pays
-    assert DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, [3, 8, 8, 8], sure, packed=True) == \
-        [3, 0, 0, 0]
+    capped = DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, [3, 8, 8, 8], sure, packed=True)
+    assert capped[0] == 3 and sum(capped[1:]) == 1, capped
     assert DraftPolicy(8, 0.0, cost, prior=(0.05, 0.9)).plan(slots, caps, [False] * 4, packed=True) == [0] * 4
 
 
@@ -186,3 +193,15 @@ def test_the_samplers_work_shortens_packed_drafts():
             slots, caps, sure, packed=True)
     assert plan(0.0) == plan(0.002) == [8] + [0] * 7
     assert plan(0.01) == [0] * 8
+
+
+def test_packed_plan_weighs_each_width_on_its_own():
+    """The window's width is a step in its cost: here the confident row's second token
+    (expects 0.45) would make the grid, and the sampler's work, one position wider for all
+    eight rows, while the seven other rows' first tokens (0.12 each) fit the two-position
+    grid the first token already opened: every row drafts one. (Taking tokens in order of
+    their gain alone priced those seven at the wider grid and drafted [3, 1, ..., 1].)"""
+    table = {1: 1.0, 2: 1.0, 3: 1.06, 4: 1.42, (8, 1): 1.92, (8, 2): 2.02, (8, 4): 2.43, (8, 2, 9): 1.98,
+             (8, 4, 11): 2.23}
+    policy = DraftPolicy(4, 0.0, WindowCost(table), prior=(0.12, 0.5))
+    assert policy.plan(list(range(8)), [4] * 8, [True] + [False] * 7, packed=True) == [1] * 8

@@ -95,12 +95,15 @@ class TokenGenerator:
         Per request and step draft lengths from the cost model
         (:class:`~decodekit.speculative.policy.DraftPolicy`); False: every request drafts
         ``k`` tokens (fewer near its token budget).
-    window_cost : dict[int | tuple[int, int], float] | None
+    window_cost : dict[int | tuple[int, ...] | str, float] | None
         The draft policy's verification costs: ``{(rows, width): time}`` of one forward over
         ``rows`` batch rows of ``width`` positions, or ``{tokens: time}`` for one row (any
-        unit; ``1`` or ``(1, 1)`` among the keys). None measures them on the running device
-        when the generator is built (rows 1, 2, 4, .. max_batch_size by widths 1, 2, 4, ..
-        k + 1; a few seconds on a CPU); timings vary from run
+        unit; ``1`` or ``(1, 1)`` among the keys); optionally packed windows ``{(rows, width,
+        rows + width - 1): time}`` (one row ``width`` wide, the others one token) and
+        ``{"cell": time}``, the sampler's work per window position and row
+        (:class:`~decodekit.speculative.policy.WindowCost`). None measures them on the running
+        device when the generator is built (rows 1, 2, 4, .. max_batch_size by widths 1, 2, 4,
+        .. k + 1; a few seconds on a CPU); timings vary from run
         to run, so seeded *sampled* outputs with speculation are reproducible only with a
         given table (greedy outputs always equal plain decoding's).
     steering : bool

@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.runner import PACK_MULTIPLE
+
 __all__ = ["DraftPolicy", "WindowCost"]
 
 DECAY = 0.85  # weight of the older counts at each verification
@@ -148,15 +150,21 @@ class WindowCost:
         return max(c0, c0 + (c1 - c0) * (rows - r0) / (r1 - r0))
 
     def packed(self, rows: int, width: int, tokens: float) -> float:
-        """A packed window of ``rows`` rows, the widest ``width`` positions, ``tokens`` in all:
-        linear in the tokens between one long row (``rows + width - 1``) and every row that
-        wide (``cost(rows, width)``); without packed points, ``cost(rows, width)``."""
+        """A packed window of ``rows`` rows, the widest ``width`` positions, ``tokens`` in all
+        (as the runner carries them: rounded up to a multiple of ``PACK_MULTIPLE``): linear
+        in the tokens between one long row (``rows + width - 1``) and every row that wide
+        (``cost(rows, width)``); without packed points, ``cost(rows, width)``."""
+        return float(self.packed_line(rows, width, np.asarray([tokens], dtype=np.float64))[0])
+
+    def packed_line(self, rows: int, width: int, tokens: np.ndarray) -> np.ndarray:
+        """:meth:`packed` for many token counts ``tokens [n]`` at once."""
         full = self(rows, width)
-        if self.long is None or rows <= 1 or width <= 1:
-            return full
-        lo, hi = rows + width - 1, rows * width
+        hi = rows * width
+        lo = min(_rounded(rows + width - 1), hi)  # the runner rounds a packed forward's tokens up
+        if self.long is None or rows <= 1 or width <= 1 or lo >= hi:
+            return np.full(tokens.shape, full)
         one = min(self.long(rows, width), full)
-        return one + (full - one) * min(max((tokens - lo) / (hi - lo), 0.0), 1.0)
+        return one + (full - one) * np.clip((np.minimum(_rounded(tokens), hi) - lo) / (hi - lo), 0.0, 1.0)
 
     def sampling(self, rows: int, width: int) -> float:
         """The verification's work outside the forward for ``rows`` rows of ``width`` positions
@@ -245,6 +253,11 @@ def _interp(pts: Sequence[tuple[int, float]], x: float) -> float:
             return c0 + (c1 - c0) * (x - t0) / (t1 - t0)
     (t0, c0), (t1, c1) = pts[-2], pts[-1]
     return c1 + (c1 - c0) / (t1 - t0) * (x - t1)
+
+
+def _rounded(tokens: Any) -> Any:
+    """Token counts as a packed forward carries them (up to a multiple of ``PACK_MULTIPLE``)."""
+    return -(-np.asarray(tokens) // PACK_MULTIPLE) * PACK_MULTIPLE
 
 
 def _sync(device: torch.device) -> None:
@@ -403,27 +416,30 @@ class DraftPolicy:
 
     def _plan_packed(self, rows: int, hg: Sequence[tuple[float, float]], caps: Sequence[int], scale: float,
                      base: float) -> list[int]:
-        """Per row drafts for a packed window over ``rows`` batch rows: every drafted token
-        (row ``r``'s ``j``-th expects ``scale * h_r * g_r^(j-1)``) in order of that, the best
-        prefix by expected tokens per unit of cost (``cost.packed``, the sampler's work over
-        every row at the longest draft's width; drafting: the longest draft's steps)."""
+        """Per row drafts for a packed window over ``rows`` batch rows. For each longest draft
+        ``L`` (the window's width, which sets a step in the cost and the sampler's work over
+        every row), the drafted tokens of positions ``<= L`` (row ``r``'s ``j``-th expects
+        ``scale * h_r * g_r^(j-1)``) in order of that; the best prefix over every ``L`` by
+        expected tokens per unit of cost (``cost.packed``; drafting: ``L`` steps)."""
         B = len(caps)
-        gains = [(scale * h * g ** (j - 1), j, r)
+        items = [(scale * h * g ** (j - 1), j, r)
                  for r, ((h, g), c) in enumerate(zip(hg, caps, strict=True)) for j in range(1, c + 1)]
-        order = sorted(gains, key=lambda t: (-t[0], t[1]))
-        counts = [0] * B
-        best_T, best, expected, longest = 0, B / (base + self.cost.sampling(rows, 1)), float(B), 0
-        for T, (gain, _j, r) in enumerate(order, 1):
-            counts[r] += 1
-            longest = max(longest, counts[r])
-            expected += gain
-            # the sampler reads every row at the longest draft's width
-            spent = self.cost.packed(rows, longest + 1, B + T) + self.cost.sampling(rows, longest + 1)
-            value = expected / (spent + self.draft_cost * longest * base)
-            if value > best:
-                best_T, best = T, value
+        if not items:
+            return [0] * B
+        items.sort(key=lambda t: (-t[0], t[1]))  # within a row, position order
+        gains, js = np.array([t[0] for t in items]), np.array([t[1] for t in items])
+        best, best_L, best_T = B / (base + self.cost.sampling(rows, 1)), 0, 0
+        for L in range(1, int(js.max()) + 1):
+            g = gains[js <= L]
+            T = np.arange(1, g.size + 1)
+            spent = self.cost.packed_line(rows, L + 1, B + T) + self.cost.sampling(rows, L + 1) + \
+                self.draft_cost * L * base
+            value = (B + np.cumsum(g)) / spent
+            i = int(value.argmax())
+            if value[i] > best:
+                best, best_L, best_T = float(value[i]), L, i + 1
         out = [0] * B
-        for _gain, _j, r in order[:best_T]:
+        for _gain, _j, r in [t for t in items if t[1] <= best_L][:best_T]:
             out[r] += 1
         return out
 
