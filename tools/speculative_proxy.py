@@ -40,10 +40,11 @@ TABLE = {1: 1.00, 2: 1.07, 3: 1.13, 4: 1.48, 5: 1.53, 6: 1.57, 7: 1.77, 8: 1.83,
          11: 2.07, 12: 2.13, 13: 2.27, 14: 2.30, 15: 2.35, 16: 2.35, 17: 2.35}  # 2026-12-03, this VM
 
 
-# (rows, width) -> relative cost; one row as TABLE
-TABLE_B8: dict[Any, float] = {  # --measure --batch 8, 2026-12-03, this VM
-    **TABLE, (2, 1): 1.013, (2, 2): 1.606, (2, 4): 1.923, (2, 8): 1.958, (2, 17): 2.389,
-    (8, 1): 1.92, (8, 2): 2.405, (8, 4): 2.808, (8, 8): 3.941, (8, 17): 5.432}
+# (rows, width) -> relative cost, packed windows (rows, width, rows + width - 1); one row as TABLE
+TABLE_B8: dict[Any, float] = {  # --measure --batch 8, 2026-12-04, this VM (packed: rows, width, tokens)
+    **TABLE, (2, 1): 1.0296, (2, 2): 1.4084, (2, 4): 1.7286, (2, 8): 1.8297, (2, 17): 2.3146, (8, 1): 1.9618,
+    (8, 2): 2.0006, (8, 4): 2.4431, (8, 8): 3.6058, (8, 17): 5.2436, (2, 17, 18): 2.2419,
+    (8, 4, 11): 2.2419, (8, 8, 15): 2.287, (8, 17, 24): 2.7501}
 
 
 def parse_table(text: str) -> dict[Any, float]:

@@ -47,7 +47,7 @@ from .model_adapter import ModelAdapter
 from .paging import KVBlocks
 from .staging import StepUploads
 
-__all__ = ["KV_CHUNK", "ModelRunner", "Paging", "Rows", "window_widths"]
+__all__ = ["KV_CHUNK", "PACK_MULTIPLE", "ModelRunner", "Paging", "Rows", "round_packed", "window_widths"]
 
 KV_CHUNK = 64  # eager forwards attend over the longest row rounded up to this
 
@@ -419,7 +419,7 @@ class ModelRunner:
         length = np.where(owned, pos + 1, 0)
         widths = np.zeros(n_fill, dtype=np.int64)
         widths[r] = 1
-        widths = _round_up(widths, 1) if not graphs and self.window_packed(slots) else None
+        widths = round_packed(widths, 1) if not graphs and self.window_packed(slots) else None
         if widths is not None:
             # rows in the range that are not run (finished, free) stay out of the forward
             idx, idx32, pos_d, len_d, pack, unpack, rows = self.uploads.put(
@@ -483,7 +483,7 @@ class ModelRunner:
         if packed:  # the real cells only: each row's newest token and its own drafts
             real = np.zeros(n_fill, dtype=np.int64)
             real[r] = np.asarray(n_draft, dtype=np.int64) + 1
-            widths = _round_up(real, qq)
+            widths = round_packed(real, qq)
             packed = widths is not None  # None: the full grid (it runs as it is)
         if packed:
             starts = np.cumsum(widths) - widths  # each row's first token among the N
@@ -581,7 +581,7 @@ def _packing(widths: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
 PACK_MULTIPLE = 8  # packed forwards carry a multiple of this many tokens
 
 
-def _round_up(widths: np.ndarray, q: int) -> np.ndarray | None:
+def round_packed(widths: np.ndarray, q: int) -> np.ndarray | None:
     """Row widths of a packed forward over a grid of ``len(widths)`` rows by ``q`` cells
     that carries ``widths[b]`` tokens in row ``b``: the total rounded up to a multiple of
     :data:`PACK_MULTIPLE` by taking cells after rows' tokens (token 0, written past the
