@@ -113,15 +113,25 @@ def kernel_attention(adapter: Any, cache: Any) -> Iterator[None]:
     """Run the model's attention (a :class:`~decodekit.engine.model_adapter.ModelAdapter`'s)
     through the paged kernel over ``cache`` (a bound
     :class:`~decodekit.engine.kv_cache.PagedKVCache` in kernel mode) for the duration."""
+    with _through(adapter, BACKEND, _attention, _ACTIVE, cache):
+        yield
+
+
+@contextlib.contextmanager
+def _through(adapter: Any, name: str, fn: Callable[..., Any],
+             state: contextvars.ContextVar[Any] | None = None, value: Any = None) -> Iterator[None]:
+    """``adapter``'s model runs its attention through ``fn`` (registered as ``name``) with
+    ``state`` set to ``value`` for the duration."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(BACKEND, _attention)  # idempotent
-    token = _ACTIVE.set(cache)
+    AttentionInterface.register(name, fn)  # idempotent
+    token = None if state is None else state.set(value)
     try:
-        with adapter.attention_implementation(BACKEND):
+        with adapter.attention_implementation(name):
             yield
     finally:
-        _ACTIVE.reset(token)
+        if state is not None:
+            state.reset(token)
 
 
 def _packed(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -161,15 +171,9 @@ def packed_attention(adapter: Any, unpack: torch.Tensor, pack: torch.Tensor, gri
     of the rows' grid ``grid = (B, q)`` (row-major), ``unpack [B * q]`` is the inverse (``N``
     for an empty cell). The model's own attention function (or ``inner``, e.g. :data:`GQA`)
     does the work on the grid."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED, _packed)  # idempotent
-    token = _PACKING.set((unpack, pack, grid, inner or adapter.model.config._attn_implementation))
-    try:
-        with adapter.attention_implementation(PACKED):
-            yield
-    finally:
-        _PACKING.reset(token)
+    with _through(adapter, PACKED, _packed, _PACKING,
+                  (unpack, pack, grid, inner or adapter.model.config._attn_implementation)):
+        yield
 
 
 def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -195,8 +199,5 @@ def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value
 def gqa_attention(adapter: Any) -> Iterator[None]:
     """Run ``adapter``'s model (one whose attention is transformers' ``"sdpa"``) through
     :func:`_sdpa` for the duration."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(GQA, _sdpa)  # idempotent
-    with adapter.attention_implementation(GQA):
+    with _through(adapter, GQA, _sdpa):
         yield
