@@ -172,7 +172,7 @@ def packed_attention(adapter: Any, unpack: torch.Tensor, pack: torch.Tensor, gri
     for an empty cell). The model's own attention function (or ``inner``, e.g. :data:`GQA`)
     does the work on the grid."""
     with _through(adapter, PACKED, _packed, _PACKING,
-                  (unpack, pack, grid, inner or adapter.model.config._attn_implementation)):
+                  (unpack, pack, grid, inner or adapter.attention_name)):
         yield
 
 

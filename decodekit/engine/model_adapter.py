@@ -341,6 +341,12 @@ class ModelAdapter:
             raise ValueError(f"unsupported model {self.name}: its attention does not follow the Cache API "
                              f"as decodekit drives it through its slot KV cache ({why})")
 
+    @property
+    def attention_name(self) -> str | None:
+        """The attention function the model's layers call now (transformers' name for it,
+        e.g. ``"sdpa"`` or ``"eager"``)."""
+        return self.model.config._attn_implementation
+
     @contextlib.contextmanager
     def attention_implementation(self, name: str) -> Iterator[None]:
         """Run the model's attention layers through the registered attention backend

@@ -142,7 +142,6 @@ class ModelRunner:
         self.uploads = StepUploads(max_slots * (scratch + 4) + 8, self.device)
         if paging is not None and paging.kernel:
             self.cache.kernel_attention = self._kernel_self_test()
-        # packed windows: where compute, not weight reads, grows with the tokens (a CPU)
         # on a CPU: grouped key/value heads read in place, and packed windows (where compute,
         # not weight reads, grows with the tokens), each where a check says it is exact
         self.gqa = self.packs_windows = False
@@ -241,7 +240,7 @@ class ModelRunner:
             except Exception:  # noqa: BLE001 - the model's own forward fails here: leave it to it
                 return False, False
             try:
-                self.gqa = self.model.config._attn_implementation == "sdpa"
+                self.gqa = self.adapter.attention_name == "sdpa"
                 self.gqa = self.gqa and same(run(False))
             except Exception:  # noqa: BLE001 - any failure means: the model's own attention
                 self.gqa = False
@@ -417,9 +416,11 @@ class ModelRunner:
         pos = np.where(owned, np.minimum(lens, self.max_seq_len - 1), 0)  # idle rows: own free position
         pos[r] = lens[r]
         length = np.where(owned, pos + 1, 0)
-        widths = np.zeros(n_fill, dtype=np.int64)
-        widths[r] = 1
-        widths = round_packed(widths, 1) if not graphs and self.window_packed(slots) else None
+        widths = None
+        if not graphs and len(slots) < n_fill and self.window_packed(slots):
+            widths = np.zeros(n_fill, dtype=np.int64)
+            widths[r] = 1
+            widths = round_packed(widths, 1)
         if widths is not None:
             # rows in the range that are not run (finished, free) stay out of the forward
             idx, idx32, pos_d, len_d, pack, unpack, rows = self.uploads.put(
@@ -517,8 +518,7 @@ class ModelRunner:
         and no window graph is ready for it."""
         if not self.packs_windows or self.steered:
             return False
-        sets = self.steered_window_graphs if self.steered else self.window_graphs
-        return not any(g.ready(max(slots) + 1) for g in sets.values())
+        return not any(g.ready(max(slots) + 1) for g in self.window_graphs.values())
 
     def _lengths(self, lengths: Sequence[int], first: int, n: int) -> np.ndarray:
         """Slot lengths ``first .. first + n - 1`` as int64 (0: free)."""
