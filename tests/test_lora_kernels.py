@@ -121,3 +121,24 @@ def test_reference_dense_path_equals_the_per_adapter_loop():
     assert torch.equal(dense[idx == 0], torch.zeros(int((idx == 0).sum()), N))
     out = lora_add(y, x, A, B, scale, idx, Bt)
     assert torch.equal(out[idx == 0], y[idx == 0])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_reference_reduce_sums_row_wise_shards(dense):
+    """A row-wise TP layer on two ranks, simulated in one process: each rank's ``x`` and ``A``
+    hold half of the input features and ``reduce`` adds the other rank's shrink; the delta is
+    the whole layer's (per-adapter loop and dense paths). Negative control: without the
+    reduce, one half's delta is not it."""
+    L, R, K, N, T = 6, 4, 40, 24, 18
+    A, B, scale = _tables(L, R, K, N, torch.float32, seed=3)
+    Bt = B.transpose(1, 2).reshape((L + 1) * R, N).contiguous() if dense else None
+    idx = torch.arange(T) % (L + 1) if dense else torch.tensor([0, 2, 5, 2] * 4 + [0, 5])
+    x = torch.randn(T, K)
+    whole = lora_delta(x, A, B, scale, idx, Bt)
+    half = [(x[:, s].contiguous(), A[:, :, s].contiguous()) for s in (slice(0, K // 2), slice(K // 2, K))]
+    other: list[torch.Tensor] = []
+    lora_delta(half[1][0], half[1][1], B, scale, idx, Bt, reduce=lambda h: other.append(h.clone()))
+    got = lora_delta(half[0][0], half[0][1], B, scale, idx, Bt, reduce=lambda h: h.add_(other[0]))
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    alone = lora_delta(half[0][0], half[0][1], B, scale, idx, Bt)
+    assert (alone - whole).abs().max() > 0.1

@@ -50,7 +50,7 @@ from .guidance import Guidance
 from .kv_cache import kv_shape
 from .model_adapter import ModelAdapter, Prompt
 from .paging import KVStats, range_salts
-from .parallel import check_tensor_parallel, from_leader, shared_seed
+from .parallel import all_ranks, check_tensor_parallel, from_leader, shared_seed
 from .pending import PendingTokens
 from .processors import apply_processors, apply_window_processors, check_processors
 from .runner import ModelRunner, Paging
@@ -174,7 +174,7 @@ class TokenGenerator:
             raise ValueError("ensemble and draft cannot be combined (ensemble steps have no speculative "
                              "window)")
         self.adapter = ModelAdapter(model, tokenizer, device, dtype)
-        check_tensor_parallel(self.adapter.tp_size, kv_shape(self.adapter.model.config)[1], max_loras)
+        check_tensor_parallel(self.adapter.tp_size, kv_shape(self.adapter.model.config)[1])
         seed = shared_seed(seed, self.adapter.tp_size)  # every rank keys its draws alike
         limit = self.adapter.max_positions
         if limit is not None and max_seq_len + (k + 1 if k else 0) > limit:
@@ -322,6 +322,12 @@ class TokenGenerator:
                                 "this generator has no LoRA support (construct it with max_loras >= 1)")
         with self._lock:
             res = tables.handle(request)
+            if isinstance(request, LoRARequest) and request.operation is LoRAOperation.LOAD \
+                    and not all_ranks(res.ok, self.adapter.tp_size):  # a rank could not read it
+                if res.ok:
+                    tables.unload(request.lora_name)
+                    res = LoRAResponse(LoRAStatus.LOAD_ERROR, f"LoRA adapter {request.lora_name!r} loaded "
+                                       "here but not on every tensor-parallel rank: unloaded again")
             if res.ok and request.operation is LoRAOperation.LOAD:
                 self._lora_loads[request.lora_name] = next(self._lora_load_count)
             if res.status is LoRAStatus.UNLOAD_ERROR and request.lora_name in tables.names:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["check_pipeline_parallel", "check_tensor_parallel", "cpu_group", "from_leader", "init_distributed",
-           "is_leader", "rank", "shared_seed", "tp_size"]
+__all__ = ["LinearShard", "all_ranks", "check_pipeline_parallel", "check_tensor_parallel", "cpu_group",
+           "from_leader", "init_distributed", "is_leader", "linear_shard", "rank", "shared_seed", "tp_size"]
 
 _CPU_GROUP: Any = None
 
@@ -105,13 +105,61 @@ def check_pipeline_parallel(model: torch.nn.Module) -> None:
                      "(tp_plan='auto', or DistributedConfig(tp_plan='auto') without pp_size)")
 
 
-def check_tensor_parallel(tp: int, kv_heads: int, max_loras: int) -> None:
+def all_ranks(flag: bool, tp: int) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce over the CPU group): for outcomes a
+    rank may meet alone (an adapter file that one rank cannot read), so that every rank then
+    acts alike. Without TP, ``flag`` itself."""
+    if tp <= 1:
+        return bool(flag)
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MIN, group=cpu_group())
+    return bool(box.item())
+
+
+class LinearShard(NamedTuple):
+    """The slice of a tensor-parallel linear layer's weight ``[out, in]`` that this rank holds:
+    ``dim`` 0 (column-wise: output features ``start:stop``; the input is whole) or 1 (row-wise:
+    input features ``start:stop``; the output is summed over ``group``, the layer's ranks)."""
+
+    dim: int
+    start: int
+    stop: int
+    group: Any
+
+
+def linear_shard(module: torch.nn.Module) -> LinearShard | None:
+    """How transformers' TP plan split ``module`` (an ``nn.Linear``) on this rank: None when its
+    weight is whole (not a DTensor, or replicated); ``ValueError`` for a layout other than one
+    column- or row-wise split over a 1-D mesh (transformers' head-aligned "unit" styles)."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch without distributed tensors: nothing is sharded
+        return None
+    weight = module.weight
+    if not isinstance(weight, DTensor):
+        return None
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return None
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise ValueError(f"a LoRA target layer is sharded as {placements} over a {mesh.ndim}-D mesh: LoRA "
+                         "under tensor parallelism supports layers split column- or row-wise over one "
+                         "mesh dimension (tp_plan 'colwise' / 'rowwise')")
+    dim = placements[0].dim % 2
+    n, local = weight.shape[dim], weight.to_local().shape[dim]
+    chunk = -(-n // mesh.size())  # torch.chunk's split, which Shard follows
+    start = min(mesh.get_local_rank() * chunk, n)
+    stop = min(start + chunk, n)
+    if stop - start != local:
+        raise ValueError(f"a LoRA target layer's shard ({local} of {n} features on rank "
+                         f"{mesh.get_local_rank()}) is not torch.chunk's split ({start}:{stop})")
+    return LinearShard(dim, start, stop, mesh.get_group())
+
+
+def check_tensor_parallel(tp: int, kv_heads: int) -> None:
     """``ValueError``s for what TP cannot run, saying what to change."""
     if tp <= 1:
         return
     if kv_heads % tp:
         raise ValueError(f"num_key_value_heads {kv_heads} is not divisible by tp_size {tp}: use a tp_size "
                          "that divides it")
-    if max_loras:
-        raise ValueError("LoRA adapters are not supported with tensor parallelism (the adapters would need "
-                         "the same sharding as their layers): use max_loras=0")

@@ -16,7 +16,15 @@ the row table never move, so the step can live in a CUDA graph (capture inside
 :meth:`~LoRAHooks.every_module`). Elsewhere it is :func:`~decodekit.lora.reference.lora_add`
 (which reads the slots on the host). Inference only: the kernel path is invisible to autograd.
 
-May call: :mod:`.tables`, :mod:`.reference`, :mod:`decodekit.kernels.lora`, :mod:`decodekit.nvtx`.
+Under tensor parallelism the tables hold this rank's slice of every adapter
+(:class:`~decodekit.lora.LoRATables`), and a hook sees its layer's local input and output (the
+TP plan's forward runs inside the module call): a column-wise layer adds its slice of the term
+as it is; a row-wise one (input features split, output already summed) sums its partial shrink
+``x A^T`` (``[tokens, rank]``, fp32) over the ranks with one all-reduce before the expand. Every
+rank binds the same rows and runs the same hooks, so the collectives line up.
+
+May call: :mod:`.tables`, :mod:`.reference`, :mod:`decodekit.kernels.lora`, :mod:`decodekit.nvtx`,
+``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ from .reference import lora_add
 from .tables import LoRATables
 
 __all__ = ["LoRAHooks"]
+
+
+def _all_reduce(h: torch.Tensor, group: Any) -> None:
+    """Sum ``h`` over ``group``'s ranks, in place (a row-wise layer's partial shrink)."""
+    torch.distributed.all_reduce(h, group=group)
 
 
 class LoRAHooks:
@@ -262,16 +275,21 @@ class LoRAHooks:
         b, q = self._shape
         t = self.tables
         A, B, scale = t.A[module_index], t.B[module_index], t.scale[module_index]
+        group = t.reduce_groups[module_index]
+        reduce = None if group is None else functools.partial(_all_reduce, group=group)
         if self.kernels:
-            from ..kernels.lora import lora_add_
+            from ..kernels.lora import lora_expand_, lora_shrink
 
             x3 = x.reshape(b, q, x.shape[-1])
             y3 = y.view(b, q, y.shape[-1])
-            lora_add_(y3, x3 if x3.stride(2) == 1 else x3.contiguous(), A, B, scale, *self._grouped)
+            h = lora_shrink(x3 if x3.stride(2) == 1 else x3.contiguous(), A, *self._grouped)
+            if reduce is not None:
+                reduce(h)  # rows of slot 0 hold whatever the buffer held: summed, never read
+            lora_expand_(y3, h, B, scale, *self._grouped)
             return None
         Bt = None if t.Bt is None else t.Bt[module_index]
         out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok, Bt,
-                       self._groups_host)
+                       self._groups_host, reduce)
         return out.view(y.shape)
 
     def remove(self) -> None:

@@ -10,7 +10,7 @@ May call: nothing in decodekit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,8 @@ DENSE_FROM = 4
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                idx: torch.Tensor, Bt: torch.Tensor | None = None,
-               groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+               groups: Sequence[tuple[int, torch.Tensor]] | None = None,
+               reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """The LoRA term of every token, fp32 ``[T, out]``.
 
     Parameters
@@ -44,6 +45,10 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
     groups : sequence of (int, Tensor), optional
         ``(slot, token rows)`` of every adapter in ``idx`` (slot 0 left out), when the caller
         knows them (the hooks do, once per forward): no look at ``idx`` on the host.
+    reduce : callable, optional
+        Applied in place to the shrink products (fp32, one tensor holding every token's) before
+        the expand: under tensor parallelism a row-wise layer's ``x`` and ``A`` hold one rank's
+        input features, and ``reduce`` sums the partial products over the ranks (an all-reduce).
 
     Reads the distinct slots on the host (one sync on CUDA): a reference, not a serving path.
     A few adapters: a product per adapter over its tokens. More than :data:`DENSE_FROM` with
@@ -63,8 +68,19 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
     if Bt is not None and len(used) > DENSE_FROM and x.dtype == A.dtype == Bt.dtype == torch.float32:
         h = (x @ A.view(L1 * r, K).T).view(T, L1, r)  # every slot's shrink, [T, L + 1, r]
         own = (idx[:, None] == torch.arange(L1, device=idx.device)[None, :]) * scale[None, :].float()
-        return (h * own[:, :, None]).view(T, L1 * r) @ Bt  # [T, out]
+        h = h * own[:, :, None]
+        if reduce is not None:
+            reduce(h)
+        return h.view(T, L1 * r) @ Bt  # [T, out]
     out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
+    if reduce is not None:  # every adapter's shrink in one tensor, summed at once, then expanded
+        h = torch.zeros(T, r, dtype=torch.float32, device=x.device)
+        for slot, rows in groups:
+            h[rows] = x[rows].float() @ A[slot].float().T
+        reduce(h)
+        for slot, rows in groups:
+            out[rows] = (h[rows] @ B[slot].float().T) * scale[slot].float()
+        return out
     for slot, rows in groups:
         h = x[rows].float() @ A[slot].float().T  # [n, r]
         out[rows] = (h @ B[slot].float().T) * scale[slot].float()
@@ -73,10 +89,11 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
              idx: torch.Tensor, Bt: torch.Tensor | None = None,
-             groups: Sequence[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+             groups: Sequence[tuple[int, torch.Tensor]] | None = None,
+             reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """``y [T, out]`` plus the LoRA term of each token (:func:`lora_delta`), rounded once to
     ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor."""
-    delta = lora_delta(x, A, B, scale, idx, Bt, groups)
+    delta = lora_delta(x, A, B, scale, idx, Bt, groups, reduce)
     if groups is not None and len(groups) == 1 and len(groups[0][1]) == len(idx):
         return (y.float() + delta).to(y.dtype)  # every token has the one adapter
     return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)

@@ -8,10 +8,16 @@ max_lora_rank`` fills the first ``r`` rows of A and columns of B and leaves the 
 module it does not target stays zero in its slot. Loading and unloading write into the tables
 in place: their addresses never change, so a CUDA graph captured over them stays valid.
 
+Under tensor parallelism (transformers' TP plan), a table holds this rank's slice of each
+adapter, cut like its layer: a column-wise layer (q/k/v, gate/up; output features split) keeps
+its rows of B, a row-wise one (o, down; input features split) its columns of A, whose partial
+shrink the hooks sum over the layer's ranks (:attr:`LoRATables.reduce_groups`).
+
 Slots in use by request rows (:meth:`LoRATables.acquire`, done by
 :meth:`~decodekit.lora.LoRAHooks.set_row`) cannot be unloaded.
 
-May call: :mod:`decodekit.engine.model_adapter` (decoder layers), :mod:`.adapters`.
+May call: :mod:`decodekit.engine.model_adapter` (decoder layers), :mod:`decodekit.engine.parallel`
+(layer shards), :mod:`.adapters`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine.model_adapter import decoder_layers
+from ..engine.parallel import LinearShard, linear_shard
 from .adapters import (
     LoRAAdapter,
     LoRAError,
@@ -54,6 +61,24 @@ def linear_targets(model: torch.nn.Module, target_modules: Sequence[str] | None 
     return found
 
 
+def _local(shape: tuple[int, int], shard: LinearShard | None) -> tuple[int, int]:
+    """``(in, out)`` features of a layer's slice on this rank."""
+    n_in, n_out = shape
+    if shard is None:
+        return n_in, n_out
+    width = shard.stop - shard.start
+    return (n_in, width) if shard.dim == 0 else (width, n_out)
+
+
+def _cut(A: torch.Tensor, B: torch.Tensor, shard: LinearShard | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter's ``A [r, in]`` / ``B [out, r]`` cut like its layer's weight on this rank."""
+    if shard is None:
+        return A, B
+    if shard.dim == 0:
+        return A, B[shard.start:shard.stop]
+    return A[:, shard.start:shard.stop], B
+
+
 class LoRATables:
     """Device tables of up to ``max_loras`` adapters over a model's linear layers.
 
@@ -74,9 +99,16 @@ class LoRATables:
     target_names : tuple[str, ...]
         Module names of the tables, in model order (table ``m`` is ``target_names[m]``).
     A, B : list[Tensor]
-        Per module ``[max_loras + 1, max_lora_rank, in]`` and ``[max_loras + 1, out, max_lora_rank]``.
+        Per module ``[max_loras + 1, max_lora_rank, in]`` and ``[max_loras + 1, out, max_lora_rank]``
+        (``in`` / ``out``: this rank's share of the layer's features under TP).
     scale : Tensor
         ``[len(target_names), max_loras + 1]`` fp32.
+    shapes : dict[str, tuple[int, int]]
+        Every target's whole ``(in, out)`` features (what an adapter's weights must fit).
+    shards : dict[str, LinearShard | None]
+        Each target's TP slice on this rank (None: whole).
+    reduce_groups : list
+        Per module, the process group over which its shrink is summed (row-wise shards), else None.
     """
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int,
@@ -96,18 +128,20 @@ class LoRATables:
         self.num_slots = max_loras + 1
         self.target_names = tuple(linears)
         self.shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}  # (in, out)
+        self.shards = {n: linear_shard(m) for n, m in linears.items()}
+        self.reduce_groups = [sh.group if sh is not None and sh.dim == 1 else None
+                              for sh in self.shards.values()]
+        local = [_local(self.shapes[n], self.shards[n]) for n in linears]  # this rank's (in, out)
         self.model_modules = frozenset(n for n, _ in model.named_modules())
         R, L1 = max_lora_rank, self.num_slots
-        self.A = [torch.zeros(L1, R, m.in_features, dtype=m.weight.dtype, device=self.device)
-                  for m in linears.values()]
-        self.B = [torch.zeros(L1, m.out_features, R, dtype=m.weight.dtype, device=self.device)
-                  for m in linears.values()]
+        layers = [(k, n, m.weight.dtype) for (k, n), m in zip(local, linears.values(), strict=True)]
+        self.A = [torch.zeros(L1, R, k, dtype=dt, device=self.device) for k, _, dt in layers]
+        self.B = [torch.zeros(L1, n, R, dtype=dt, device=self.device) for _, n, dt in layers]
         self.scale = torch.zeros(len(linears), L1, dtype=torch.float32, device=self.device)
         # off CUDA (the torch path): B's twin laid out [L1 * R, out], so a batch of many
         # adapters expands in one product without a transposing copy (see reference.lora_delta)
         self.Bt = None if self.device.type == "cuda" else [
-            torch.zeros(L1 * R, m.out_features, dtype=m.weight.dtype, device=self.device)
-            for m in linears.values()]
+            torch.zeros(L1 * R, n, dtype=dt, device=self.device) for _, n, dt in layers]
         self._index = {n: i for i, n in enumerate(self.target_names)}
         self._slot_of: dict[str, int] = {}
         self._name_at: list[str | None] = [None] * L1
@@ -224,10 +258,11 @@ class LoRATables:
             if w is None:
                 self._slots_at[m].discard(slot)
                 continue
-            self.A[m][slot, : w.rank].copy_(w.A)
-            self.B[m][slot, :, : w.rank].copy_(w.B)
+            a, b = _cut(w.A, w.B, self.shards[name])
+            self.A[m][slot, : w.rank].copy_(a)
+            self.B[m][slot, :, : w.rank].copy_(b)
             if self.Bt is not None:
-                self._bt(m, slot)[: w.rank].copy_(w.B.T)
+                self._bt(m, slot)[: w.rank].copy_(b.T)
             scale[m] = w.scale
             self._slots_at[m].add(slot)
         self.scale[:, slot].copy_(scale)
