@@ -72,11 +72,13 @@ def run(model, tok, whole) -> dict[str, list]:
 
 def run_lora(model, tok, adapters: Path) -> dict[str, list]:
     """Per-request LoRA (adapters a: q,v r=8; b: q,k,o,down r=4 rsLoRA; o and down are row-wise
-    under TP): a mixed batch [none, a, b, a] greedy, seeded and unseeded, with and without
-    n-gram speculation; the logits of one mixed forward through the Triton kernels (interpreter)
-    and the torch path; and, on the ranks, the same forward without the row-wise all-reduce (a
-    negative control the test must see differ)."""
-    from decodekit import NGramDraft, SamplingParams, TokenGenerator
+    under TP): a mixed batch [none, a, b, a] greedy, seeded and unseeded, plain, with n-gram
+    and with layer-skip speculation (the draft keeps layer 0's adapters); the logits of one
+    mixed forward through the Triton kernels (interpreter) and the torch path; and, on the
+    ranks, the same forward without the row-wise all-reduce (a negative control the test must
+    see differ)."""
+    from decodekit import LayerSkipDraft, NGramDraft, SamplingParams, TokenGenerator
+
     prompts, _ = workload()
     rows = [None, "a", "b", "a"]
     params = [SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True),
@@ -84,7 +86,8 @@ def run_lora(model, tok, adapters: Path) -> dict[str, list]:
               SamplingParams(max_new_tokens=10, temperature=0.8, ignore_eos=True),
               SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)]
     out = {}
-    for key, draft in (("lora", None), ("lora_ngram", NGramDraft(k=3))):
+    drafts = (("lora", None), ("lora_ngram", NGramDraft(k=3)), ("lora_skip", LayerSkipDraft(1, k=2)))
+    for key, draft in drafts:
         gen = TokenGenerator(model, tok, max_batch_size=4, max_seq_len=96, seed=21, max_loras=3,
                              max_lora_rank=8, draft=draft, window_cost={1: 1.0, 4: 1.3, 16: 2.0})
         for name in ("a", "b"):

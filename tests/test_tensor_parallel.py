@@ -87,7 +87,7 @@ def _check_lora_logits(ranks: list[dict]) -> None:
         bad = torch.tensor(r.pop("lora_logits_no_reduce"))
         torch.testing.assert_close(bad[[0, 1, 3]], single[[0, 1, 3]], atol=1e-4, rtol=0)
         assert bad[2].sub(single[2]).abs().max() > 0.05, "the negative control (no all-reduce) was not caught"
-    for key in ("lora_one_rank", "lora_ngram_one_rank"):  # rank 0 read adapter c, rank 1 could not
+    for key in ("lora_one_rank", "lora_ngram_one_rank", "lora_skip_one_rank"):  # c: rank 0 read it, 1 not
         assert [r.pop(key) for r in ranks] == [["LOAD_ERROR", ["a", "b"]], ["LOAD_INVALID_PATH", ["a", "b"]],
                                                ["LOAD_INVALID_PATH", ["a", "b"]]]
 
