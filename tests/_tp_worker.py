@@ -115,7 +115,7 @@ def _lora_forward(model, adapters: Path, rows, ids, backend: str, reduce: bool =
 
     tables = LoRATables(model, 2, 8)
     if not reduce:
-        tables.reduce_groups = [None] * len(tables.reduce_groups)
+        tables.reduce_meshes = [None] * len(tables.reduce_meshes)
     for name in ("a", "b"):
         tables.load(name, tables.read(adapters / f"lora-{name}"))
     hooks = LoRAHooks(model, tables, len(rows), backend=backend)

@@ -107,6 +107,24 @@ def test_mixed_batch_prefill_matches_peft(base, adapters, served, one_thread):
     _check_against_peft(_mixed_logits(base, hooks, ids), plain, ids, adapters, base)
 
 
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_batch_of_one_adapter_matches_peft(base, adapters, served, name, one_thread):
+    """Every bound row the same adapter (the torch path's two-product fast path), prefill then
+    cached decode steps: peft's logits for each row; hooks only on the layers it targets."""
+    tables, hooks = served
+    for row in range(3):
+        hooks.set_row(row, name)
+    hooked = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m._forward_hooks}
+    want_layers = {"a": {"q_proj", "v_proj"}, "b": {"q_proj", "k_proj", "o_proj", "down_proj"}}[name]
+    assert {n.rsplit(".", 1)[-1] for n in hooked} == want_layers
+    ids = _ids(3, 7, seed=2)
+    got = _cached_steps(base, hooks, ids, 0, 4)
+    with torch.no_grad():
+        want = adapters[name][1](input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert (want - base(ids).logits).abs().max() > 0.05
+
+
 def _cached_steps(model, hooks, ids, first_row, prefill):
     """Logits of a prefill of ``prefill`` tokens then single-token steps over a DynamicCache, the
     forwards bound to rows ``first_row ..`` (``hooks`` None: unhooked)."""

@@ -142,3 +142,24 @@ def test_reference_reduce_sums_row_wise_shards(dense):
     torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
     alone = lora_delta(half[0][0], half[0][1], B, scale, idx, Bt)
     assert (alone - whole).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_adapter_fast_path_equals_the_general_reference(dtype):
+    """``lora_add_one`` (every token one adapter) gives ``lora_add``'s result for that slot, with
+    and without a reduce (here: doubling the shrink, as two identical ranks would)."""
+    from decodekit.lora import lora_add_one
+
+    L, R, K, N, T = 3, 8, 32, 20, 5
+    A, B, scale = _tables(L, R, K, N, dtype, seed=4)
+    x, y = torch.randn(T, K).to(dtype), torch.randn(T, N).to(dtype)
+    idx = torch.full((T,), 2)
+    want = lora_add(y, x, A, B, scale, idx)
+    got = lora_add_one(y, x, A[2], B[2].T, float(scale[2]))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    doubled = lora_add_one(y, x, A[2], B[2].T, float(scale[2]), reduce=lambda h: h.mul_(2))
+    torch.testing.assert_close(doubled.float() - y.float(), 2 * (want.float() - y.float()), atol=2 * tol,
+                               rtol=2 * tol)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_add_one(y, x, A[2], B[2], float(scale[2]))

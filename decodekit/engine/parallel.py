@@ -119,12 +119,14 @@ def all_ranks(flag: bool, tp: int) -> bool:
 class LinearShard(NamedTuple):
     """The slice of a tensor-parallel linear layer's weight ``[out, in]`` that this rank holds:
     ``dim`` 0 (column-wise: output features ``start:stop``; the input is whole) or 1 (row-wise:
-    input features ``start:stop``; the output is summed over ``group``, the layer's ranks)."""
+    input features ``start:stop``; the output is summed over the ranks of ``mesh``, the layer's
+    DeviceMesh: its process group is looked up when used, so nothing here keeps a group alive
+    past ``destroy_process_group``)."""
 
     dim: int
     start: int
     stop: int
-    group: Any
+    mesh: Any
 
 
 def linear_shard(module: torch.nn.Module) -> LinearShard | None:
@@ -153,7 +155,7 @@ def linear_shard(module: torch.nn.Module) -> LinearShard | None:
     if stop - start != local:
         raise ValueError(f"a LoRA target layer's shard ({local} of {n} features on rank "
                          f"{mesh.get_local_rank()}) is not torch.chunk's split ({start}:{stop})")
-    return LinearShard(dim, start, stop, mesh.get_group())
+    return LinearShard(dim, start, stop, mesh)
 
 
 def check_tensor_parallel(tp: int, kv_heads: int) -> None:

@@ -33,8 +33,9 @@ from .adapters import (
     read_adapter,
 )
 from .hooks import LoRAHooks
-from .reference import lora_add, lora_delta
+from .reference import lora_add, lora_add_one, lora_delta
 from .tables import LoRATables
 
 __all__ = ["LoRAAdapter", "LoRAError", "LoRAHooks", "LoRAModuleWeights", "LoRAOperation", "LoRARequest",
-           "LoRAResponse", "LoRAStatus", "LoRATables", "LoRAType", "lora_add", "lora_delta", "read_adapter"]
+           "LoRAResponse", "LoRAStatus", "LoRATables", "LoRAType", "lora_add", "lora_add_one", "lora_delta",
+           "read_adapter"]

@@ -37,15 +37,16 @@ from typing import Any
 import torch
 
 from ..nvtx import nvtx_range
-from .reference import lora_add
+from .reference import lora_add, lora_add_one
 from .tables import LoRATables
 
 __all__ = ["LoRAHooks"]
 
 
-def _all_reduce(h: torch.Tensor, group: Any) -> None:
-    """Sum ``h`` over ``group``'s ranks, in place (a row-wise layer's partial shrink)."""
-    torch.distributed.all_reduce(h, group=group)
+def _all_reduce(h: torch.Tensor, mesh: Any) -> None:
+    """Sum ``h`` over the ranks of ``mesh`` (a 1-D DeviceMesh), in place: a row-wise layer's
+    partial shrink."""
+    torch.distributed.all_reduce(h, group=mesh.get_group())
 
 
 class LoRAHooks:
@@ -106,21 +107,27 @@ class LoRAHooks:
         self._every = False
         self._cuda = torch.cuda.is_available()
         self._modules = [model.get_submodule(name) for name in tables.target_names]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}  # module index -> its hook
+        self._one: int | None = None  # torch path: the one slot every bound row uses (None: mixed)
         self._removed = False
 
     def _sync_handles(self) -> None:
-        """The hooks are on the layers only while some row has an adapter (or inside
-        :meth:`every_module`): an idle LoRA-capable model runs its layers with no hook at all
-        (a forward hook on a module already costs its call a slower path)."""
-        wanted = (self._n_active > 0 or self._every) and not self._removed
-        if wanted and not self._handles:
-            self._handles = [m.register_forward_hook(functools.partial(self._hook, i), prepend=True)
-                             for i, m in enumerate(self._modules)]
-        elif not wanted and self._handles:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
+        """The hooks are on the layers that some row's adapter targets (every target layer
+        inside :meth:`every_module`), and only there: an idle LoRA-capable model runs its layers
+        with no hook at all, and layers no running adapter targets stay unhooked too (a forward
+        hook on a module already costs its call a slower path)."""
+        if self._removed:
+            wanted: set[int] = set()
+        elif self._every:
+            wanted = set(range(len(self._modules)))
+        else:
+            active = frozenset(self._host) - {0} if self._n_active else frozenset()
+            wanted = {m for m in range(len(self._modules)) if active and self.tables.targets(active, m)}
+        for m in [m for m in self._handles if m not in wanted]:
+            self._handles.pop(m).remove()
+        for m in sorted(wanted - self._handles.keys()):
+            self._handles[m] = self._modules[m].register_forward_hook(functools.partial(self._hook, m),
+                                                                      prepend=True)
 
     # -- per-request state (host side, not per step) -----------------------------------------
     def _check_row(self, row: Any) -> int:
@@ -190,11 +197,13 @@ class LoRAHooks:
         self._first = first_row
         self._seg = self._slots[first_row:first_row + b]
         self._bound = frozenset(self._host[first_row:first_row + b]) - {0}
-        self._grouped = self._tok = self._groups_host = None
+        self._grouped = self._tok = self._groups_host = self._one = None
         if not (self._bound or self._every):
             return
         if self.kernels:
             self._grouped = self._groups.fill(self._seg)
+        elif len(self._bound) == 1 and 0 not in self._host[first_row:first_row + b]:
+            self._one = next(iter(self._bound))  # every token one adapter: no grouping at all
         else:
             self._tok = self._seg.repeat_interleave(q)
             rows: dict[int, list[int]] = {}  # the host knows every row's slot: group once per forward
@@ -210,7 +219,7 @@ class LoRAHooks:
 
     def unbind(self) -> None:
         """Make the hooks inert until the next :meth:`bind`."""
-        self._shape = self._seg = self._grouped = self._tok = self._groups_host = None
+        self._shape = self._seg = self._grouped = self._tok = self._groups_host = self._one = None
         self._bound = frozenset()
 
     @contextlib.contextmanager
@@ -263,7 +272,7 @@ class LoRAHooks:
             raise ValueError(f"LoRA: layer {self.tables.target_names[module_index]} input/output "
                              f"{getattr(x, 'shape', None)} / {getattr(output, 'shape', None)} does not match "
                              f"the bound batch {self._shape} ([B, q, features] expected)")
-        if self._cuda and torch.cuda.is_current_stream_capturing():
+        if not self._cuda or torch.cuda.is_current_stream_capturing():  # (NVTX ranges need CUDA)
             return self.apply(module_index, x, output)
         with nvtx_range("decodekit.lora"):
             return self.apply(module_index, x, output)
@@ -274,9 +283,14 @@ class LoRAHooks:
         path adds in place and returns None; the torch path returns a new tensor."""
         b, q = self._shape
         t = self.tables
+        mesh = t.reduce_meshes[module_index]
+        reduce = None if mesh is None else functools.partial(_all_reduce, mesh=mesh)
+        if self._one is not None:  # torch path, every token one adapter: two products
+            a, bt = t.slot_views(module_index, self._one)
+            out = lora_add_one(y.reshape(b * q, -1), x.reshape(b * q, -1), a, bt,
+                               t.scale_of(module_index, self._one), reduce)
+            return out.view(y.shape)
         A, B, scale = t.A[module_index], t.B[module_index], t.scale[module_index]
-        group = t.reduce_groups[module_index]
-        reduce = None if group is None else functools.partial(_all_reduce, group=group)
         if self.kernels:
             from ..kernels.lora import lora_expand_, lora_shrink
 

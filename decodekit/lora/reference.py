@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["lora_add", "lora_delta"]
+__all__ = ["lora_add", "lora_add_one", "lora_delta"]
 
 
 #: With more adapters than this in a batch, :func:`lora_delta` runs dense products over every slot.
@@ -97,3 +97,24 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     if groups is not None and len(groups) == 1 and len(groups[0][1]) == len(idx):
         return (y.float() + delta).to(y.dtype)  # every token has the one adapter
     return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)
+
+
+def lora_add_one(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: float,
+                 reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """``y [T, out] + scale * (x A^T) Bt`` when every token uses one adapter (``x [T, in]``,
+    ``A [r, in]``, ``Bt [r, out]``: B transposed, ``scale`` a host float): two products, the
+    second adding into ``y`` (``addmm``), in fp32 and rounded once to ``y``'s dtype; ``reduce``
+    as in :func:`lora_delta`. A new tensor. (The common case off CUDA: one request, or a batch
+    of one tenant; :func:`lora_add` does a dozen small operations per layer for the same
+    result.)"""
+    T, K = x.shape
+    if A.dim() != 2 or A.shape[1] != K or Bt.dim() != 2 or Bt.shape[0] != A.shape[0] \
+            or tuple(y.shape) != (T, Bt.shape[1]):
+        raise ValueError(f"lora_add_one: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, "
+                         f"Bt {tuple(Bt.shape)} do not fit")
+    h = torch.mm(x.float(), A.float().T)  # [T, r]
+    if reduce is not None:
+        reduce(h)
+    if y.dtype == torch.float32:
+        return torch.addmm(y, h, Bt.float(), alpha=scale)
+    return torch.addmm(y.float(), h, Bt.float(), alpha=scale).to(y.dtype)

@@ -11,7 +11,7 @@ in place: their addresses never change, so a CUDA graph captured over them stays
 Under tensor parallelism (transformers' TP plan), a table holds this rank's slice of each
 adapter, cut like its layer: a column-wise layer (q/k/v, gate/up; output features split) keeps
 its rows of B, a row-wise one (o, down; input features split) its columns of A, whose partial
-shrink the hooks sum over the layer's ranks (:attr:`LoRATables.reduce_groups`).
+shrink the hooks sum over the layer's ranks (:attr:`LoRATables.reduce_meshes`).
 
 Slots in use by request rows (:meth:`LoRATables.acquire`, done by
 :meth:`~decodekit.lora.LoRAHooks.set_row`) cannot be unloaded.
@@ -107,8 +107,8 @@ class LoRATables:
         Every target's whole ``(in, out)`` features (what an adapter's weights must fit).
     shards : dict[str, LinearShard | None]
         Each target's TP slice on this rank (None: whole).
-    reduce_groups : list
-        Per module, the process group over which its shrink is summed (row-wise shards), else None.
+    reduce_meshes : list
+        Per module, the DeviceMesh over whose ranks its shrink is summed (row-wise shards), else None.
     """
 
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int,
@@ -129,7 +129,7 @@ class LoRATables:
         self.target_names = tuple(linears)
         self.shapes = {n: (m.in_features, m.out_features) for n, m in linears.items()}  # (in, out)
         self.shards = {n: linear_shard(m) for n, m in linears.items()}
-        self.reduce_groups = [sh.group if sh is not None and sh.dim == 1 else None
+        self.reduce_meshes = [sh.mesh if sh is not None and sh.dim == 1 else None
                               for sh in self.shards.values()]
         local = [_local(self.shapes[n], self.shards[n]) for n in linears]  # this rank's (in, out)
         self.model_modules = frozenset(n for n, _ in model.named_modules())
@@ -138,10 +138,15 @@ class LoRATables:
         self.A = [torch.zeros(L1, R, k, dtype=dt, device=self.device) for k, _, dt in layers]
         self.B = [torch.zeros(L1, n, R, dtype=dt, device=self.device) for _, n, dt in layers]
         self.scale = torch.zeros(len(linears), L1, dtype=torch.float32, device=self.device)
+        self._scale_host = [[0.0] * L1 for _ in linears]  # the same, on the host
         # off CUDA (the torch path): B's twin laid out [L1 * R, out], so a batch of many
         # adapters expands in one product without a transposing copy (see reference.lora_delta)
         self.Bt = None if self.device.type == "cuda" else [
             torch.zeros(L1 * R, n, dtype=dt, device=self.device) for _, n, dt in layers]
+        # per module and slot: A[m][slot] and B[m][slot]^T ([R, in], [R, out]) as views made once
+        # (the torch path's one-adapter batches read them every layer)
+        self._views = [[(self.A[m][s], self.B[m][s].T if self.Bt is None else self._bt(m, s))
+                        for s in range(L1)] for m in range(len(layers))]
         self._index = {n: i for i, n in enumerate(self.target_names)}
         self._slot_of: dict[str, int] = {}
         self._name_at: list[str | None] = [None] * L1
@@ -171,6 +176,14 @@ class LoRATables:
     def slots_at(self, module: int) -> frozenset[int]:
         """Slots whose adapter has weights at module ``module`` (an index into ``target_names``)."""
         return frozenset(self._slots_at[module])
+
+    def slot_views(self, module: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [R, in], B^T [R, out])`` of ``slot`` at target ``module``: views of the tables."""
+        return self._views[module][slot]
+
+    def scale_of(self, module: int, slot: int) -> float:
+        """``scale[module, slot]`` from the host's copy (no device read)."""
+        return self._scale_host[module][slot]
 
     def targets(self, slots: set[int] | frozenset[int], module: int) -> bool:
         """Whether any of ``slots`` has weights at module ``module`` (cheap: per forward, per module)."""
@@ -266,6 +279,8 @@ class LoRATables:
             scale[m] = w.scale
             self._slots_at[m].add(slot)
         self.scale[:, slot].copy_(scale)
+        for m, value in enumerate(scale.tolist()):
+            self._scale_host[m][slot] = value
 
     def _zero(self, slot: int) -> None:
         with torch.no_grad():
@@ -275,6 +290,7 @@ class LoRATables:
                 if self.Bt is not None:
                     self._bt(m, slot).zero_()
                 self._slots_at[m].discard(slot)
+                self._scale_host[m][slot] = 0.0
             self.scale[:, slot].zero_()
 
     def load_path(self, name: str, path: str | os.PathLike[str] | None) -> int:
