@@ -406,14 +406,17 @@ def test_hooks_validate_rows_and_shapes(base, served):
 
 
 def test_cpu_tables_keep_b_transposed_in_step(base, adapters, served):
-    """Off CUDA the tables keep ``Bt`` (B slot by slot, transposed) for the dense CPU path: it
-    follows every load and unload."""
+    """Off CUDA the tables keep ``Bt`` (B slot by slot, transposed) and ``At`` (A's slots side by
+    side, transposed) for the dense CPU path: they follow every load and unload."""
     tables, _ = served
 
     def consistent() -> bool:
         return all(torch.equal(bt, b.transpose(1, 2).reshape(-1, b.shape[1]))
-                   for bt, b in zip(tables.Bt, tables.B, strict=True))
+                   for bt, b in zip(tables.Bt, tables.B, strict=True)) and \
+            all(torch.equal(at, a.reshape(-1, a.shape[2]).T)
+                for at, a in zip(tables.At, tables.A, strict=True))
 
     assert tables.Bt is not None and consistent() and any(bt.any() for bt in tables.Bt)
+    assert any(at.any() for at in tables.At)
     assert tables.handle(LoRARequest(UNLOAD, "b")).ok and consistent()
     assert tables.handle(LoRARequest(LOAD, "b", adapters["b"][0])).ok and consistent()

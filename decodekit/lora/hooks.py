@@ -103,6 +103,8 @@ class LoRAHooks:
         self._grouped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # order, counts, ends
         self._tok: torch.Tensor | None = None  # [B * q] slot of each token (torch path)
         self._groups_host: list[tuple[int, torch.Tensor]] | None = None  # (slot, its token rows), torch path
+        self._onehot: torch.Tensor | None = None  # [B * q, L + 1] fp32 one-hot of _tok, torch path
+        self._keep: torch.Tensor | bool | None = None  # [B * q, 1] adapted tokens, or True: all, torch path
         self._bound: frozenset[int] = frozenset()  # slots of the bound rows, 0 excluded
         self._every = False
         self._cuda = torch.cuda.is_available()
@@ -197,7 +199,7 @@ class LoRAHooks:
         self._first = first_row
         self._seg = self._slots[first_row:first_row + b]
         self._bound = frozenset(self._host[first_row:first_row + b]) - {0}
-        self._grouped = self._tok = self._groups_host = self._one = None
+        self._grouped = self._tok = self._groups_host = self._one = self._onehot = self._keep = None
         if not (self._bound or self._every):
             return
         if self.kernels:
@@ -211,6 +213,9 @@ class LoRAHooks:
                 if slot:
                     rows.setdefault(slot, []).extend(range(b_ * q, (b_ + 1) * q))
             self._groups_host = [(slot, torch.tensor(r, device=self.device)) for slot, r in rows.items()]
+            self._onehot = torch.nn.functional.one_hot(self._tok, self.tables.num_slots).float()
+            self._keep = True if 0 not in self._host[first_row:first_row + b] \
+                else (self._tok != 0).unsqueeze(1)
 
     @property
     def bound_rows(self) -> tuple[int, int] | None:
@@ -220,6 +225,7 @@ class LoRAHooks:
     def unbind(self) -> None:
         """Make the hooks inert until the next :meth:`bind`."""
         self._shape = self._seg = self._grouped = self._tok = self._groups_host = self._one = None
+        self._onehot = self._keep = None
         self._bound = frozenset()
 
     @contextlib.contextmanager
@@ -302,8 +308,9 @@ class LoRAHooks:
             lora_expand_(y3, h, B, scale, *self._grouped)
             return None
         Bt = None if t.Bt is None else t.Bt[module_index]
+        At = None if t.At is None else t.At[module_index]
         out = lora_add(y.reshape(b * q, -1), x.reshape(b * q, -1), A, B, scale, self._tok, Bt,
-                       self._groups_host, reduce)
+                       self._groups_host, reduce, self._onehot, At, self._keep)
         return out.view(y.shape)
 
     def remove(self) -> None:

@@ -24,7 +24,8 @@ DENSE_FROM = 4
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                idx: torch.Tensor, Bt: torch.Tensor | None = None,
                groups: Sequence[tuple[int, torch.Tensor]] | None = None,
-               reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+               reduce: Callable[[torch.Tensor], None] | None = None,
+               onehot: torch.Tensor | None = None, At: torch.Tensor | None = None) -> torch.Tensor:
     """The LoRA term of every token, fp32 ``[T, out]``.
 
     Parameters
@@ -49,12 +50,19 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
         Applied in place to the shrink products (fp32, one tensor holding every token's) before
         the expand: under tensor parallelism a row-wise layer's ``x`` and ``A`` hold one rank's
         input features, and ``reduce`` sums the partial products over the ranks (an all-reduce).
+    onehot : Tensor, optional
+        ``[T, L + 1]`` fp32, 1 at each token's slot (the hooks make it once per forward).
+    At : Tensor, optional
+        ``[in, (L + 1) r]``: ``A`` laid out as ``A.view((L + 1) r, in).T`` in memory (kept by
+        the tables off CUDA, with ``Bt``), for the dense shrink.
 
     Reads the distinct slots on the host (one sync on CUDA): a reference, not a serving path.
-    A few adapters: a product per adapter over its tokens. More than :data:`DENSE_FROM` with
-    ``Bt``: two dense products over every slot (``x [T, in] @ A [in, (L + 1) r]``, each token's
-    own block kept and scaled, the rest zeroed, then ``@ Bt``), views of the tables with no
-    copy; the zeroed blocks add exact zeros.
+    One adapter, or a few of a large table: a product per adapter over its tokens. With ``Bt``
+    in fp32, more than :data:`DENSE_FROM` adapters or at least a quarter of the table's slots:
+    two dense products over every slot (``x [T, in] @ A [in, (L + 1) r]``, each token's own
+    block kept and scaled, the rest zeroed, then ``@ Bt``), views of the tables with no copy;
+    the zeroed blocks add exact zeros. (On a CPU a handful of larger products beats a dozen
+    small operations per adapter.)
     """
     T, K = x.shape
     if A.dim() != 3 or B.dim() != 3 or A.shape[2] != K or B.shape[2] != A.shape[1] \
@@ -65,13 +73,15 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
         groups = [(s, (idx == s).nonzero().squeeze(1)) for s in idx.unique().tolist() if s != 0]
     used = [s for s, _ in groups]
     L1, r = A.shape[0], A.shape[1]
-    if Bt is not None and len(used) > DENSE_FROM and x.dtype == A.dtype == Bt.dtype == torch.float32:
-        h = (x @ A.view(L1 * r, K).T).view(T, L1, r)  # every slot's shrink, [T, L + 1, r]
-        own = (idx[:, None] == torch.arange(L1, device=idx.device)[None, :]) * scale[None, :].float()
-        h = h * own[:, :, None]
+    dense = len(used) > DENSE_FROM or (len(used) > 1 and 4 * len(used) >= L1)
+    if Bt is not None and dense and x.dtype == A.dtype == Bt.dtype == torch.float32:
+        h = torch.mm(x, A.view(L1 * r, K).T if At is None else At).view(T, L1, r)  # every slot's shrink
+        if onehot is None:
+            onehot = (idx[:, None] == torch.arange(L1, device=idx.device)[None, :]).float()
+        h.mul_((onehot * scale[None, :].float())[:, :, None])  # each token's own block, scaled
         if reduce is not None:
             reduce(h)
-        return h.view(T, L1 * r) @ Bt  # [T, out]
+        return torch.mm(h.view(T, L1 * r), Bt)  # [T, out]
     out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
     if reduce is not None:  # every adapter's shrink in one tensor, summed at once, then expanded
         h = torch.zeros(T, r, dtype=torch.float32, device=x.device)
@@ -90,13 +100,19 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
 def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
              idx: torch.Tensor, Bt: torch.Tensor | None = None,
              groups: Sequence[tuple[int, torch.Tensor]] | None = None,
-             reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             reduce: Callable[[torch.Tensor], None] | None = None,
+             onehot: torch.Tensor | None = None, At: torch.Tensor | None = None,
+             keep: torch.Tensor | bool | None = None) -> torch.Tensor:
     """``y [T, out]`` plus the LoRA term of each token (:func:`lora_delta`), rounded once to
-    ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor."""
-    delta = lora_delta(x, A, B, scale, idx, Bt, groups, reduce)
-    if groups is not None and len(groups) == 1 and len(groups[0][1]) == len(idx):
-        return (y.float() + delta).to(y.dtype)  # every token has the one adapter
-    return torch.where((idx != 0).unsqueeze(1), (y.float() + delta).to(y.dtype), y)
+    ``y``'s dtype; tokens of slot 0 come back bit-identical. A new tensor. ``keep``: the
+    adapted tokens' mask ``[T, 1]`` (bool), or True when every token has an adapter, when the
+    caller knows it (default: from ``idx``)."""
+    delta = lora_delta(x, A, B, scale, idx, Bt, groups, reduce, onehot, At)
+    if keep is None:
+        keep = (idx != 0).unsqueeze(1)
+    if keep is True:
+        return (y.float() + delta).to(y.dtype)  # every token has an adapter
+    return torch.where(keep, (y.float() + delta).to(y.dtype), y)
 
 
 def lora_add_one(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: float,

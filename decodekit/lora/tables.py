@@ -143,9 +143,14 @@ class LoRATables:
         # adapters expands in one product without a transposing copy (see reference.lora_delta)
         self.Bt = None if self.device.type == "cuda" else [
             torch.zeros(L1 * R, n, dtype=dt, device=self.device) for _, n, dt in layers]
+        # and A's twin [in, L1 * R] (slot l's A[l].T in columns l*R:(l+1)*R): the dense shrink
+        # x @ At reads it in the layout a matrix product wants (half the time of A's transpose)
+        self.At = None if self.Bt is None else [
+            torch.zeros(k, L1 * R, dtype=dt, device=self.device) for k, _, dt in layers]
         # per module and slot: A[m][slot] and B[m][slot]^T ([R, in], [R, out]) as views made once
         # (the torch path's one-adapter batches read them every layer)
-        self._views = [[(self.A[m][s], self.B[m][s].T if self.Bt is None else self._bt(m, s))
+        self._views = [[(self.A[m][s] if self.At is None else self._at(m, s).T,
+                         self.B[m][s].T if self.Bt is None else self._bt(m, s))
                         for s in range(L1)] for m in range(len(layers))]
         self._index = {n: i for i, n in enumerate(self.target_names)}
         self._slot_of: dict[str, int] = {}
@@ -260,6 +265,11 @@ class LoRATables:
         R = self.max_lora_rank
         return self.Bt[module][slot * R:(slot + 1) * R]
 
+    def _at(self, module: int, slot: int) -> torch.Tensor:
+        """``slot``'s columns ``[in, R]`` of :attr:`At` at target ``module``."""
+        R = self.max_lora_rank
+        return self.At[module][:, slot * R:(slot + 1) * R]
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         scale = torch.zeros(len(self.target_names), dtype=torch.float32)
         for m, name in enumerate(self.target_names):
@@ -267,6 +277,7 @@ class LoRATables:
             self.B[m][slot].zero_()
             if self.Bt is not None:
                 self._bt(m, slot).zero_()
+                self._at(m, slot).zero_()
             w = adapter.modules.get(name)
             if w is None:
                 self._slots_at[m].discard(slot)
@@ -276,6 +287,7 @@ class LoRATables:
             self.B[m][slot, :, : w.rank].copy_(b)
             if self.Bt is not None:
                 self._bt(m, slot)[: w.rank].copy_(b.T)
+                self._at(m, slot)[:, : w.rank].copy_(a.T)
             scale[m] = w.scale
             self._slots_at[m].add(slot)
         self.scale[:, slot].copy_(scale)
@@ -289,6 +301,7 @@ class LoRATables:
                 self.B[m][slot].zero_()
                 if self.Bt is not None:
                     self._bt(m, slot).zero_()
+                    self._at(m, slot).zero_()
                 self._slots_at[m].discard(slot)
                 self._scale_host[m][slot] = 0.0
             self.scale[:, slot].zero_()
