@@ -109,6 +109,9 @@ class LoRAHooks:
         self._every = False
         self._cuda = torch.cuda.is_available()
         self._modules = [model.get_submodule(name) for name in tables.target_names]
+        # per module: the all-reduce of a row-wise TP shard's partial shrink (None: whole layer)
+        self._reduce = [None if mesh is None else functools.partial(_all_reduce, mesh=mesh)
+                        for mesh in tables.reduce_meshes]
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}  # module index -> its hook
         self._one: int | None = None  # torch path: the one slot every bound row uses (None: mixed)
         self._removed = False
@@ -289,8 +292,7 @@ class LoRAHooks:
         path adds in place and returns None; the torch path returns a new tensor."""
         b, q = self._shape
         t = self.tables
-        mesh = t.reduce_meshes[module_index]
-        reduce = None if mesh is None else functools.partial(_all_reduce, mesh=mesh)
+        reduce = self._reduce[module_index]
         if self._one is not None:  # torch path, every token one adapter: two products
             a, bt = t.slot_views(module_index, self._one)
             out = lora_add_one(y.reshape(b * q, -1), x.reshape(b * q, -1), a, bt,

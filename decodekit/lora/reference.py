@@ -82,18 +82,14 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.T
         if reduce is not None:
             reduce(h)
         return torch.mm(h.view(T, L1 * r), Bt)  # [T, out]
-    out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
-    if reduce is not None:  # every adapter's shrink in one tensor, summed at once, then expanded
-        h = torch.zeros(T, r, dtype=torch.float32, device=x.device)
-        for slot, rows in groups:
-            h[rows] = x[rows].float() @ A[slot].float().T
-        reduce(h)
-        for slot, rows in groups:
-            out[rows] = (h[rows] @ B[slot].float().T) * scale[slot].float()
-        return out
+    h = torch.zeros(T, r, dtype=torch.float32, device=x.device)  # every adapter's shrink, [T, r]
     for slot, rows in groups:
-        h = x[rows].float() @ A[slot].float().T  # [n, r]
-        out[rows] = (h @ B[slot].float().T) * scale[slot].float()
+        h[rows] = x[rows].float() @ A[slot].float().T
+    if reduce is not None:  # summed at once over the ranks, then expanded
+        reduce(h)
+    out = torch.zeros(T, B.shape[1], dtype=torch.float32, device=x.device)
+    for slot, rows in groups:
+        out[rows] = (h[rows] @ B[slot].float().T) * scale[slot].float()
     return out
 
 
